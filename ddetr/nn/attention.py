@@ -1,0 +1,45 @@
+"""Dense multi-head attention as a module (the attention of DETR).
+
+Parameters are stored exactly as ``torch.nn.MultiheadAttention`` stores them
+(``in_proj_weight``, ``in_proj_bias``, ``out_proj``), so weights move between the two
+and official DETR / Deformable DETR checkpoints load into it unchanged.
+"""
+import torch
+from torch import nn
+
+from ..ops.dense_attention import multi_head_attention
+
+
+class MultiHeadAttention(nn.Module):
+    """softmax(Q K^T / sqrt(D)) V in M heads, with the projections around it.
+
+    Args:
+        d_model: C, the embedding size.
+        n_heads: M; each head has D = C / M channels.
+        dropout: dropout on the attention weights during training.
+    """
+
+    def __init__(self, d_model=256, n_heads=8, dropout=0.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.d_model, self.n_heads, self.dropout = d_model, n_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query, key, value, key_padding_mask=None):
+        """query (N, Lq, C), key/value (N, S, C), key_padding_mask (N, S) bool or None.
+
+        Returns out (N, Lq, C) and the attention weights (N, M, Lq, S).
+        """
+        return multi_head_attention(
+            query, key, value, self.in_proj_weight, self.in_proj_bias,
+            self.out_proj.weight, self.out_proj.bias, self.n_heads, key_padding_mask,
+            self.dropout if self.training else 0.0)

@@ -1,0 +1,89 @@
+"""Single-scale deformable attention as a module.
+
+From each query vector, two small linear layers predict, per head m and point k,
+an offset (dx, dy) in pixels of the map and an attention logit. The sampling
+location is the query's reference point plus the offset; the K logits of a head
+go through a softmax. The values are a linear projection of the map, split in heads.
+"""
+import math
+
+import torch
+from torch import nn
+
+from ..ops.deform_attn import deform_attn
+
+
+def init_sampling_offsets(sampling_offsets, n_heads, n_levels, n_points):
+    """The paper's initialisation of the offset predictor.
+
+    Weights zero; the bias points head m in the direction of angle 2 pi m / M, scaled so
+    that the larger of |dx|, |dy| is 1 pixel, and point k at k + 1 times that offset:
+    at initialisation the M*K points form rays around the reference point.
+    """
+    nn.init.zeros_(sampling_offsets.weight)
+    angles = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
+    grid = torch.stack([angles.cos(), angles.sin()], -1)  # (M, 2)
+    grid = grid / grid.abs().max(-1, keepdim=True)[0]
+    grid = grid.view(n_heads, 1, 1, 2).repeat(1, n_levels, n_points, 1)
+    grid = grid * torch.arange(1, n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+    with torch.no_grad():
+        sampling_offsets.bias.copy_(grid.flatten())
+
+
+class DeformableAttention(nn.Module):
+    """Deformable attention over one feature map.
+
+    Args:
+        d_model: C. n_heads: M (D = C / M). n_points: K, sampled points per head.
+    """
+
+    def __init__(self, d_model=256, n_heads=8, n_points=4):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.d_model, self.n_heads, self.n_points = d_model, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        init_sampling_offsets(self.sampling_offsets, self.n_heads, 1, self.n_points)
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def sampling(self, query, reference_points, spatial_shape):
+        """Where each head looks, and how much.
+
+        query (N, Lq, C); reference_points (N, Lq, 2) as (x, y) in [0, 1];
+        spatial_shape (H, W). Returns sampling_locations (N, Lq, M, K, 2) and
+        attention_weights (N, Lq, M, K) (softmax over K).
+        """
+        N, Lq, _ = query.shape
+        M, K = self.n_heads, self.n_points
+        H, W = spatial_shape
+        offsets = self.sampling_offsets(query).view(N, Lq, M, K, 2)
+        scale = offsets.new_tensor([W, H])  # offsets are in pixels of the map
+        locations = reference_points[:, :, None, None, :] + offsets / scale
+        weights = self.attention_weights(query).view(N, Lq, M, K).softmax(-1)
+        return locations, weights
+
+    def forward(self, query, reference_points, input_flatten, spatial_shape,
+                input_padding_mask=None):
+        """query (N, Lq, C), reference_points (N, Lq, 2), input_flatten (N, H*W, C),
+        spatial_shape (H, W), input_padding_mask (N, H*W) bool or None -> (N, Lq, C)."""
+        N, S, C = input_flatten.shape
+        H, W = spatial_shape
+        if S != H * W:
+            raise ValueError(f"input_flatten has {S} positions, spatial_shape {(H, W)} "
+                             f"needs {H * W}")
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(N, S, self.n_heads, C // self.n_heads)
+        locations, weights = self.sampling(query, reference_points, spatial_shape)
+        return self.output_proj(deform_attn(value, (H, W), locations, weights))

@@ -1,0 +1,92 @@
+"""Multi-scale deformable attention (MSDeformAttn), the attention of Deformable DETR.
+
+The single-scale module, extended over L feature maps: each head samples K points on
+every level, L*K points in all, and one softmax runs over all of them, so a query
+mixes fine and coarse evidence in one step. Reference points are given per level in
+normalised coordinates, so one point means the same place of the image on every level.
+Submodule names follow the official implementation so its checkpoints load.
+"""
+from torch import nn
+
+from ..ops.ms_deform_attn import ms_deform_attn
+from .deformable_attention import init_sampling_offsets
+
+
+class MSDeformAttn(nn.Module):
+    """Args: d_model C, n_levels L, n_heads M (D = C / M), n_points K per head and level.
+
+    ``backend`` is passed to ``ddetr.ops.ms_deform_attn`` ("auto", "reference", "kernel").
+    """
+
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, backend="auto"):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.d_model, self.n_levels = d_model, n_levels
+        self.n_heads, self.n_points = n_heads, n_points
+        self.backend = backend
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        init_sampling_offsets(self.sampling_offsets, self.n_heads, self.n_levels,
+                              self.n_points)
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def sampling(self, query, reference_points, spatial_shapes):
+        """Where each head looks on each level, and how much.
+
+        Args:
+            query: (N, Lq, C).
+            reference_points: (N, Lq, L, 2) points (x, y) in [0, 1], or (N, Lq, L, 4)
+                boxes (cx, cy, w, h); with boxes the offsets are fractions of the box
+                (offset / K * half the box size), as in iterative refinement.
+            spatial_shapes: (L, 2) int64 (H, W).
+
+        Returns:
+            sampling_locations (N, Lq, M, L, K, 2) and attention_weights
+            (N, Lq, M, L, K), the softmax taken jointly over the L*K samples of a head.
+        """
+        N, Lq, _ = query.shape
+        M, L, K = self.n_heads, self.n_levels, self.n_points
+        if spatial_shapes.shape[0] != L:
+            raise ValueError(f"module has n_levels={L}, spatial_shapes has "
+                             f"{spatial_shapes.shape[0]} levels")
+        if reference_points.dim() != 4 or reference_points.shape[:3] != (N, Lq, L) \
+                or reference_points.shape[-1] not in (2, 4):
+            raise ValueError(f"reference_points must be (N, Lq, L, 2 or 4) = "
+                             f"({N}, {Lq}, {L}, 2|4), got {tuple(reference_points.shape)}")
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, K, 2)
+        weights = self.attention_weights(query).view(N, Lq, M, L * K).softmax(-1)
+        weights = weights.view(N, Lq, M, L, K)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: divide by (W_l, H_l)
+            normaliser = spatial_shapes.flip(-1).to(query.dtype)  # (L, 2) as (W, H)
+            locations = (reference_points[:, :, None, :, None, :]
+                         + offsets / normaliser[None, None, None, :, None, :])
+        else:
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / K * reference_points[:, :, None, :, None, 2:] * 0.5)
+        return locations, weights
+
+    def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
+                input_level_start_index, input_padding_mask=None):
+        """query (N, Lq, C), reference_points (N, Lq, L, 2|4), input_flatten (N, S, C),
+        input_spatial_shapes (L, 2), input_level_start_index (L,),
+        input_padding_mask (N, S) bool (True = padding) or None -> (N, Lq, C)."""
+        N, S, C = input_flatten.shape
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(N, S, self.n_heads, C // self.n_heads)
+        locations, weights = self.sampling(query, reference_points, input_spatial_shapes)
+        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
+                             locations, weights, backend=self.backend)
+        return self.output_proj(out)

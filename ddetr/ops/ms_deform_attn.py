@@ -1,0 +1,34 @@
+"""The public multi-scale deformable attention operator and its backend choice.
+
+``ms_deform_attn`` is what the model calls. It runs the fused kernel (C++ on CPU,
+CUDA on GPU) when one can be used for the tensors' device, and otherwise the pure
+PyTorch reference. The result is the same either way, up to floating-point rounding.
+"""
+from .ms_deform_attn_reference import ms_deform_attn_reference
+
+BACKENDS = ("auto", "reference", "kernel")
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights, backend="auto"):
+    """Multi-scale deformable attention.
+
+    Args:
+        value: (N, S, M, D), S = sum of H_l * W_l over the L levels.
+        spatial_shapes: (L, 2) int64 as (H, W).
+        level_start_index: (L,) int64.
+        sampling_locations: (N, Lq, M, L, K, 2), (x, y) normalised to [0, 1].
+        attention_weights: (N, Lq, M, L, K).
+        backend: "auto" (fused kernel for the device if it can be used, else the
+            reference), "reference" (pure PyTorch) or "kernel" (fused; raises if it
+            cannot be built or does not support the device).
+
+    Returns:
+        (N, Lq, M * D)
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "kernel":
+        raise RuntimeError("backend='kernel': the fused kernel is not part of this build")
+    return ms_deform_attn_reference(value, spatial_shapes, level_start_index,
+                                    sampling_locations, attention_weights)
