@@ -52,6 +52,10 @@ class Config:
     max_size: int = 1333
     val_scale: int = 800
     num_workers: int = 2
+    synthetic_train_images: int = 2000    # size of the generated set (dataset=synthetic)
+    synthetic_val_images: int = 200
+    synthetic_image_size: int = 256
+    synthetic_seed: int = 0
     # --- optimisation ------------------------------------------------------------------
     lr: float = 2e-4
     lr_backbone: float = 2e-5
@@ -66,6 +70,8 @@ class Config:
     device: str = "auto"                   # auto | cpu | cuda
     output_dir: str = "runs/default"
     eval_every: int = 1                    # epochs between COCO evaluations
+    iters_per_epoch: int = 0               # 0 = whole epoch; >0 caps it (quick runs)
+    tensorboard: bool = False              # also log to output_dir (needs tensorboard)
 
 
 PRESETS = {

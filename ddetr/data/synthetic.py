@@ -1,0 +1,261 @@
+"""A synthetic detection dataset, written to disk as real COCO (JPEG images + instances JSON).
+
+Six classes that differ only by shape (circle, square, triangle, cross, star, ring);
+every object gets a random colour, so colour says nothing about the class. Sizes are
+log-uniform so that the set covers COCO's small (area < 32^2), medium and large ranges
+at 256 x 256 pixels; objects may overlap a little; backgrounds are smooth colour noise
+with line clutter and grain; every image gets a colour jitter.
+
+Everything is a function of the seed: image i of a split is drawn from its own
+generator seeded with (seed, split, i), so a set is the same on every machine, and
+``generate_synthetic`` is idempotent (it rewrites nothing that is already complete).
+
+Layout (the same as COCO 2017, so ``ddetr.data.coco`` reads both the same way)::
+
+    root/train2017/000000000001.jpg ...
+    root/val2017/...
+    root/annotations/instances_train2017.json, instances_val2017.json
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+CATEGORIES = ["circle", "square", "triangle", "cross", "star", "ring"]
+VERSION = 1              # bump when the drawing changes, so old sets are regenerated
+SPLITS = {"train": 0, "val": 1}
+
+
+# --- shapes: each returns polygons (lists of (x, y)) in a unit frame centred at 0 ----
+def _regular(n, phase=0.0):
+    a = phase + 2 * math.pi * np.arange(n) / n
+    return np.stack([np.cos(a), np.sin(a)], 1)
+
+
+def _shape_outline(name):
+    """The outer contour of a shape, with radius ~1, as an (P, 2) array."""
+    if name in ("circle", "ring"):
+        return _regular(48)
+    if name == "square":
+        return np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float) * 0.8
+    if name == "triangle":
+        return _regular(3, -math.pi / 2)
+    if name == "cross":
+        a, b = 1.0, 0.33
+        return np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a],
+                         [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]], float)
+    if name == "star":
+        outer, inner = _regular(5, -math.pi / 2), _regular(5, -math.pi / 2 + math.pi / 5)
+        return np.stack([outer, inner * 0.42], 1).reshape(10, 2)
+    raise ValueError(f"unknown shape {name!r}; expected one of {CATEGORIES}")
+
+
+def _place_shape(name, rng, cx, cy, size):
+    """The shape's outline in pixels: scaled (with an aspect jitter), rotated, moved."""
+    pts = _shape_outline(name)
+    aspect = math.exp(rng.uniform(-0.3, 0.3))
+    pts = pts * np.array([aspect ** 0.5, aspect ** -0.5]) * (size / 2)
+    if name not in ("circle", "ring"):
+        t = rng.uniform(0, 2 * math.pi)
+        rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+        pts = pts @ rot.T
+    return pts + np.array([cx, cy])
+
+
+def _polygon_area(pts):
+    x, y = pts[:, 0], pts[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+# --- one image ---------------------------------------------------------------------
+def _background(rng, size):
+    """Smooth two-scale colour noise, line clutter and grain: (H, W, 3) uint8."""
+    h = w = size
+    base = np.zeros((h, w, 3), np.float32)
+    for cells, amp in ((3, 1.0), (12, 0.45)):
+        grid = rng.uniform(0, 255, (cells, cells, 3)).astype(np.uint8)
+        up = Image.fromarray(grid).resize((w, h), Image.BICUBIC)
+        base += amp * np.asarray(up, np.float32)
+    base /= 1.45
+    img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(8, 25)):          # clutter: lines and arcs
+        x0, y0 = rng.uniform(-20, size + 20, 2)
+        length, angle = rng.uniform(10, size), rng.uniform(0, 2 * math.pi)
+        x1, y1 = x0 + length * math.cos(angle), y0 + length * math.sin(angle)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.7:
+            draw.line([(x0, y0), (x1, y1)], fill=colour, width=int(rng.integers(1, 4)))
+        else:
+            r = length / 3
+            draw.arc([x0 - r, y0 - r, x0 + r, y0 + r], rng.uniform(0, 360),
+                     rng.uniform(0, 360), fill=colour, width=int(rng.integers(1, 3)))
+    return img
+
+
+def _overlap_ok(box, boxes):
+    """Overlap allowed, but IoU < 0.3 and at most 40% of an earlier box covered."""
+    x0, y0, x1, y1 = box
+    for a0, b0, a1, b1 in boxes:
+        iw, ih = min(x1, a1) - max(x0, a0), min(y1, b1) - max(y0, b0)
+        if iw <= 0 or ih <= 0:
+            continue
+        inter = iw * ih
+        area_new, area_old = (x1 - x0) * (y1 - y0), (a1 - a0) * (b1 - b0)
+        if inter / (area_new + area_old - inter) > 0.3 or inter / area_old > 0.4:
+            return False
+    return True
+
+
+def _luma(rgb):
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def draw_image(rng, size=256, min_size=12, max_size=170, max_objects=8):
+    """One image and its objects.
+
+    Returns:
+        image: PIL RGB image (size x size).
+        objects: list of dicts with category_id (1-based), bbox [x, y, w, h] (absolute,
+            the tight box of the drawn shape), area (polygon area), segmentation.
+    """
+    img = _background(rng, size)
+    bg = np.asarray(img, np.float32)
+    ss = 2                                          # supersampling for the shapes
+    layer = Image.new("RGBA", (size * ss, size * ss), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    objects, boxes = [], []
+    for _ in range(int(rng.integers(2, max_objects + 1))):
+        for _attempt in range(20):
+            cls = int(rng.integers(len(CATEGORIES)))
+            name = CATEGORIES[cls]
+            s = math.exp(rng.uniform(math.log(min_size), math.log(max_size)))
+            cx, cy = rng.uniform(0.05 * size, 0.95 * size, 2)
+            pts = _place_shape(name, rng, cx, cy, s)
+            x0, y0 = pts.min(0).clip(0, size)
+            x1, y1 = pts.max(0).clip(0, size)
+            if x1 - x0 < 0.6 * min_size or y1 - y0 < 0.6 * min_size:
+                continue                             # mostly outside the image
+            if _overlap_ok((x0, y0, x1, y1), boxes):
+                break
+        else:
+            continue
+        # a random colour, far enough in brightness from the background under it
+        patch = bg[int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))]
+        under = _luma(patch.reshape(-1, 3).mean(0))
+        for _c in range(10):
+            colour = rng.integers(0, 256, 3)
+            if abs(_luma(colour) - under) > 60:
+                break
+        fill = tuple(int(c) for c in colour) + (255,)
+        poly = [tuple(p) for p in (pts * ss)]
+        if name == "ring":
+            draw.polygon(poly, fill=fill)
+            centre = pts.mean(0)
+            inner = (pts - centre) * rng.uniform(0.45, 0.6) + centre
+            draw.polygon([tuple(p) for p in inner * ss], fill=(0, 0, 0, 0))
+        else:
+            draw.polygon(poly, fill=fill)
+        boxes.append((x0, y0, x1, y1))
+        objects.append({
+            "category_id": cls + 1,
+            "bbox": [round(float(x0), 2), round(float(y0), 2),
+                     round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
+            "area": round(_polygon_area(pts.clip(0, size)), 2),
+            "segmentation": [[round(float(v), 1) for v in pts.clip(0, size).reshape(-1)]],
+            "iscrowd": 0,
+        })
+    layer = layer.resize((size, size), Image.BOX)
+    img = img.convert("RGBA")
+    img.alpha_composite(layer)
+    img = img.convert("RGB")
+    # photometric jitter: brightness, contrast, per-channel gain, blur, grain
+    arr = np.asarray(img, np.float32)
+    mean = arr.mean()
+    arr = (arr - mean) * rng.uniform(0.7, 1.3) + mean * rng.uniform(0.75, 1.25)
+    arr = arr * rng.uniform(0.85, 1.15, 3)
+    arr += rng.standard_normal(arr.shape, dtype=np.float32) * rng.uniform(2, 8)
+    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
+    return img, objects
+
+
+# --- a whole set -------------------------------------------------------------------
+def _split_meta(seed, num_images, image_size):
+    return {"version": VERSION, "seed": seed, "num_images": num_images,
+            "image_size": image_size}
+
+
+def _write_split(root, split, seed, num_images, image_size):
+    folder = root / f"{split}2017"
+    ann_file = root / "annotations" / f"instances_{split}2017.json"
+    images, annotations = [], []
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{split}2017.", dir=root))
+    for i in range(num_images):
+        rng = np.random.default_rng([seed, SPLITS[split], i])
+        img, objects = draw_image(rng, size=image_size)
+        image_id = i + 1
+        name = f"{image_id:012d}.jpg"
+        img.save(tmp_dir / name, quality=92)
+        images.append({"id": image_id, "file_name": name, "height": image_size,
+                       "width": image_size})
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **obj})
+    coco = {
+        "info": {"description": "ddetr synthetic shapes", **_split_meta(
+            seed, num_images, image_size)},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
+                       for i, n in enumerate(CATEGORIES)],
+    }
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp_dir, folder)
+    ann_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp_ann = ann_file.with_suffix(".json.tmp")
+    tmp_ann.write_text(json.dumps(coco))
+    os.replace(tmp_ann, ann_file)       # written last: its presence means "complete"
+
+
+def _is_complete(root, split, meta):
+    ann_file = root / "annotations" / f"instances_{split}2017.json"
+    if not ann_file.is_file():
+        return False
+    try:
+        with open(ann_file) as f:
+            info = json.load(f).get("info", {})
+    except (OSError, ValueError):
+        return False
+    return all(info.get(k) == v for k, v in meta.items())
+
+
+def generate_synthetic(root, num_train=2000, num_val=200, image_size=256, seed=0,
+                       verbose=True):
+    """Write the synthetic set under ``root`` unless an identical one is already there.
+
+    Args:
+        root: output folder (created).
+        num_train, num_val: images per split.
+        image_size: side of the square images in pixels.
+        seed: everything is a function of it.
+    Returns:
+        Path of root.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", num_train), ("val", num_val)):
+        meta = _split_meta(seed, n, image_size)
+        if _is_complete(root, split, meta):
+            continue
+        if verbose:
+            print(f"generating {n} synthetic {split} images in {root / (split + '2017')}")
+        _write_split(root, split, seed, n, image_size)
+    return root
