@@ -4,6 +4,9 @@
 CUDA on GPU) when one can be used for the tensors' device, and otherwise the pure
 PyTorch reference. The result is the same either way, up to floating-point rounding.
 """
+import torch
+
+from . import kernel
 from .ms_deform_attn_reference import ms_deform_attn_reference
 
 BACKENDS = ("auto", "reference", "kernel")
@@ -21,14 +24,27 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         attention_weights: (N, Lq, M, L, K).
         backend: "auto" (fused kernel for the device if it can be used, else the
             reference), "reference" (pure PyTorch) or "kernel" (fused; raises if it
-            cannot be built or does not support the device).
+            cannot be built or does not support the device or dtype).
 
     Returns:
         (N, Lq, M * D)
+
+    With "auto", a kernel that fails to build gives one warning (with the compiler's
+    reason) and the reference from then on; a dtype the kernel does not support on
+    that device (float16 on the CPU) goes to the reference silently.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and isinstance(value, torch.Tensor):
+        reason = kernel.unavailable_reason(value)
+        if reason is None:
+            backend = "kernel"
+        else:
+            if "failed to build" in reason:
+                kernel.warn_once(reason)
+            backend = "reference"
     if backend == "kernel":
-        raise RuntimeError("backend='kernel': the fused kernel is not part of this build")
+        return kernel.ms_deform_attn_kernel(value, spatial_shapes, level_start_index,
+                                            sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index,
                                     sampling_locations, attention_weights)
