@@ -72,6 +72,7 @@ class Config:
     eval_every: int = 1                    # epochs between COCO evaluations
     iters_per_epoch: int = 0               # 0 = whole epoch; >0 caps it (quick runs)
     tensorboard: bool = False              # also log to output_dir (needs tensorboard)
+    find_unused_parameters: bool = False   # DDP option, for model variants with unused parts
 
 
 PRESETS = {

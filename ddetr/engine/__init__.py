@@ -1,0 +1,9 @@
+"""Training engine: the loop, COCO evaluation, checkpoints, DDP and the CLI."""
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import METRICS, coco_eval, evaluate, format_table
+from .predict import evaluate_checkpoint, load_trained, predict_image
+from .train import build_loaders, build_optimizer, param_groups, read_log, train
+
+__all__ = ["train", "evaluate", "coco_eval", "format_table", "METRICS", "save_checkpoint",
+           "load_checkpoint", "build_loaders", "build_optimizer", "param_groups",
+           "read_log", "load_trained", "evaluate_checkpoint", "predict_image"]

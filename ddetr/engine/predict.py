@@ -1,0 +1,79 @@
+"""Using a trained checkpoint: load it, evaluate it, run it on one image."""
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import tv_tensors
+
+from ..config import get_config
+from ..data import build_dataset, collate, make_transforms
+from .checkpoint import load_checkpoint
+from .evaluate import evaluate
+from .train import resolve_device
+
+
+def load_trained(checkpoint, device="cpu", overrides=None):
+    """(model in eval mode, postprocessor, cfg, categories {id: name}) from a checkpoint.
+
+    overrides: dict or "key=value" list applied on top of the checkpoint's config
+    (e.g. a different data_path)."""
+    from ..models import build_model
+
+    state = load_checkpoint(checkpoint)
+    saved = dict(state.get("config", {}))
+    cfg = get_config("cpu", saved)                  # every key is in the checkpoint
+    if overrides:
+        cfg = get_config("cpu", {**saved, **_as_dict(overrides)})
+    model, _, postprocessor = build_model(cfg)
+    model.load_state_dict(state["model"])
+    device = resolve_device(device)
+    model.to(device).eval()
+    return model, postprocessor, cfg, state.get("categories", {})
+
+
+def _as_dict(overrides):
+    if isinstance(overrides, dict):
+        return overrides
+    return {k: v for k, v in vars(get_config("cpu", list(overrides))).items()
+            if any(item.split("=", 1)[0].strip() == k for item in overrides)}
+
+
+def evaluate_checkpoint(checkpoint, device="cpu", overrides=None, split="val",
+                        progress=True):
+    """COCO metrics of a checkpoint on a split of its config's data."""
+    model, postprocessor, cfg, _ = load_trained(checkpoint, device, overrides)
+    dataset = build_dataset(split, cfg)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
+                        num_workers=cfg.num_workers)
+    return evaluate(model, postprocessor, loader, dataset.coco, next(model.parameters()).device,
+                    progress)
+
+
+@torch.no_grad()
+def predict_image(model, postprocessor, cfg, image, threshold=0.5):
+    """Detections on one image (a path or a PIL image), in its own pixel coordinates.
+
+    Returns dict "boxes" (T, 4) absolute x0y0x1y1, "scores" (T,), "labels" (T,),
+    only those scoring at least threshold, and "image", the PIL image."""
+    if not isinstance(image, Image.Image):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except OSError as e:
+            raise OSError(f"cannot read image {path}: {e}") from e
+    transform = make_transforms(False, cfg.train_scales, cfg.max_size, cfg.val_scale)
+    empty = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY",
+                                     canvas_size=(image.height, image.width))
+    tensor, _ = transform(image, {"boxes": empty, "labels": torch.zeros(0, dtype=torch.int64)})
+    device = next(model.parameters()).device
+    images, masks, _ = collate([(tensor, None)])
+    outputs = model(images.to(device), masks.to(device))
+    size = torch.tensor([[image.height, image.width]], device=device)
+    det = postprocessor(outputs, size)[0]
+    keep = det["scores"] >= threshold
+    return {"boxes": det["boxes"][keep].cpu(), "scores": det["scores"][keep].cpu(),
+            "labels": det["labels"][keep].cpu(), "image": image}
