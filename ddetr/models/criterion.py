@@ -1,0 +1,155 @@
+"""The set loss of (Deformable) DETR.
+
+For every output (the last decoder layer, each earlier layer when aux_loss, and the
+encoder proposals when two-stage):
+
+1. match queries to objects with the Hungarian matcher (its own matching per output);
+2. classification: sigmoid focal loss over all Lq x num_classes scores; the target is
+   1 for the matched query's object class and 0 everywhere else (unmatched queries
+   learn "no object" by being 0 for every class);
+3. boxes, matched pairs only: L1 on (cx, cy, w, h) and 1 - generalised IoU.
+
+Every loss is a sum divided by the number of objects in the batch (averaged across
+processes when torch.distributed is initialised, so each GPU's loss has the same
+scale), not by the number of queries. The encoder proposals are trained class-agnostic:
+every object counts as class 0 ("foreground").
+
+The criterion returns the *unweighted* losses, named loss_ce, loss_bbox, loss_giou for
+the last layer, with suffix _0 .. _{n-2} for the earlier decoder layers and _enc for the
+proposals; ``weight_dict`` holds their weights (2, 5, 2 in the paper). It also reports
+``class_error`` and ``cardinality_error`` for logging; they have no weight.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from .matcher import build_matcher
+
+
+def num_boxes_across_processes(targets, device):
+    """The number of objects per process, averaged over processes, at least 1."""
+    num = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num)
+        world = dist.get_world_size()
+    return torch.clamp(num / world, min=1).item()
+
+
+class SetCriterion(nn.Module):
+    """Args:
+        num_classes: logits per query.
+        matcher: a HungarianMatcher.
+        weight_dict: loss name -> weight (used by the engine, not here).
+        focal_alpha, focal_gamma: of the classification loss.
+    """
+
+    def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    @staticmethod
+    def matched_queries(indices):
+        """(batch index, query index) of every matched pair, each (P,) int64."""
+        batch = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
+        query = torch.cat([q for q, _ in indices])
+        return batch, query
+
+    def loss_labels(self, outputs, targets, indices, num_boxes, log=True):
+        logits = outputs["pred_logits"]  # (N, Lq, num_classes)
+        batch, query = self.matched_queries(indices)
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        labels = labels.to(logits.device)
+        onehot = torch.zeros_like(logits)
+        onehot[batch, query, labels] = 1
+        loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha,
+                                  gamma=self.focal_gamma, reduction="sum")
+        losses = {"loss_ce": loss / num_boxes}
+        if log:
+            with torch.no_grad():
+                if len(labels):
+                    correct = logits[batch, query].argmax(-1) == labels
+                    losses["class_error"] = 100 - 100 * correct.float().mean()
+                else:
+                    losses["class_error"] = logits.new_zeros(())
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs, targets, indices, num_boxes):
+        """|number of confident (> 0.5) queries - number of objects|, averaged: a log."""
+        logits = outputs["pred_logits"]
+        predicted = (logits.sigmoid().max(-1)[0] > 0.5).sum(1).float()
+        lengths = torch.as_tensor([float(len(t["labels"])) for t in targets],
+                                  device=logits.device)
+        return {"cardinality_error": F.l1_loss(predicted, lengths)}
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes):
+        batch, query = self.matched_queries(indices)
+        src = outputs["pred_boxes"][batch, query]  # (P, 4)
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)
+        loss_bbox = F.l1_loss(src, tgt, reduction="sum")
+        giou = torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"),
+                                              box_convert(tgt, "cxcywh", "xyxy")))
+        return {"loss_bbox": loss_bbox / num_boxes,
+                "loss_giou": (1 - giou).sum() / num_boxes}
+
+    def losses_of(self, outputs, targets, num_boxes, suffix="", log=False):
+        indices = self.matcher(outputs, targets)
+        losses = {}
+        losses.update(self.loss_labels(outputs, targets, indices, num_boxes, log=log))
+        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        if log:
+            losses.update(self.loss_cardinality(outputs, targets, indices, num_boxes))
+        return {k + suffix: v for k, v in losses.items()}
+
+    def forward(self, outputs, targets):
+        """
+        Args:
+            outputs: the model's dict ("pred_logits", "pred_boxes", optionally
+                "aux_outputs" and "enc_outputs").
+            targets: N dicts with "labels" (T_i,) int64 in [0, num_classes) and "boxes"
+                (T_i, 4) (cx, cy, w, h) in [0, 1] of the unpadded image.
+
+        Returns:
+            dict of scalar tensors: the unweighted losses (and two logged errors).
+        """
+        for t in targets:
+            labels = t["labels"]
+            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
+                                 f"{labels.min().item()}..{labels.max().item()}")
+            if t["boxes"].shape != (len(labels), 4):
+                raise ValueError(f"boxes must be (T, 4) = ({len(labels)}, 4), got "
+                                 f"{tuple(t['boxes'].shape)}")
+        num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
+        losses = self.losses_of(outputs, targets, num_boxes, log=True)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update(self.losses_of(aux, targets, num_boxes, suffix=f"_{i}"))
+        if "enc_outputs" in outputs:
+            binary = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
+            losses.update(self.losses_of(outputs["enc_outputs"], binary, num_boxes,
+                                         suffix="_enc"))
+        return losses
+
+
+def build_weight_dict(cfg):
+    """loss name -> weight, for the last layer, the aux layers and the proposals."""
+    base = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef,
+            "loss_giou": cfg.giou_loss_coef}
+    weights = dict(base)
+    if cfg.aux_loss:
+        for i in range(cfg.dec_layers - 1):
+            weights.update({f"{k}_{i}": v for k, v in base.items()})
+    if cfg.two_stage and cfg.architecture != "detr":
+        weights.update({f"{k}_enc": v for k, v in base.items()})
+    return weights
+
+
+def build_criterion(cfg):
+    return SetCriterion(cfg.num_classes, build_matcher(cfg), build_weight_dict(cfg),
+                        focal_alpha=cfg.focal_alpha)

@@ -1,0 +1,171 @@
+"""Deformable DETR: backbone -> input projections -> deformable transformer -> heads.
+
+    images (N, 3, H, W), masks (N, H, W)
+      -> backbone: C3, C4, C5 (or C5 only), their masks and sine position codes
+      -> input_proj: each to d_model (1x1 conv + GroupNorm); with 4 levels an extra C6
+         (3x3 stride-2 conv + GroupNorm on C5), with its own mask and position code
+      -> transformer: hs (layers, N, Lq, C) and the reference point of every layer
+      -> class_embed: logits (N, Lq, num_classes), one sigmoid per class (focal loss)
+         bbox_embed:  a 3-layer MLP predicting the box in inverse-sigmoid space as an
+                      offset from the reference point: box = sigmoid(mlp(h) + logit(ref))
+
+The variants are switches of one class:
+  * single scale: num_feature_levels = 1 (C5 only);
+  * with_box_refine: one head per decoder layer (not shared), and the decoder refines
+    its reference boxes with them after every layer;
+  * two_stage: the encoder's tokens are scored as proposals by one more pair of heads
+    (index dec_layers), and the top-k proposals become the decoder's queries and
+    reference boxes.
+
+Outputs, for the criterion and the postprocessor:
+    "pred_logits" (N, Lq, num_classes), "pred_boxes" (N, Lq, 4) (cx, cy, w, h) in [0, 1]
+    of the unpadded image, "aux_outputs" (one dict per earlier decoder layer) when
+    aux_loss, "enc_outputs" (the encoder proposals) when two_stage.
+
+Parameter names follow the official release: as there, with refinement or two-stage
+the decoder holds the same head modules as the model (``transformer.decoder.bbox_embed``
+and, two-stage, ``transformer.decoder.class_embed``), so they are listed twice in
+state_dict() (and once in parameters()).
+"""
+import math
+
+import torch
+from torch import nn
+
+from ..nn.deformable_transformer import (build_deformable_transformer, get_clones,
+                                         inverse_sigmoid)
+from .backbone import build_backbone, resize_mask
+from .detr import MLP, check_inputs
+
+
+class DeformableDETR(nn.Module):
+    """Args:
+        backbone: a Joiner (backbone.0 = ResNet, backbone.1 = position encoding).
+        transformer: a DeformableTransformer.
+        num_classes: logits per query (COCO: 91, ids 1..90 with 0 unused).
+        num_queries: Lq (in the two-stage variant, the number of proposals kept).
+        num_feature_levels: L = 1 (C5) or more (C3, C4, C5 and extra stride-2 convs).
+        aux_loss: also return the prediction of every earlier decoder layer.
+        with_box_refine, two_stage: the paper's two improvements.
+    """
+
+    def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
+                 aux_loss=True, with_box_refine=False, two_stage=False):
+        super().__init__()
+        self.num_queries = num_queries
+        self.num_classes = num_classes
+        self.num_feature_levels = num_feature_levels
+        self.aux_loss = aux_loss
+        self.with_box_refine = with_box_refine
+        self.two_stage = two_stage
+        self.transformer = transformer
+        self.backbone = backbone
+        C = transformer.d_model
+
+        class_embed = nn.Linear(C, num_classes)
+        bbox_embed = MLP(C, C, 4, 3)
+        if not two_stage:
+            # per query: a positional half (-> reference point) and a content half
+            self.query_embed = nn.Embedding(num_queries, C * 2)
+
+        # input projections: one per backbone map, then extra stride-2 levels
+        if num_feature_levels > 1:
+            projs = [nn.Sequential(nn.Conv2d(ch, C, kernel_size=1), nn.GroupNorm(32, C))
+                     for ch in backbone.num_channels]
+            in_channels = backbone.num_channels[-1]
+            for _ in range(num_feature_levels - len(backbone.num_channels)):
+                projs.append(nn.Sequential(
+                    nn.Conv2d(in_channels, C, kernel_size=3, stride=2, padding=1),
+                    nn.GroupNorm(32, C)))
+                in_channels = C
+        else:
+            projs = [nn.Sequential(nn.Conv2d(backbone.num_channels[0], C, kernel_size=1),
+                                   nn.GroupNorm(32, C))]
+        self.input_proj = nn.ModuleList(projs)
+
+        # initialisation: a prior probability of 0.01 for every class (focal loss), box
+        # offsets start at zero, so the first boxes sit at the reference points
+        prior_prob = 0.01
+        nn.init.constant_(class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.zeros_(bbox_embed.layers[-1].weight)
+        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+
+        # one head per decoder layer (+1 for the encoder proposals when two-stage)
+        num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
+        if with_box_refine:
+            self.class_embed = get_clones(class_embed, num_pred)
+            self.bbox_embed = get_clones(bbox_embed, num_pred)
+            # initial box size sigmoid(-2) ~ 0.12 for the first layer's prediction
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+            self.transformer.decoder.bbox_embed = self.bbox_embed
+            self.transformer.decoder.refine_boxes = True
+        else:
+            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+            self.class_embed = nn.ModuleList([class_embed] * num_pred)  # shared
+            self.bbox_embed = nn.ModuleList([bbox_embed] * num_pred)
+        if two_stage:
+            # the transformer scores its proposals with the heads at index dec_layers
+            self.transformer.decoder.class_embed = self.class_embed
+            self.transformer.decoder.bbox_embed = self.bbox_embed
+            for box_embed in self.bbox_embed:
+                # reference boxes already carry a size: offsets start at zero
+                nn.init.zeros_(box_embed.layers[-1].bias[2:])
+
+    def features(self, images, masks):
+        """The transformer's inputs: lists of L maps (N, C, H_l, W_l), masks (N, H_l, W_l)
+        and position codes (N, C, H_l, W_l), finest first."""
+        features, pos = self.backbone(images, masks)
+        srcs, level_masks = [], []
+        for lvl, (feature, mask) in enumerate(features):
+            srcs.append(self.input_proj[lvl](feature))
+            level_masks.append(mask)
+        for lvl in range(len(srcs), self.num_feature_levels):
+            # extra levels: from the last backbone map, then from the previous level
+            src = self.input_proj[lvl](features[-1][0] if lvl == len(features) else srcs[-1])
+            mask = resize_mask(masks, src.shape[-2:])
+            srcs.append(src)
+            level_masks.append(mask)
+            pos.append(self.backbone[1](mask).to(src.dtype))
+        return srcs, level_masks, pos
+
+    def forward(self, images, masks):
+        """images (N, 3, H, W) normalised, masks (N, H, W) bool (True = padding) -> dict
+        (see the module docstring)."""
+        check_inputs(images, masks)
+        srcs, level_masks, pos = self.features(images, masks)
+        query_embed = None if self.two_stage else self.query_embed.weight
+        hs, init_reference, inter_references, enc_class, enc_coord_unact = \
+            self.transformer(srcs, level_masks, pos, query_embed)
+
+        logits, boxes = [], []
+        for lvl in range(hs.shape[0]):
+            reference = init_reference if lvl == 0 else inter_references[lvl - 1]
+            reference = inverse_sigmoid(reference)
+            delta = self.bbox_embed[lvl](hs[lvl])
+            if reference.shape[-1] == 4:
+                coord = delta + reference
+            else:
+                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            logits.append(self.class_embed[lvl](hs[lvl]))
+            boxes.append(coord.sigmoid())
+
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
+                                  for a, b in zip(logits[:-1], boxes[:-1])]
+        if self.two_stage:
+            out["enc_outputs"] = {"pred_logits": enc_class,
+                                  "pred_boxes": enc_coord_unact.sigmoid()}
+        return out
+
+
+def build_deformable_detr(cfg):
+    backbone = build_backbone(cfg)
+    transformer = build_deformable_transformer(cfg)
+    return DeformableDETR(backbone, transformer, num_classes=cfg.num_classes,
+                          num_queries=cfg.num_queries,
+                          num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
+                          with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
