@@ -81,6 +81,26 @@ def _cuda_companion_paths():
     return includes, libs
 
 
+def _cuda_runtime_lib_dirs():
+    """Folders holding an unversioned libcudart.so, which the link step needs.
+
+    torch guesses the toolkit's root from where ``nvcc`` is on the PATH; when that is a
+    wrapper script (/usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc) the guess
+    (/usr/local) has no libcudart.so, so we look in the usual places as well.
+    """
+    from torch.utils import cpp_extension
+
+    roots = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             "/usr/local/cuda"]
+    found = []
+    for root in filter(None, roots):
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
+            folder = Path(root) / sub
+            if (folder / "libcudart.so").exists() and str(folder) not in found:
+                found.append(str(folder))
+    return found
+
+
 def _build(name, sources, cuda, verbose):
     from torch.utils import cpp_extension
 
@@ -99,7 +119,7 @@ def _build(name, sources, cuda, verbose):
     if cuda:
         includes, libs = _cuda_companion_paths()
         kwargs["extra_include_paths"] += includes
-        kwargs["extra_ldflags"] = [f"-L{lib}" for lib in libs]
+        kwargs["extra_ldflags"] = [f"-L{lib}" for lib in libs + _cuda_runtime_lib_dirs()]
         kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math"]
     arch_env = None
     if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

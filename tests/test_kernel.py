@@ -1,0 +1,303 @@
+"""The fused CPU kernel against the grid_sample reference (and the naive loop).
+
+Forward and the three gradients (value, sampling_locations, attention_weights):
+float32 within a tolerance over randomized shapes, float64 with gradcheck; the edges of
+the sampling convention (borders, far outside, 1xW levels); empty batch and Lq = 0;
+the torch.library registration (opcheck, torch.compile, torch.export); and the
+dispatcher's choices and errors.
+"""
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ddetr.ops import (kernel, level_start_index_of, ms_deform_attn, ms_deform_attn_naive,
+                       ms_deform_attn_reference)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_kernel():
+    status = kernel.load_kernel(with_cuda=False)
+    if status["cpu"] is not True:
+        pytest.fail(f"the CPU kernel did not build: {status['cpu']}")
+
+
+def make_inputs(N, shapes, M, D, Lq, K, dtype=torch.float32, seed=0, spread=0.2,
+                requires_grad=True):
+    """Random inputs; locations in [-spread, 1 + spread] so some fall outside."""
+    gen = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64).view(-1, 2)
+    level_start_index = level_start_index_of(spatial_shapes)
+    S = int(spatial_shapes.prod(1).sum())
+    L = spatial_shapes.shape[0]
+    value = torch.randn(N, S, M, D, generator=gen, dtype=dtype)
+    locations = (torch.rand(N, Lq, M, L, K, 2, generator=gen, dtype=dtype)
+                 * (1 + 2 * spread) - spread)
+    weights = torch.rand(N, Lq, M, L, K, generator=gen, dtype=dtype)
+    for t in (value, locations, weights):
+        t.requires_grad_(requires_grad)
+    return value, spatial_shapes, level_start_index, locations, weights
+
+
+def outputs_and_grads(fn, inputs, seed=1):
+    """fn's output and the gradients of value, locations and weights for a random
+    output gradient (the same one for every fn)."""
+    out = fn(*inputs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed),
+                           dtype=out.dtype)
+    if out.numel() == 0:
+        grads = [torch.zeros_like(inputs[i]) for i in (0, 3, 4)]
+    else:
+        grads = torch.autograd.grad(out, (inputs[0], inputs[3], inputs[4]), grad_out,
+                                    allow_unused=True)
+        grads = [torch.zeros_like(inputs[i]) if g is None else g
+                 for g, i in zip(grads, (0, 3, 4))]
+    return [out.detach()] + list(grads)
+
+
+def fused(*args):
+    return ms_deform_attn(*args, backend="kernel")
+
+
+NAMES = ("output", "grad value", "grad sampling_locations", "grad attention_weights")
+
+
+def assert_matches_reference(inputs, rtol=1e-4, atol=1e-4):
+    got = outputs_and_grads(fused, inputs)
+    want = outputs_and_grads(ms_deform_attn_reference, inputs)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ---- randomized shapes, float32 -------------------------------------------------------
+
+level = st.tuples(st.integers(1, 9), st.integers(1, 9))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(N=st.integers(1, 3), shapes=st.lists(level, min_size=1, max_size=4),
+       M=st.integers(1, 4), D=st.integers(1, 9), Lq=st.integers(1, 12),
+       K=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_float32_matches_reference(N, shapes, M, D, Lq, K, seed):
+    assert_matches_reference(make_inputs(N, shapes, M, D, Lq, K, seed=seed))
+
+
+def test_float32_larger_shape_matches_reference():
+    # more keys than the hypothesis shapes, D of the paper's heads, and several threads
+    assert_matches_reference(make_inputs(2, [(24, 32), (12, 16), (6, 8), (3, 4)],
+                                         8, 32, 50, 4), rtol=1e-4, atol=2e-4)
+
+
+# ---- float64: gradcheck -----------------------------------------------------------------
+
+@pytest.mark.parametrize("N, shapes, M, D, Lq, K, seed", [
+    (1, [(3, 4)], 1, 2, 3, 2, 0),
+    (2, [(4, 5), (2, 3)], 2, 3, 4, 2, 1),
+    (2, [(1, 6), (5, 1), (1, 1)], 3, 2, 3, 3, 2),
+])
+def test_float64_gradcheck(N, shapes, M, D, Lq, K, seed):
+    value, ss, lsi, loc, w = make_inputs(N, shapes, M, D, Lq, K, dtype=torch.float64,
+                                         seed=seed)
+    # keep points off the pixel-centre grid lines where bilinear is not differentiable
+    assert torch.autograd.gradcheck(lambda v, p, a: fused(v, ss, lsi, p, a), (value, loc, w))
+
+
+def test_float64_matches_reference_tightly():
+    assert_matches_reference(make_inputs(2, [(6, 7), (3, 4), (1, 5)], 4, 8, 20, 4,
+                                         dtype=torch.float64), rtol=1e-10, atol=1e-10)
+
+
+# ---- the sampling convention at its edges ---------------------------------------------
+
+def edge_locations(shapes, M, K):
+    """Points exactly on pixel centres, on the borders of the map and of the outer
+    pixel centres, and far outside; one row of (x, y) per query."""
+    H, W = shapes[0]
+    xs = [0.0, 1.0, 0.5 / W, 1 - 0.5 / W, -0.5 / W, 1 + 0.5 / W, 0.5, -1e6, 1e6, -3.0, 4.0,
+          -0.25 / W, 1 + 0.25 / W]
+    ys = [0.0, 1.0, 0.5 / H, 1 - 0.5 / H, -0.5 / H, 1 + 0.5 / H, 0.5, 1e6, -1e6, 0.3, 0.7,
+          -0.25 / H, 1 + 0.25 / H]
+    pairs = [(x, y) for x in xs for y in ys]
+    return torch.tensor(pairs, dtype=torch.float64)
+
+
+def kinks(loc, spatial_shapes):
+    """(N, Lq, M, L, K, 2) bool: True where the coordinate sits on a kink of bilinear
+    interpolation, i.e. u = x W - 1/2 (or v) is an integer in [-1, W - 1] (a pixel
+    centre line, or the line one pixel outside the map). The derivative along that
+    coordinate is one-sided there: the kernel takes the right derivative (its floor);
+    grid_sample's side depends on the rounding of its own coordinate arithmetic."""
+    sizes = spatial_shapes.flip(1).to(loc.dtype).view(1, 1, 1, -1, 1, 2)  # (W, H)
+    u = loc * sizes - 0.5
+    return (u == u.floor()) & (u >= -1) & (u <= sizes - 1)
+
+
+@pytest.mark.parametrize("shapes", [[(4, 6)], [(1, 7)], [(5, 1)], [(1, 1)],
+                                    [(1, 8), (3, 3), (1, 1)]])
+def test_edges_match_reference_and_naive(shapes):
+    M, K = 2, 1
+    pairs = edge_locations(shapes, M, K)  # (P, 2)
+    Lq = pairs.shape[0]
+    value, ss, lsi, _, w = make_inputs(1, shapes, M, 3, Lq, K, dtype=torch.float64,
+                                       requires_grad=False)
+    L = len(shapes)
+    loc = pairs.view(1, Lq, 1, 1, 1, 2).expand(1, Lq, M, L, K, 2).contiguous()
+    inputs = [value.requires_grad_(), ss, lsi, loc.requires_grad_(), w.requires_grad_()]
+    got = outputs_and_grads(fused, inputs)
+    want = outputs_and_grads(ms_deform_attn_reference, inputs)
+    # the output and the gradients of value and weights are continuous: equal everywhere;
+    # the location gradient is compared away from the kinks
+    smooth = ~kinks(loc.detach(), ss)
+    assert smooth.any()
+    got[2], want[2] = got[2][smooth], want[2][smooth]
+    for name, g, r in zip(NAMES, got, want):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+    # the independent loop agrees on the forward (it is slow: a few queries suffice)
+    few = [t.detach() for t in inputs]
+    few[3], few[4] = few[3][:, :20], few[4][:, :20]
+    torch.testing.assert_close(fused(*few), ms_deform_attn_naive(*few))
+
+
+def test_gradient_at_a_kink_is_the_right_derivative():
+    """On a pixel-centre line the kernel differentiates towards the next pixel."""
+    value = torch.tensor([0.0, 1.0, 5.0], dtype=torch.float64).view(1, 3, 1, 1)
+    ss = torch.tensor([[1, 3]])
+    lsi = torch.tensor([0])
+    x = torch.tensor(1.5 / 3, dtype=torch.float64, requires_grad=True)  # centre of pixel 1
+    loc = torch.stack([x, torch.tensor(0.5, dtype=torch.float64)]).view(1, 1, 1, 1, 1, 2)
+    w = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
+    out = fused(value, ss, lsi, loc, w)
+    assert out.item() == 1.0
+    out.backward()
+    assert x.grad.item() == pytest.approx((5.0 - 1.0) * 3)  # slope towards pixel 2, times W
+
+
+def test_points_far_outside_read_zero_and_have_zero_gradient():
+    value, ss, lsi, loc, w = make_inputs(1, [(4, 4)], 1, 2, 3, 1, requires_grad=False)
+    loc = torch.tensor([1e30, -1e30, 1e8]).view(1, 3, 1, 1, 1, 1).expand_as(loc).clone()
+    loc.requires_grad_()
+    w.requires_grad_()
+    out = fused(value, ss, lsi, loc, w)
+    assert out.abs().max() == 0
+    out.sum().backward()
+    assert loc.grad.abs().max() == 0 and w.grad.abs().max() == 0
+
+
+# ---- empty inputs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("N, Lq", [(0, 5), (2, 0), (0, 0)])
+def test_empty_batch_or_no_queries(N, Lq):
+    inputs = make_inputs(N, [(3, 4), (2, 2)], 2, 4, Lq, 2)
+    out = fused(*inputs)
+    assert out.shape == (N, Lq, 8)
+    out.sum().backward()
+    for i in (0, 3, 4):
+        assert inputs[i].grad.shape == inputs[i].shape
+        assert inputs[i].grad.abs().sum() == 0
+
+
+# ---- the registered operator: opcheck, compile, export ----------------------------------
+
+def test_opcheck():
+    """torch.library's own check: schema, fake kernel, autograd registration."""
+    inputs = make_inputs(2, [(3, 4), (2, 2)], 2, 4, 5, 2)
+    torch.library.opcheck(torch.ops.ddetr.ms_deform_attn.default, inputs)
+    grad = torch.randn(2, 5, 8)
+    torch.library.opcheck(torch.ops.ddetr.ms_deform_attn_backward.default,
+                          (grad, *[t.detach() for t in inputs]))
+
+
+def test_torch_compile_fullgraph():
+    inputs = make_inputs(2, [(5, 6), (3, 3)], 2, 4, 7, 3)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    got = outputs_and_grads(compiled, inputs)
+    want = outputs_and_grads(ms_deform_attn_reference, inputs)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_torch_export():
+    class Attn(torch.nn.Module):
+        def forward(self, value, spatial_shapes, level_start_index, locations, weights):
+            return ms_deform_attn(value, spatial_shapes, level_start_index, locations,
+                                  weights, backend="kernel")
+
+    inputs = [t.detach() for t in make_inputs(2, [(5, 6), (3, 3)], 2, 4, 7, 3)]
+    program = torch.export.export(Attn(), tuple(inputs))
+    assert "ddetr.ms_deform_attn" in str(program.graph)
+    torch.testing.assert_close(program.module()(*inputs), ms_deform_attn_reference(*inputs))
+
+
+# ---- the dispatcher: choices and errors ----------------------------------------------------
+
+def test_auto_uses_the_kernel_on_cpu(monkeypatch):
+    calls = []
+    real = kernel.ms_deform_attn_kernel
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(kernel, "ms_deform_attn_kernel", spy)
+    inputs = [t.detach() for t in make_inputs(1, [(3, 3)], 1, 2, 2, 1)]
+    ms_deform_attn(*inputs)
+    assert calls == [inputs[0].shape]
+    ms_deform_attn(*inputs, backend="reference")
+    assert len(calls) == 1
+
+
+def test_auto_falls_back_silently_for_half_on_cpu():
+    inputs = [t.detach().half() if t.is_floating_point() else t
+              for t in make_inputs(1, [(3, 3)], 1, 2, 2, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ms_deform_attn(*inputs)
+    assert out.dtype == torch.float16
+    with pytest.raises(RuntimeError, match="float16"):
+        fused(*inputs)
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setitem(kernel._loaded, "cpu", "CalledProcessError: g++ not found")
+    monkeypatch.setattr(kernel, "_warned", set())
+    inputs = [t.detach() for t in make_inputs(1, [(3, 3)], 1, 2, 2, 1)]
+    with pytest.warns(RuntimeWarning, match="g\\+\\+ not found"):
+        out = ms_deform_attn(*inputs)
+    torch.testing.assert_close(out, ms_deform_attn_reference(*inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ms_deform_attn(*inputs)  # no second warning
+    with pytest.raises(RuntimeError, match="failed to build"):
+        fused(*inputs)
+
+
+def test_wrapper_makes_inputs_contiguous():
+    value, ss, lsi, loc, w = [t.detach() for t in make_inputs(2, [(4, 5)], 3, 4, 6, 2)]
+    value_t = value.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided
+    assert not value_t.is_contiguous()
+    torch.testing.assert_close(fused(value_t, ss, lsi, loc, w),
+                               ms_deform_attn_reference(value, ss, lsi, loc, w))
+
+
+def test_cpp_checks_give_clear_errors():
+    value, ss, lsi, loc, w = [t.detach() for t in make_inputs(2, [(4, 5)], 3, 4, 6, 2)]
+    op = torch.ops.ddetr.ms_deform_attn
+    strided = value.transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(RuntimeError, match="value must be contiguous"):
+        op(strided, ss, lsi, loc, w)
+    with pytest.raises(RuntimeError, match="level_start_index\\[0\\] must be 0"):
+        op(value, ss, lsi + 1, loc, w)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        op(value, ss, lsi, loc.double(), w)
+    with pytest.raises(RuntimeError, match="attention_weights must be"):
+        op(value, ss, lsi, loc, w[:, :3])
+
+
+def test_python_checks_run_before_the_kernel():
+    value, ss, lsi, loc, w = [t.detach() for t in make_inputs(2, [(4, 5)], 3, 4, 6, 2)]
+    with pytest.raises(ValueError, match="sum to"):
+        fused(value, torch.tensor([[4, 4]]), lsi, loc, w)
+    with pytest.raises(TypeError, match="int64"):
+        fused(value, ss.int(), lsi, loc, w)
