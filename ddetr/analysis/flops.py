@@ -1,0 +1,85 @@
+"""FLOPs of dense and deformable attention: analytic formulas and a measurement.
+
+A FLOP here is one floating-point multiply or add, so a multiply-accumulate counts 2,
+the convention of ``torch.utils.flop_counter``: an (m x k) @ (k x n) product costs
+2 m k n. The formulas count the matrix products (projections and attention) exactly;
+softmax, bias additions and other elementwise work are left out on both sides, as the
+flop counter leaves them out.
+"""
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def dense_attention_flops(n_queries, n_keys, d_model, project_kv=True, project_q=True):
+    """Matrix-product FLOPs of one dense multi-head attention.
+
+    Args:
+        n_queries: Lq. n_keys: S. d_model: C (the number of heads does not matter:
+            M heads of D = C / M channels cost as much as one head of C channels).
+        project_kv / project_q: count the key+value / query+output projections.
+
+    Returns:
+        int: 2 Lq S C (scores Q K^T) + 2 Lq S C (weights @ V)
+             + 4 S C^2 (K and V projections) + 4 Lq C^2 (Q and output projections).
+
+    Encoder self-attention over an H x W map has Lq = S = HW: 4 (HW)^2 C + 8 HW C^2,
+    quadratic in the number of pixels.
+    """
+    flops = 4 * n_queries * n_keys * d_model
+    if project_kv:
+        flops += 4 * n_keys * d_model ** 2
+    if project_q:
+        flops += 4 * n_queries * d_model ** 2
+    return flops
+
+
+def deformable_sampling_flops(n_queries, d_model, n_levels=1, n_points=4):
+    """FLOPs of the bilinear sampling and weighted sum of deformable attention.
+
+    Each of the L K points of a head reads 4 corners of D channels (4 multiplies and
+    4 adds per channel) and adds the result, times its attention weight, to the
+    output (2 per channel): 10 D per point, 10 Lq L K C in all. These are gathers and
+    elementwise operations, which the flop counter does not see.
+    """
+    return 10 * n_queries * n_levels * n_points * d_model
+
+
+def ms_deformable_attention_flops(n_queries, n_keys, d_model, n_heads=8, n_levels=1,
+                                  n_points=4, with_sampling=True):
+    """FLOPs of multi-scale deformable attention (MSDeformAttn).
+
+    Args:
+        n_queries: Lq. n_keys: S = sum of H_l W_l. d_model: C. n_heads: M.
+        n_levels: L. n_points: K. with_sampling: add ``deformable_sampling_flops``.
+
+    Returns:
+        int: 2 S C^2 (value projection) + 2 Lq C^2 (output projection)
+             + 2 Lq C (3 M L K) (offsets, 2 per point, and attention logits)
+             [+ 10 Lq L K C sampling]. Linear in S and in Lq.
+    """
+    M, L, K = n_heads, n_levels, n_points
+    flops = 2 * n_keys * d_model ** 2 + 2 * n_queries * d_model ** 2
+    flops += 2 * n_queries * d_model * 3 * M * L * K
+    if with_sampling:
+        flops += deformable_sampling_flops(n_queries, d_model, L, K)
+    return flops
+
+
+def deformable_attention_flops(n_queries, n_keys, d_model, n_heads=8, n_points=4,
+                               with_sampling=True):
+    """Single-scale deformable attention: ``ms_deformable_attention_flops`` with L=1."""
+    return ms_deformable_attention_flops(n_queries, n_keys, d_model, n_heads, 1,
+                                         n_points, with_sampling)
+
+
+def measure_flops(fn, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)`` under FlopCounterMode; return (total FLOPs, per-op dict).
+
+    Only operators with a registered formula are counted: matrix products
+    (mm, bmm, addmm, matmul, linear...) and convolutions. grid_sample, gather, softmax
+    and elementwise arithmetic count zero.
+    """
+    mode = FlopCounterMode(display=False)
+    with mode:
+        fn(*args, **kwargs)
+    per_op = {str(op): int(n) for op, n in mode.get_flop_counts().get("Global", {}).items()}
+    return int(mode.get_total_flops()), per_op

@@ -1,0 +1,12 @@
+"""Plots for the book: a synthetic scene, attention maps, reference and sampling
+points (weights as marker sizes), per-level panels, boxes and log-log cost curves."""
+from .attention import (plot_attention_maps, plot_level_sampling, plot_sampling_points,
+                        sampling_points_on_axes)
+from .boxes import draw_boxes
+from .curves import plot_loglog
+from .scene import handmade_heads, pixel_features, synthetic_scene
+
+__all__ = [
+    "draw_boxes", "handmade_heads", "pixel_features", "plot_attention_maps", "plot_level_sampling",
+    "plot_loglog", "plot_sampling_points", "sampling_points_on_axes", "synthetic_scene",
+]
