@@ -120,7 +120,7 @@ def _build(name, sources, cuda, verbose):
         includes, libs = _cuda_companion_paths()
         kwargs["extra_include_paths"] += includes
         kwargs["extra_ldflags"] = [f"-L{lib}" for lib in libs + _cuda_runtime_lib_dirs()]
-        kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math"]
+        kwargs["extra_cuda_cflags"] = ["-O3"]
     arch_env = None
     if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # Without a GPU torch cannot ask the device for its architecture.

@@ -1,0 +1,452 @@
+"""Benchmarks: ``python -m ddetr bench build | kernels``.
+
+``bench build`` compiles (or finds cached) the fused operator and says what it built.
+
+``bench kernels`` times multi-scale deformable attention, the grid_sample reference
+against the fused kernel, side by side in one run, at three shapes:
+
+    book     the book's CPU model: d_model 128 (M=8, D=16), 4 levels of a 256x256
+             image (32x32 .. 4x4, S=1360), encoder queries Lq = S, K=4, N=4
+    decoder  the paper's decoder: 4 levels of an 800x1200 image (S=19947),
+             Lq=300 object queries, M=8, D=32, K=4, N=2
+    encoder  the paper's encoder at the same size: Lq = S = 19947
+
+For each it reports forward time and forward+backward time (median of --repeat runs
+after one warm-up) and peak memory, and the reference/fused ratios.
+
+Peak memory, measured honestly per device:
+  * CPU: PyTorch's CPU allocator is plain malloc, invisible to tracemalloc, so we ask
+    the kernel. Each measurement runs in a fresh subprocess: it builds the inputs,
+    runs one tiny call so that libraries and thread pools are up, resets the resident
+    set high-water mark (``echo 5 > /proc/self/clear_refs``, Linux), runs the call
+    once and reads VmHWM. Reported: VmHWM minus the resident size just before the
+    call, i.e. the extra memory the call needed (outputs, gradients and temporaries;
+    the inputs are excluded). The child runs with a fixed glibc mmap threshold so that
+    freed tensors leave the resident set instead of being reused unseen.
+  * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+    what was allocated before the call (again outputs + gradients + temporaries).
+
+On a GPU the forward time is also compared with its bandwidth floor: the bytes the
+forward must move at least (read value, locations and weights once, write the output)
+divided by the device's memory bandwidth (theoretical, from the device properties, and
+as measured by a large device-to-device copy).
+
+Results go to ``<out>/kernels_<device>.json`` and the table ``<out>/kernels.md``.
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    # name: (N, [(H, W) per level], M, D, Lq or None for Lq = S, K)
+    "book": (4, [(32, 32), (16, 16), (8, 8), (4, 4)], 8, 16, None, 4),
+    "decoder": (2, [(100, 150), (50, 75), (25, 38), (13, 19)], 8, 32, 300, 4),
+    "encoder": (2, [(100, 150), (50, 75), (25, 38), (13, 19)], 8, 32, None, 4),
+}
+DESCRIPTIONS = {
+    "book": "book CPU model, 256x256 image",
+    "decoder": "paper decoder, 800x1200 image, 300 queries",
+    "encoder": "paper encoder, 800x1200 image",
+}
+IMPLS = ("reference", "kernel")
+
+
+# ---- command line ----------------------------------------------------------------------
+
+def add_parser(subparsers):
+    """Add ``bench`` with its targets (build, kernels) to the CLI's sub-commands."""
+    bench = subparsers.add_parser("bench", help="build the fused operator, run benchmarks")
+    targets = bench.add_subparsers(dest="target", required=True)
+
+    build = targets.add_parser("build", help="compile (or find cached) the fused kernel")
+    build.add_argument("--cuda", action="store_true",
+                       help="build the CUDA part even without a GPU (needs nvcc)")
+    build.add_argument("--verbose", action="store_true", help="show compiler output")
+    build.set_defaults(func=run_build)
+
+    kernels = targets.add_parser("kernels", help="reference vs fused ms_deform_attn")
+    kernels.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                         help="default: cuda if available, else cpu")
+    kernels.add_argument("--shapes", default="book,decoder,encoder",
+                         help=f"comma-separated subset of {','.join(SHAPES)}")
+    kernels.add_argument("--repeat", type=int, default=5, help="timed runs per case")
+    kernels.add_argument("--out", default="benchmarks", help="folder for JSON and table")
+    kernels.add_argument("--no-memory", action="store_true",
+                         help="skip the peak-memory measurements")
+    kernels.set_defaults(func=run_kernels)
+    return bench
+
+
+def run_build(args):
+    from .ops import kernel
+
+    status = kernel.load_kernel(with_cuda=True if args.cuda else None, verbose=args.verbose)
+    where = kernel.build_directory() or "torch's default extensions folder " \
+        "($TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)"
+    print(f"build folder: {where}")
+    for part in ("cpu", "cuda"):
+        state = status[part]
+        text = "built and loaded" if state is True else ("not requested" if state is None
+                                                         else f"FAILED: {state}")
+        seconds = status["seconds"].get(f"ddetr_msda_{part}")
+        took = f" ({seconds:.1f} s)" if seconds is not None else ""
+        print(f"{part:>4}: {text}{took}")
+    failed = any(s not in (True, None) for s in (status["cpu"], status["cuda"]))
+    return 1 if failed else 0
+
+
+def run_kernels(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    names = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
+    result = bench_kernels(device, names, repeat=args.repeat, memory=not args.no_memory)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"kernels_{device}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    table = write_markdown(out)
+    print(f"\nwrote {path} and {table}")
+    return 0
+
+
+# ---- inputs ----------------------------------------------------------------------------
+
+def sizes_of(name):
+    N, levels, M, D, Lq, K = SHAPES[name]
+    S = sum(h * w for h, w in levels)
+    return dict(N=N, S=S, M=M, D=D, Lq=S if Lq is None else Lq, L=len(levels), K=K,
+                levels=levels)
+
+
+def make_inputs(name, device, dtype=torch.float32, requires_grad=False, seed=0):
+    """Inputs shaped like the model's: locations around [0, 1] (a few outside), weights
+    softmax-normalised over the L*K points of each head. `name` is a key of SHAPES or
+    a sizes dict like the one sizes_of returns."""
+    from .ops import level_start_index_of
+
+    s = sizes_of(name) if isinstance(name, str) else name
+    gen = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(s["levels"], dtype=torch.int64)
+    level_start_index = level_start_index_of(spatial_shapes)
+    value = torch.randn(s["N"], s["S"], s["M"], s["D"], generator=gen)
+    loc = torch.rand(s["N"], s["Lq"], s["M"], s["L"], s["K"], 2, generator=gen) * 1.1 - 0.05
+    w = torch.randn(s["N"], s["Lq"], s["M"], s["L"] * s["K"], generator=gen).softmax(-1)
+    w = w.view(s["N"], s["Lq"], s["M"], s["L"], s["K"])
+    value, loc, w = (t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+                     for t in (value, loc, w))
+    return [value, spatial_shapes.to(device), level_start_index.to(device), loc, w]
+
+
+def _function(impl):
+    from .ops import ms_deform_attn
+
+    return lambda *args: ms_deform_attn(*args, backend=impl)
+
+
+def _call(fn, inputs, backward, grad_out=None):
+    out = fn(*inputs)
+    if backward:
+        out.backward(grad_out)
+    return out
+
+
+# ---- time ------------------------------------------------------------------------------
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, inputs, backward, repeat, device):
+    """Median seconds of `repeat` calls after one warm-up call."""
+    grad_out = None
+    if backward:
+        with torch.no_grad():
+            grad_out = torch.ones_like(fn(*inputs))
+    times = []
+    for i in range(repeat + 1):
+        for t in inputs:
+            t.grad = None
+        _sync(device)
+        start = time.perf_counter()
+        _call(fn, inputs, backward, grad_out)
+        _sync(device)
+        if i > 0:  # the first call is the warm-up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---- memory ----------------------------------------------------------------------------
+
+MEMORY_CHILD = """
+import json, sys
+from ddetr.bench import _cpu_memory_child
+print("RESULT", json.dumps(_cpu_memory_child(*json.loads(sys.argv[1]))))
+"""
+
+
+def _vm_status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # kB -> bytes
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _cpu_memory_child(name, impl, backward):
+    """Runs in a fresh process: extra resident memory of one call, in bytes."""
+    fn = _function(impl)
+    # one tiny call first: loads the kernel library and starts the thread pool, whose
+    # memory is not the call's
+    tiny = dict(N=1, S=5, M=2, D=4, Lq=3, L=2, K=2, levels=[(2, 2), (1, 1)])
+    _call(fn, make_inputs(tiny, "cpu", requires_grad=backward), backward,
+          torch.ones(1, 3, 8) if backward else None)
+    inputs = make_inputs(name, "cpu", requires_grad=backward)
+    s = sizes_of(name)
+    grad_out = torch.ones(s["N"], s["Lq"], s["M"] * s["D"]) if backward else None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    before = _vm_status("VmRSS")
+    _call(fn, inputs, backward, grad_out)
+    return _vm_status("VmHWM") - before
+
+
+def cpu_peak_memory(name, impl, backward):
+    """Extra peak resident memory (bytes) of one call, from a fresh subprocess."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               # glibc: every block of 64 KiB or more is its own mmap, returned to the
+               # system when freed, so that the resident size follows the live tensors
+               # (by default freed temporaries stay resident and are silently reused)
+               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    run = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps([name, impl, backward])],
+                         capture_output=True, text=True, env=env, timeout=1800)
+    for line in run.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    print(f"  memory measurement failed: {run.stderr.strip().splitlines()[-1:]}")
+    return None
+
+
+def cuda_peak_memory(fn, inputs, backward):
+    """Extra peak allocated CUDA memory (bytes) of one call."""
+    grad_out = None
+    if backward:
+        with torch.no_grad():
+            grad_out = torch.ones_like(fn(*inputs))
+    for t in inputs:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = _call(fn, inputs, backward, grad_out)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak
+
+
+# ---- bandwidth floor (GPU) -------------------------------------------------------------
+
+def forward_bytes(name, element_size=4):
+    """Bytes the forward must move at least: read value, locations, weights once and
+    write the output once (spatial shapes and start indices are negligible)."""
+    s = sizes_of(name)
+    points = s["N"] * s["Lq"] * s["M"] * s["L"] * s["K"]
+    value = s["N"] * s["S"] * s["M"] * s["D"]
+    output = s["N"] * s["Lq"] * s["M"] * s["D"]
+    return (value + 3 * points + output) * element_size
+
+
+def cuda_bandwidth():
+    """(theoretical, measured) device memory bandwidth in bytes/s."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    theoretical = None
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        theoretical = 2 * clock_khz * 1e3 * bus_bits / 8  # double data rate
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 256 MiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    runs = 20
+    for _ in range(runs):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    measured = 2 * x.numel() * runs / (time.perf_counter() - start)  # read + write
+    return theoretical, measured
+
+
+# ---- the benchmark ------------------------------------------------------------------------
+
+def machine_description(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")]
+        if models:
+            cpu = models[0]
+    except OSError:
+        pass
+    info = dict(cpu=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version(),
+                platform=platform.platform())
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda)
+    return info
+
+
+def bench_kernels(device, names, repeat=5, memory=True):
+    from .ops import kernel
+
+    status = kernel.load_kernel(with_cuda=(device == "cuda"))
+    if status[device] is not True:
+        raise SystemExit(f"the fused {device} kernel is not available: {status[device]}")
+    result = dict(device=device, machine=machine_description(device), repeat=repeat,
+                  dtype="float32", timing="median of repeat runs after one warm-up",
+                  memory=("CPU: extra peak RSS of one call (VmHWM after clear_refs, fresh "
+                          "subprocess, inputs excluded)" if device == "cpu" else
+                          "CUDA: max_memory_allocated during one call minus allocated "
+                          "before (inputs excluded)"),
+                  shapes={})
+    if device == "cuda":
+        theoretical, measured = cuda_bandwidth()
+        result["bandwidth_GBps"] = dict(
+            theoretical=None if theoretical is None else round(theoretical / 1e9, 1),
+            measured_copy=round(measured / 1e9, 1))
+    print(f"ms_deform_attn on {device}: {result['machine'].get('gpu') or result['machine']['cpu']}"
+          f", {repeat} timed runs")
+    for name in names:
+        s = sizes_of(name)
+        entry = dict(description=DESCRIPTIONS[name],
+                     sizes={k: v for k, v in s.items() if k != "levels"},
+                     levels=s["levels"], impls={})
+        print(f"\n{name}: {DESCRIPTIONS[name]}  N={s['N']} S={s['S']} Lq={s['Lq']} "
+              f"M={s['M']} D={s['D']} L={s['L']} K={s['K']}")
+        for impl in IMPLS:
+            fn = _function(impl)
+            inputs = make_inputs(name, device, requires_grad=True)
+            with torch.no_grad():
+                fwd = time_call(fn, inputs, False, repeat, device)
+            fwd_bwd = time_call(fn, inputs, True, repeat, device)
+            row = dict(forward_ms=fwd * 1e3, forward_backward_ms=fwd_bwd * 1e3)
+            if memory:
+                if device == "cpu":
+                    del inputs
+                    row["forward_peak_MB"] = _mb(cpu_peak_memory(name, impl, False))
+                    row["forward_backward_peak_MB"] = _mb(cpu_peak_memory(name, impl, True))
+                else:
+                    with torch.no_grad():
+                        row["forward_peak_MB"] = _mb(cuda_peak_memory(fn, inputs, False))
+                    row["forward_backward_peak_MB"] = _mb(cuda_peak_memory(fn, inputs, True))
+            entry["impls"][impl] = row
+            print(f"  {impl:>9}: forward {row['forward_ms']:9.2f} ms   "
+                  f"forward+backward {row['forward_backward_ms']:9.2f} ms"
+                  + (f"   peak {row.get('forward_peak_MB')} / "
+                     f"{row.get('forward_backward_peak_MB')} MB" if memory else ""))
+        ref, fused = entry["impls"]["reference"], entry["impls"]["kernel"]
+        entry["speedup"] = dict(
+            forward=ref["forward_ms"] / fused["forward_ms"],
+            forward_backward=ref["forward_backward_ms"] / fused["forward_backward_ms"])
+        if memory and fused.get("forward_backward_peak_MB"):
+            entry["memory_ratio"] = dict(
+                forward=_ratio(ref.get("forward_peak_MB"), fused.get("forward_peak_MB")),
+                forward_backward=_ratio(ref.get("forward_backward_peak_MB"),
+                                        fused.get("forward_backward_peak_MB")))
+        if device == "cuda":
+            floor_bytes = forward_bytes(name)
+            bw = result["bandwidth_GBps"]
+            best_bw = bw["theoretical"] or bw["measured_copy"]
+            floor_ms = floor_bytes / (best_bw * 1e9) * 1e3
+            entry["bandwidth_floor"] = dict(
+                bytes=floor_bytes, floor_ms=floor_ms,
+                fused_forward_over_floor=fused["forward_ms"] / floor_ms,
+                floor_ms_measured_bandwidth=floor_bytes / (bw["measured_copy"] * 1e9) * 1e3)
+            print(f"  forward bandwidth floor {floor_ms:.3f} ms -> fused is "
+                  f"{entry['bandwidth_floor']['fused_forward_over_floor']:.2f}x the floor")
+        print(f"  fused speed-up: forward {entry['speedup']['forward']:.1f}x, "
+              f"forward+backward {entry['speedup']['forward_backward']:.1f}x"
+              + (f"; memory {entry['memory_ratio']['forward_backward']:.1f}x lower"
+                 if entry.get("memory_ratio", {}).get("forward_backward") else ""))
+        result["shapes"][name] = entry
+    return result
+
+
+def _mb(n):
+    return None if n is None else round(n / 2**20, 1)
+
+
+def _ratio(a, b):
+    return None if not a or not b else a / max(b, 0.1)
+
+
+# ---- the markdown table --------------------------------------------------------------------
+
+def write_markdown(out):
+    """benchmarks/kernels.md from every kernels_<device>.json in `out`."""
+    out = Path(out)
+    lines = ["# Fused multi-scale deformable attention: benchmarks", "",
+             "Written by `python -m ddetr bench kernels` (ddetr/bench.py), which explains "
+             "the method. Reference = pure PyTorch (grid_sample), fused = the C++/CUDA "
+             "kernel of csrc/. float32; times are medians; peak memory is the extra "
+             "memory one call needs beyond its inputs; ratios are reference / fused.", ""]
+    for device in ("cpu", "cuda"):
+        path = out / f"kernels_{device}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        m = r["machine"]
+        where = (f"{m['gpu']} (CUDA {m.get('cuda')})" if device == "cuda" else
+                 f"{m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads")
+        lines += [f"## {device.upper()}: {where}", "",
+                  f"torch {m['torch']}, {r['repeat']} timed runs per case. {r['memory']}.", ""]
+        if device == "cuda":
+            bw = r.get("bandwidth_GBps", {})
+            lines += [f"Bandwidth: {bw.get('theoretical')} GB/s theoretical, "
+                      f"{bw.get('measured_copy')} GB/s measured (device copy).", ""]
+        header = ("| shape | impl | forward ms | fwd+bwd ms | fwd peak MB | fwd+bwd peak MB |")
+        lines += [header, "|---|---|---:|---:|---:|---:|"]
+        for name, e in r["shapes"].items():
+            sz = e["sizes"]
+            label = (f"{name} (N={sz['N']}, S={sz['S']}, Lq={sz['Lq']}, M={sz['M']}, "
+                     f"D={sz['D']}, L={sz['L']}, K={sz['K']})")
+            for impl, row in e["impls"].items():
+                lines.append(f"| {label if impl == 'reference' else ''} | "
+                             f"{'fused' if impl == 'kernel' else impl} | "
+                             f"{row['forward_ms']:.2f} | {row['forward_backward_ms']:.2f} | "
+                             f"{row.get('forward_peak_MB', '-')} | "
+                             f"{row.get('forward_backward_peak_MB', '-')} |")
+            mem = e.get("memory_ratio") or {}
+            ratio = (f"| | **ratio** | **{e['speedup']['forward']:.1f}x** | "
+                     f"**{e['speedup']['forward_backward']:.1f}x** | "
+                     f"{_fmt(mem.get('forward'))} | {_fmt(mem.get('forward_backward'))} |")
+            lines.append(ratio)
+            if "bandwidth_floor" in e:
+                f = e["bandwidth_floor"]
+                lines.append(f"| | bandwidth floor | {f['floor_ms']:.3f} "
+                             f"(fused = {f['fused_forward_over_floor']:.2f}x) | | | |")
+        lines.append("")
+    path = out / "kernels.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.1f}x"
