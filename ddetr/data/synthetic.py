@@ -116,14 +116,19 @@ def _luma(rgb):
     return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 
 
-def draw_image(rng, size=256, min_size=12, max_size=170, max_objects=8):
+def draw_image(rng, size=256, min_size=None, max_size=None, max_objects=8):
     """One image and its objects.
+
+    Object sizes (the side of the shape before its aspect jitter) are log-uniform in
+    [min_size, max_size], by default [12, 170] pixels scaled by size / 256.
 
     Returns:
         image: PIL RGB image (size x size).
         objects: list of dicts with category_id (1-based), bbox [x, y, w, h] (absolute,
             the tight box of the drawn shape), area (polygon area), segmentation.
     """
+    min_size = min_size or 12 * size / 256
+    max_size = max_size or 170 * size / 256
     img = _background(rng, size)
     bg = np.asarray(img, np.float32)
     ss = 2                                          # supersampling for the shapes

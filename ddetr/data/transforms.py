@@ -78,8 +78,8 @@ def make_transforms(train, scales, max_size, val_scale=None):
 def to_model_target(image, target):
     """Convert transformed XYXY absolute boxes to (cx, cy, w, h) normalised to the
     image size, as the model and criterion expect; adds "size" (h, w)."""
-    h, w = image.shape[-2:]
     boxes = target["boxes"]
+    h, w = boxes.canvas_size
     boxes = F.convert_bounding_box_format(boxes, new_format=tv_tensors.BoundingBoxFormat.CXCYWH)
     boxes = boxes.as_subclass(torch.Tensor) / torch.tensor([w, h, w, h], dtype=torch.float32)
     out = dict(target)
