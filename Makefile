@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup book book-quick test test-fast clean
+.PHONY: setup browser book book-quick test test-fast clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,16 @@ book-quick: setup
 	DDETR_QUICK=1 $(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
+
+# Debian's chromium and chromedriver for tests/test_book_browser.py (needs root; the
+# test is skipped, saying so, when they are missing).
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-driver >/dev/null; } || \
+	  echo "could not install chromium: the browser test will be skipped"
 
 # Everything but the slow end-to-end tests (book build, training runs, torchrun).
 test-fast: setup

@@ -141,10 +141,12 @@ def plot_level_sampling(level_images, reference_point, locations, weights,
             ax.grid(which="minor", color="white", linewidth=0.3, alpha=0.5)
         r = ref[lvl] if ref.ndim == 2 else ref
         sampling_points_on_axes(ax, r, locations[:, lvl], weights[:, lvl], (w, h),
-                                legend=(lvl == L - 1), weight_scale=wmax)
+                                legend=False, weight_scale=wmax)
         ax.set_xlim(0, w)
         ax.set_ylim(h, 0)
         ax.tick_params(labelsize=6)
         ax.set_title(titles[lvl] if titles else f"level {lvl} ({h}x{w})", fontsize=8)
+    axes[0, -1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       markerscale=0.5, framealpha=0.8)
     fig.tight_layout()
     return fig

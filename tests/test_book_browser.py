@@ -1,0 +1,143 @@
+"""The built book in a real browser: every chapter page shows its figures and its math,
+and the browser console stays free of errors (nothing is fetched from the network).
+
+Uses the ``built_book`` fixture (tests/conftest.py), so the book is built once per
+session. Needs Debian's chromium and chromium-driver (``make browser`` installs them)
+and selenium; the test is skipped, saying why, when they are missing. A screenshot of
+one chapter page is saved to ``_build/artifacts/chapter.png``.
+"""
+import functools
+import http.server
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "_build" / "artifacts"
+SCREENSHOT_PAGE = "notebooks/02_complexity"
+
+
+def _find(*names):
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def chapter_pages():
+    """The notebook pages listed in _toc.yml, as paths without suffix."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    pages = []
+    for part in toc.get("parts", []):
+        for chapter in part.get("chapters", []) or []:
+            if chapter.get("file", "").startswith("notebooks/"):
+                pages.append(chapter["file"])
+    return pages
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    chromium = _find("chromium", "chromium-browser", "google-chrome")
+    driver_path = _find("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip("chromium / chromedriver not found: run `make browser` "
+                    "(apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="ddetr-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,1600",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    driver.set_script_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def site(built_book):
+    """Serve the built html over http on localhost (file:// would block fonts)."""
+    handler = functools.partial(_QuietHandler, directory=str(built_book))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+WAIT_FOR_MATHJAX = """
+const done = arguments[arguments.length - 1];
+const start = Date.now();
+(function poll() {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    MathJax.startup.promise.then(() => done("ok"), (e) => done("error: " + e));
+  } else if (Date.now() - start > 20000) {
+    done("MathJax did not load");
+  } else {
+    setTimeout(poll, 100);
+  }
+})();
+"""
+
+IMAGES = """
+return Array.from(document.querySelectorAll("main img, article img"))
+  .map(img => ({src: img.getAttribute("src"), complete: img.complete,
+                width: img.naturalWidth}));
+"""
+
+
+@pytest.mark.slow
+def test_chapter_pages_render_figures_and_math(browser, site):
+    pages = chapter_pages()
+    assert pages, "no chapter notebook is listed in _toc.yml"
+    problems = []
+    for page in pages:
+        browser.get(f"{site}/{page}.html")
+        status = browser.execute_async_script(WAIT_FOR_MATHJAX)
+        if status != "ok":
+            problems.append(f"{page}: {status}")
+        n_math = browser.execute_script("return document.querySelectorAll('mjx-container').length;")
+        n_raw = browser.execute_script(
+            "return document.querySelectorAll('.math:not(:has(mjx-container))').length;")
+        if n_math == 0:
+            problems.append(f"{page}: no rendered math (mjx-container) on the page")
+        if n_raw:
+            problems.append(f"{page}: {n_raw} math element(s) left unrendered")
+        images = browser.execute_script(IMAGES)
+        if not images:
+            problems.append(f"{page}: no figure on the page")
+        for img in images:
+            if not img["complete"] or img["width"] == 0:
+                problems.append(f"{page}: image {img['src']} did not load")
+        for entry in browser.get_log("browser"):
+            if entry["level"] == "SEVERE":
+                problems.append(f"{page}: console error: {entry['message']}")
+        if page == SCREENSHOT_PAGE or (page == pages[0] and SCREENSHOT_PAGE not in pages):
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            browser.save_screenshot(str(ARTIFACTS / "chapter.png"))
+    assert not problems, "\n".join(problems)
+    assert (ARTIFACTS / "chapter.png").stat().st_size > 10_000
