@@ -209,13 +209,28 @@ def test_opcheck():
                           (grad, *[t.detach() for t in inputs]))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    """The default backend ("auto") inside a compiled function: one graph, the fused op
+    in it (fake kernel for tracing, registered autograd for the backward)."""
     inputs = make_inputs(2, [(5, 6), (3, 3)], 2, 4, 7, 3)
-    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(ms_deform_attn, backend=compiler, fullgraph=True)
     got = outputs_and_grads(compiled, inputs)
     want = outputs_and_grads(ms_deform_attn_reference, inputs)
     for name, g, w in zip(NAMES, got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_compiled_graph_calls_the_fused_op():
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    inputs = make_inputs(2, [(5, 6), (3, 3)], 2, 4, 7, 3)
+    torch.compile(ms_deform_attn, backend=record, fullgraph=True)(*inputs)
+    assert len(graphs) == 1 and "ddetr.ms_deform_attn" in graphs[0], graphs
 
 
 def test_torch_export():

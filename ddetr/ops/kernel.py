@@ -209,6 +209,18 @@ def _register_python_parts():
 
 # ---- choosing and calling the kernel ---------------------------------------------------
 
+@torch.compiler.disable
+def _first_load(device):
+    """The first build/load, run eagerly even when torch.compile traces the caller.
+
+    Compiling and loading a library cannot be traced: under torch.compile this call is
+    a graph break, once (later traces find the kernel loaded). With
+    ``fullgraph=True`` graph breaks are errors, so call ``load_kernel()`` (or run
+    ``python -m ddetr bench build``) before compiling.
+    """
+    load_kernel(with_cuda=(device == "cuda"))
+
+
 def unavailable_reason(value):
     """None if the fused kernel can run on ``value``'s device and dtype, else why not.
 
@@ -221,7 +233,7 @@ def unavailable_reason(value):
         names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES[device])
         return f"the fused {device} kernel supports {names}; got {value.dtype}"
     if _loaded[device] is None:
-        load_kernel(with_cuda=(device == "cuda"))
+        _first_load(device)
     if _loaded["cpu"] is not True:
         return f"the fused kernel failed to build: {_loaded['cpu']}"
     if _loaded[device] is not True:
