@@ -52,6 +52,10 @@ class DeformableDETR(nn.Module):
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
                  aux_loss=True, with_box_refine=False, two_stage=False):
         super().__init__()
+        if 1 < num_feature_levels < len(backbone.num_channels):
+            raise ValueError(f"num_feature_levels must be 1 (C5) or at least "
+                             f"{len(backbone.num_channels)} (the backbone gives "
+                             f"{len(backbone.num_channels)} maps), got {num_feature_levels}")
         self.num_queries = num_queries
         self.num_classes = num_classes
         self.num_feature_levels = num_feature_levels

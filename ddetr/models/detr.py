@@ -93,11 +93,9 @@ class DETR(nn.Module):
 
 
 def build_detr(cfg):
-    if cfg.with_box_refine or cfg.two_stage:
-        raise ValueError("architecture='detr' has no box refinement or two-stage variant; "
-                         f"got with_box_refine={cfg.with_box_refine}, "
-                         f"two_stage={cfg.two_stage}")
-    # DETR always uses one level, C5 (num_feature_levels does not apply)
+    """DETR for cfg. The Deformable-only switches (num_feature_levels, with_box_refine,
+    two_stage, enc/dec_n_points) do not apply and are ignored, so that any preset can be
+    turned into its dense baseline with architecture="detr": it always uses C5 only."""
     backbone = build_backbone(cfg, return_interm_layers=False)
     return DETR(backbone, build_transformer(cfg), num_classes=cfg.num_classes,
                 num_queries=cfg.num_queries, aux_loss=cfg.aux_loss)
