@@ -46,7 +46,10 @@ def run_train(args):
     from .train import train
 
     _setup_logging()
-    cfg = get_config(args.config, args.overrides)
+    try:
+        cfg = get_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"python -m ddetr train: {e}") from None
     run = train(cfg, resume=args.resume, progress=not args.no_progress)
     if is_main_process():
         print(f"checkpoint: {run['checkpoint']}")

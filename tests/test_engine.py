@@ -1,0 +1,115 @@
+"""Engine pieces: atomic checkpoints, parameter groups, COCO evaluation, CLI errors."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from ddetr.config import get_config
+from ddetr.data import generate_synthetic
+from ddetr.engine import coco_eval, load_checkpoint, param_groups, save_checkpoint
+from ddetr.engine.evaluate import METRICS, to_coco_results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_save_is_atomic_when_killed_mid_write(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint({"model": {"w": torch.arange(5)}, "epoch": 1}, path)
+    flag = tmp_path / "writing"
+    script = textwrap.dedent(f"""
+        import time, torch
+        from ddetr.engine.checkpoint import save_checkpoint
+
+        class Slow:                      # pickling it signals, then hangs mid-write
+            def __reduce__(self):
+                open({str(flag)!r}, "w").close()
+                time.sleep(60)
+                return (int, (0,))
+
+        save_checkpoint({{"model": {{"w": torch.zeros(10**6)}}, "slow": Slow(),
+                          "epoch": 2}}, {str(path)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        for _ in range(600):
+            if flag.exists():
+                break
+            time.sleep(0.1)
+        assert flag.exists(), "the saving process never started writing"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = load_checkpoint(path)            # the previous checkpoint, intact
+    assert state["epoch"] == 1 and state["model"]["w"].tolist() == [0, 1, 2, 3, 4]
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".pth"] == ["checkpoint.pth"]
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="bad.pth"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_param_groups_follow_the_official_split():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Sequential(torch.nn.Linear(2, 2))
+            self.sampling_offsets = torch.nn.Linear(2, 2)
+            self.reference_points = torch.nn.Linear(2, 2)
+            self.head = torch.nn.Linear(2, 2)
+            self.frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+
+    cfg = get_config("cpu", {"lr": 1e-3, "lr_backbone": 1e-4, "lr_linear_proj_mult": 0.1})
+    toy = Toy()
+    groups = param_groups(toy, cfg)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-4, 1e-4])
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in toy.backbone.parameters()}
+    assert len(groups[2]["params"]) == 4 and len(groups[0]["params"]) == 2
+
+
+def test_coco_eval_scores_perfect_detections_one(tmp_path):
+    root = generate_synthetic(tmp_path / "s", 1, 4, 128, seed=3, verbose=False)
+    gt = COCO(str(root / "annotations" / "instances_val2017.json"))
+    detections, ids = [], []
+    for image_id in gt.getImgIds():
+        anns = gt.imgToAnns[image_id]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+        boxes[:, 2:] += boxes[:, :2]
+        detections.append({"boxes": boxes, "scores": torch.ones(len(anns)),
+                           "labels": torch.tensor([a["category_id"] for a in anns])})
+        ids.append(image_id)
+    stats, summary = coco_eval(gt, to_coco_results(detections, ids), ids)
+    assert list(stats) == METRICS
+    assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
+    assert "Average Precision" in summary
+    assert coco_eval(gt, [])[0] == {k: 0.0 for k in METRICS}
+
+
+def test_cli_rejects_unknown_config_key():
+    r = _run(["-m", "ddetr", "train", "--config", "cpu", "no_such_key=1"])
+    assert r.returncode != 0
+    assert "no_such_key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_wrong_data_path_names_it(tmp_path):
+    r = _run(["-m", "ddetr", "train", "--config", "cpu", "dataset=coco",
+              f"data_path={tmp_path}/nowhere", f"output_dir={tmp_path}/run", "--no-progress"])
+    assert r.returncode != 0
+    assert f"{tmp_path}/nowhere" in r.stderr

@@ -1,0 +1,153 @@
+"""Training end to end on CPU: train, checkpoint, resume, evaluate, kill, torchrun."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from ddetr.config import get_config
+from ddetr.engine import evaluate_checkpoint, load_checkpoint, read_log, train
+from ddetr.engine.evaluate import METRICS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = {"d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1,
+        "dim_feedforward": 64, "num_queries": 10, "num_feature_levels": 1,
+        "attention_backend": "reference", "synthetic_train_images": 8,
+        "synthetic_val_images": 4, "synthetic_image_size": 128, "train_scales": [96, 128],
+        "max_size": 128, "val_scale": 128, "batch_size": 2, "iters_per_epoch": 2,
+        "eval_every": 1, "lr_drop": 1, "device": "cpu"}
+
+
+def tiny_cfg(tmp, **kw):
+    return get_config("cpu", {**TINY, "data_path": str(tmp / "data"),
+                              "output_dir": str(tmp / "run"), **kw})
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_train_checkpoint_resume_evaluate(tmp_path):
+    # two epochs in one go
+    straight = train(tiny_cfg(tmp_path, epochs=2, output_dir=str(tmp_path / "straight")),
+                     progress=False)
+    # one epoch, then resume for the second: the very same weights
+    first = train(tiny_cfg(tmp_path, epochs=1), progress=False)
+    ckpt = load_checkpoint(first["checkpoint"])
+    assert ckpt["epoch"] == 1 and set(ckpt) >= {"optimizer", "lr_scheduler", "rng", "config"}
+    resumed = train(tiny_cfg(tmp_path, epochs=2), resume=True, progress=False)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+    a, b = _weights(straight["model"]), _weights(resumed["model"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["history"][1]["lr"] == pytest.approx(straight["history"][1]["lr"])
+    assert resumed["history"][1]["lr"] < resumed["history"][0]["lr"]        # step drop
+    # the log: one line per epoch with losses, throughput and the six COCO numbers
+    log = read_log(tmp_path / "run" / "log.jsonl")
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert set(log[-1]["coco"]) == set(METRICS)
+    assert log[-1]["train_images_per_s"] > 0 and "train_loss" in log[-1]
+    # evaluation of the checkpoint, in process and through the CLI
+    stats = evaluate_checkpoint(resumed["checkpoint"], progress=False)
+    assert all(0.0 <= stats[k] <= 1.0 for k in METRICS)
+    r = subprocess.run([sys.executable, "-m", "ddetr", "evaluate", "--checkpoint",
+                        str(resumed["checkpoint"]), "--device", "cpu"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(k in r.stdout for k in METRICS)
+    image = tmp_path / "data" / "val2017" / "000000000001.jpg"
+    out = tmp_path / "demo.png"
+    r = subprocess.run([sys.executable, "-m", "ddetr", "demo", "--checkpoint",
+                        str(resumed["checkpoint"]), "--image", str(image), "--output",
+                        str(out), "--threshold", "0", "--device", "cpu"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_killed_while_saving_keeps_the_last_checkpoint(tmp_path):
+    """A run killed in the middle of writing its epoch-2 checkpoint: epoch 1's survives
+    and --resume finishes the run."""
+    flag = tmp_path / "saving"
+    script = textwrap.dedent(f"""
+        import importlib, time
+        T = importlib.import_module("ddetr.engine.train")   # the module, not the function
+        from ddetr.config import get_config
+
+        real_save, calls = T.save_checkpoint, []
+
+        class Slow:
+            def __reduce__(self):
+                open({str(flag)!r}, "w").close()
+                time.sleep(120)
+                return (int, (0,))
+
+        def save(state, path):
+            calls.append(1)
+            if len(calls) == 2:
+                state = dict(state, slow=Slow())
+            return real_save(state, path)
+
+        T.save_checkpoint = save
+        T.train(get_config("cpu", {TINY!r} | {{"data_path": {str(tmp_path / "data")!r},
+                "output_dir": {str(tmp_path / "run")!r}, "epochs": 3}}), progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        for _ in range(1800):
+            if flag.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert flag.exists(), "training never reached its second save"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ckpt = tmp_path / "run" / "checkpoint.pth"
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    run = train(tiny_cfg(tmp_path, epochs=3), resume=ckpt, progress=False)
+    assert [r["epoch"] for r in run["history"]] == [1, 2, 3]
+    assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl")] == [1, 2, 3]
+    assert load_checkpoint(ckpt)["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_agree(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(f"""
+        import os, torch
+        from ddetr.config import get_config
+        from ddetr.engine import train
+        from ddetr.engine.distributed import cleanup, get_world_size
+
+        cfg = get_config("cpu", {TINY!r} | {{"data_path": {str(tmp_path / "data")!r},
+                         "output_dir": {str(tmp_path / "run")!r}, "epochs": 1}})
+        run = train(cfg, progress=False)
+        assert get_world_size() == 2
+        flat = torch.cat([v.double().flatten() for v in run["model"].state_dict().values()])
+        torch.save({{"weights": flat, "stats": run["stats"]}},
+                   {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
+        cleanup()
+    """))
+    # generate the data once, before two processes would race to do it
+    from ddetr.data import build_dataset
+    build_dataset("val", tiny_cfg(tmp_path))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", str(worker)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
+    assert torch.equal(r0["weights"], r1["weights"])
+    assert r0["stats"] == r1["stats"] and set(r0["stats"]) == set(METRICS)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert len(ckpt["rng"]) == 2
