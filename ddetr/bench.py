@@ -12,7 +12,8 @@ against the fused kernel, side by side in one run, at three shapes:
     encoder  the paper's encoder at the same size: Lq = S = 19947
 
 For each it reports forward time and forward+backward time (median of --repeat runs
-after one warm-up) and peak memory, and the reference/fused ratios.
+after one warm-up, the two implementations taking turns) and peak memory, and the
+reference/fused ratios.
 
 Peak memory, measured honestly per device:
   * CPU: PyTorch's CPU allocator is plain malloc, invisible to tracemalloc, so we ask
@@ -166,23 +167,29 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_call(fn, inputs, backward, repeat, device):
-    """Median seconds of `repeat` calls after one warm-up call."""
+def time_side_by_side(fns, inputs, backward, repeat, device):
+    """{key: (median, min) seconds} of `repeat` calls of each fn after one warm-up.
+
+    The functions take turns (a, b, a, b, ...) so that both see the same machine: on a
+    shared machine other jobs come and go, and timing one after the other would charge
+    a busy minute to whichever ran in it.
+    """
     grad_out = None
     if backward:
         with torch.no_grad():
-            grad_out = torch.ones_like(fn(*inputs))
-    times = []
+            grad_out = torch.ones_like(next(iter(fns.values()))(*inputs))
+    times = {key: [] for key in fns}
     for i in range(repeat + 1):
-        for t in inputs:
-            t.grad = None
-        _sync(device)
-        start = time.perf_counter()
-        _call(fn, inputs, backward, grad_out)
-        _sync(device)
-        if i > 0:  # the first call is the warm-up
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            for t in inputs:
+                t.grad = None
+            _sync(device)
+            start = time.perf_counter()
+            _call(fn, inputs, backward, grad_out)
+            _sync(device)
+            if i > 0:  # the first round is the warm-up
+                times[key].append(time.perf_counter() - start)
+    return {key: (statistics.median(t), min(t)) for key, t in times.items()}
 
 
 # ---- memory ----------------------------------------------------------------------------
@@ -320,12 +327,16 @@ def bench_kernels(device, names, repeat=5, memory=True):
     if status[device] is not True:
         raise SystemExit(f"the fused {device} kernel is not available: {status[device]}")
     result = dict(device=device, machine=machine_description(device), repeat=repeat,
-                  dtype="float32", timing="median of repeat runs after one warm-up",
+                  dtype="float32",
+                  timing="median (and min) of repeat runs after one warm-up round; "
+                         "reference and fused take turns",
                   memory=("CPU: extra peak RSS of one call (VmHWM after clear_refs, fresh "
                           "subprocess, inputs excluded)" if device == "cpu" else
                           "CUDA: max_memory_allocated during one call minus allocated "
                           "before (inputs excluded)"),
                   shapes={})
+    if hasattr(os, "getloadavg"):  # a busy machine slows both sides: say how busy it was
+        result["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     if device == "cuda":
         theoretical, measured = cuda_bandwidth()
         result["bandwidth_GBps"] = dict(
@@ -340,23 +351,25 @@ def bench_kernels(device, names, repeat=5, memory=True):
                      levels=s["levels"], impls={})
         print(f"\n{name}: {DESCRIPTIONS[name]}  N={s['N']} S={s['S']} Lq={s['Lq']} "
               f"M={s['M']} D={s['D']} L={s['L']} K={s['K']}")
-        for impl in IMPLS:
-            fn = _function(impl)
-            inputs = make_inputs(name, device, requires_grad=True)
-            with torch.no_grad():
-                fwd = time_call(fn, inputs, False, repeat, device)
-            fwd_bwd = time_call(fn, inputs, True, repeat, device)
-            row = dict(forward_ms=fwd * 1e3, forward_backward_ms=fwd_bwd * 1e3)
-            if memory:
-                if device == "cpu":
-                    del inputs
-                    row["forward_peak_MB"] = _mb(cpu_peak_memory(name, impl, False))
-                    row["forward_backward_peak_MB"] = _mb(cpu_peak_memory(name, impl, True))
-                else:
-                    with torch.no_grad():
-                        row["forward_peak_MB"] = _mb(cuda_peak_memory(fn, inputs, False))
-                    row["forward_backward_peak_MB"] = _mb(cuda_peak_memory(fn, inputs, True))
+        fns = {impl: _function(impl) for impl in IMPLS}
+        inputs = make_inputs(name, device, requires_grad=True)
+        with torch.no_grad():
+            fwd = time_side_by_side(fns, inputs, False, repeat, device)
+        fwd_bwd = time_side_by_side(fns, inputs, True, repeat, device)
+        for impl, fn in fns.items():
+            row = dict(forward_ms=fwd[impl][0] * 1e3, forward_backward_ms=fwd_bwd[impl][0] * 1e3,
+                       forward_min_ms=fwd[impl][1] * 1e3,
+                       forward_backward_min_ms=fwd_bwd[impl][1] * 1e3)
+            if memory and device == "cuda":
+                with torch.no_grad():
+                    row["forward_peak_MB"] = _mb(cuda_peak_memory(fn, inputs, False))
+                row["forward_backward_peak_MB"] = _mb(cuda_peak_memory(fn, inputs, True))
             entry["impls"][impl] = row
+        del inputs
+        for impl, row in entry["impls"].items():
+            if memory and device == "cpu":  # in fresh subprocesses, one call each
+                row["forward_peak_MB"] = _mb(cpu_peak_memory(name, impl, False))
+                row["forward_backward_peak_MB"] = _mb(cpu_peak_memory(name, impl, True))
             print(f"  {impl:>9}: forward {row['forward_ms']:9.2f} ms   "
                   f"forward+backward {row['forward_backward_ms']:9.2f} ms"
                   + (f"   peak {row.get('forward_peak_MB')} / "
@@ -386,6 +399,8 @@ def bench_kernels(device, names, repeat=5, memory=True):
               + (f"; memory {entry['memory_ratio']['forward_backward']:.1f}x lower"
                  if entry.get("memory_ratio", {}).get("forward_backward") else ""))
         result["shapes"][name] = entry
+    if hasattr(os, "getloadavg"):
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
 
 
@@ -417,6 +432,12 @@ def write_markdown(out):
                  f"{m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads")
         lines += [f"## {device.upper()}: {where}", "",
                   f"torch {m['torch']}, {r['repeat']} timed runs per case. {r['memory']}.", ""]
+        if "load_average_at_start" in r:
+            lines += [f"Load average (1, 5, 15 min) at start {r['load_average_at_start']}, at "
+                      f"end {r.get('load_average_at_end')}: with other jobs on the machine "
+                      f"absolute times vary from run to run (the JSON also holds the fastest "
+                      f"run of each case); reference and fused run side by side, so the "
+                      f"ratios are the steadier numbers.", ""]
         if device == "cuda":
             bw = r.get("bandwidth_GBps", {})
             lines += [f"Bandwidth: {bw.get('theoretical')} GB/s theoretical, "

@@ -288,6 +288,27 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         fused(*inputs)
 
 
+def test_real_build_failure_is_reported(monkeypatch, tmp_path):
+    """A source that does not compile: the loader keeps the compiler's complaint, "auto"
+    warns with it and uses the reference, "kernel" raises with it."""
+    broken = tmp_path / "csrc"
+    broken.mkdir()
+    for source in kernel.CPU_SOURCES:
+        (broken / source).write_text("#error deliberately broken for a test\n")
+    monkeypatch.setattr(kernel, "CSRC", broken)
+    monkeypatch.setenv("DDETR_BUILD_DIR", str(tmp_path / "build"))
+    monkeypatch.setattr(kernel, "_loaded", {"cpu": None, "cuda": None})
+    monkeypatch.setattr(kernel, "_warned", set())
+    status = kernel.load_kernel(with_cuda=False)
+    assert "deliberately broken" in status["cpu"], status
+    inputs = [t.detach() for t in make_inputs(1, [(3, 3)], 1, 2, 2, 1)]
+    with pytest.warns(RuntimeWarning, match="deliberately broken"):
+        out = ms_deform_attn(*inputs)
+    torch.testing.assert_close(out, ms_deform_attn_reference(*inputs))
+    with pytest.raises(RuntimeError, match="deliberately broken"):
+        fused(*inputs)
+
+
 def test_wrapper_makes_inputs_contiguous():
     value, ss, lsi, loc, w = [t.detach() for t in make_inputs(2, [(4, 5)], 3, 4, 6, 2)]
     value_t = value.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided

@@ -143,10 +143,12 @@ def _load_part(part, verbose=False):
             _build(name, sources, cuda=(part == "cuda"), verbose=verbose)
             _loaded[part] = True
         except Exception as err:  # a compiler error, a missing tool, ... keep the reason
-            lines = str(err).strip().splitlines()
-            # the compiler's first error says more than ninja's "build stopped"
-            errors = [line.strip() for line in lines if "error" in line.lower()]
-            detail = (errors or lines or [""])[0]
+            lines = [line.strip() for line in str(err).strip().splitlines()]
+            # the compiler's or linker's first complaint says more than ninja's
+            # "build stopped" (torch puts the build log into the error message)
+            complaints = [line for line in lines
+                          if "error:" in line or "cannot find" in line or "fatal" in line]
+            detail = " | ".join(complaints[:2]) or (lines or [""])[0]
             _loaded[part] = (f"{type(err).__name__} building {name}: {detail} "
                              f"(load_kernel(verbose=True) shows the full log)")
     return _loaded[part] is True
