@@ -71,6 +71,8 @@ class Config:
     output_dir: str = "runs/default"
     eval_every: int = 1                    # epochs between COCO evaluations
     iters_per_epoch: int = 0               # 0 = whole epoch; >0 caps it (quick runs)
+    time_limit_min: float = 0              # >0: stop training after this many minutes,
+                                           # then evaluate and save (a fixed budget)
     tensorboard: bool = False              # also log to output_dir (needs tensorboard)
     find_unused_parameters: bool = False   # DDP option, for model variants with unused parts
 
@@ -88,9 +90,12 @@ PRESETS = {
     # A small model for the book and for CPUs, trained on the synthetic data.
     "cpu": {"backbone": "resnet18", "d_model": 128, "n_heads": 8, "enc_layers": 2,
             "dec_layers": 2, "dim_feedforward": 256, "num_queries": 30,
+            "with_box_refine": True,
             "num_classes": 7, "dataset": "synthetic", "data_path": "data/synthetic",
+            "synthetic_train_images": 1500, "synthetic_val_images": 200,
             "train_scales": [224, 256], "max_size": 256, "val_scale": 256,
-            "num_workers": 0, "batch_size": 4, "epochs": 12, "lr_drop": 10,
+            "num_workers": 0, "batch_size": 4, "epochs": 4, "lr_drop": 3,
+            "lr": 2e-4, "lr_backbone": 1e-4, "eval_every": 2,
             "output_dir": "runs/cpu"},
 }
 

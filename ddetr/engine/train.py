@@ -116,23 +116,25 @@ def _autocast(device, cfg):
 
 # --- one epoch ---------------------------------------------------------------------
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, scaler=None,
-                    progress=True):
-    """One pass over loader (or cfg.iters_per_epoch batches). Returns a dict of the
-    epoch's mean losses (weighted total "loss" and every unweighted term), averaged
-    over processes, plus "images_per_s" (all processes together)."""
+                    progress=True, deadline=None):
+    """One pass over loader (or cfg.iters_per_epoch batches, or until the
+    time.perf_counter() deadline). Returns a dict of the epoch's mean losses (weighted
+    total "loss" and every unweighted term), averaged over processes, plus
+    "images_per_s" (all processes together), "iterations" and "loss_per_iter" (the
+    total loss of every iteration, this process)."""
     model.train()
     criterion.train()
     weights = criterion.weight_dict
     n_iters = len(loader)
     if cfg.iters_per_epoch > 0:
         n_iters = min(n_iters, cfg.iters_per_epoch)
-    sums, count, images = {}, 0, 0
+    sums, count, images, per_iter = {}, 0, 0, []
     bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
                disable=not progress or not dist.is_main_process(), mininterval=2,
                dynamic_ncols=False, ncols=100)
     start = time.perf_counter()
     for it, (imgs, masks, targets) in enumerate(loader):
-        if it >= n_iters:
+        if it >= n_iters or _past(deadline):
             break
         imgs, masks = imgs.to(device, non_blocking=True), masks.to(device)
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
@@ -162,6 +164,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         count += 1
         images += imgs.shape[0]
+        per_iter.append(round(float(loss.detach()), 4))
         rate = images * dist.get_world_size() / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", img_s=f"{rate:.1f}",
                         refresh=False)
@@ -171,7 +174,16 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
     means = dist.reduce_mean({k: v / max(count, 1) for k, v in sums.items()})
     means["images_per_s"] = images * dist.get_world_size() / max(elapsed, 1e-9)
     means["iterations"] = count
+    means["loss_per_iter"] = per_iter
     return means
+
+
+def _past(deadline):
+    """Whether every process is past the deadline (they must stop together)."""
+    if deadline is None:
+        return False
+    late = float(time.perf_counter() > deadline)
+    return dist.reduce_mean({"late": late})["late"] > 0
 
 
 def _to_float(outputs):
@@ -195,7 +207,9 @@ def train(cfg, resume=None, progress=True):
 
     Args:
         cfg: a ddetr.config.Config.
-        resume: None; True for cfg.output_dir/checkpoint.pth; or a checkpoint path.
+        resume: None; True for cfg.output_dir/checkpoint.pth; or a checkpoint path;
+            "auto" resumes when cfg.output_dir/checkpoint.pth exists (a finished run
+            then just returns its results).
             The run continues with the checkpoint's model, optimizer, scheduler, scaler,
             RNG states and epoch (cfg.epochs may be raised to train longer).
         progress: show tqdm progress bars (stderr).
@@ -223,6 +237,8 @@ def train(cfg, resume=None, progress=True):
     train_set, train_loader, val_set, val_loader = build_loaders(cfg, rank, world)
 
     start_epoch, history = 0, []
+    if resume == "auto":
+        resume = True if ckpt_path.is_file() else None
     if resume:
         path = ckpt_path if resume is True else Path(resume)
         state = load_checkpoint(path)
@@ -251,16 +267,25 @@ def train(cfg, resume=None, progress=True):
     categories = {c["id"]: c["name"] for c in train_set.coco.dataset.get("categories", [])}
 
     stats = history[-1].get("coco") if history else None
+    deadline = None
+    if cfg.time_limit_min > 0:
+        spent = sum(r["time_s"] for r in history)
+        deadline = time.perf_counter() + cfg.time_limit_min * 60 - spent
+    if history and history[-1].get("time_limited"):
+        start_epoch = cfg.epochs                    # a time-limited run is finished
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.batch_sampler.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         losses = train_one_epoch(ddp_model, criterion, train_loader, optimizer, device,
-                                 epoch, cfg, scaler, progress)
+                                 epoch, cfg, scaler, progress, deadline)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         record = {"epoch": epoch + 1, "lr": lr, "train_time_s": time.perf_counter() - t0,
                   **{f"train_{k}": v for k, v in losses.items()}}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        out_of_time = _past(deadline)
+        if out_of_time:
+            record["time_limited"] = True
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or out_of_time:
             result = evaluate(model, postprocessor, val_loader, val_set.coco, device,
                               progress, cfg.amp)
             stats = {k: v for k, v in result.items() if k != "summary"}
@@ -283,6 +308,11 @@ def train(cfg, resume=None, progress=True):
             if writer is not None:
                 _log_tensorboard(writer, record)
         dist.barrier()
+        if out_of_time:
+            if progress and dist.is_main_process():
+                print(f"stopped at the time limit of {cfg.time_limit_min} min "
+                      f"(epoch {epoch + 1}, {losses['iterations']} iterations)")
+            break
     if writer is not None:
         writer.close()
     return {"history": history, "stats": stats, "model": model, "criterion": criterion,
