@@ -111,3 +111,22 @@ def test_postprocess_topk_and_scaling():
     torch.testing.assert_close(results[1]["boxes"][0], torch.tensor([15.0, 12.5, 45.0, 37.5]))
     assert len(PostProcess()({"pred_logits": logits, "pred_boxes": boxes},
                              torch.tensor([[1, 1], [1, 1]]))[0]["scores"]) == 15
+
+
+def test_num_boxes_with_torch_distributed(tmp_path):
+    """With a process group, the box count is summed over processes and divided by the
+    world size (here a group of one)."""
+    import torch.distributed as dist
+
+    from ddetr.models.criterion import num_boxes_across_processes
+    targets = [{"labels": torch.tensor([1, 2])}, {"labels": torch.tensor([3])}]
+    assert num_boxes_across_processes(targets, "cpu") == 3
+    assert num_boxes_across_processes([{"labels": torch.zeros(0)}], "cpu") == 1
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        assert num_boxes_across_processes(targets, "cpu") == 3
+    finally:
+        dist.destroy_process_group()
