@@ -99,7 +99,9 @@ DDETR_HOST_DEVICE Corners<acc_t> bilinear_corners(acc_t x, acc_t y, int64_t H, i
 }
 
 // Checks run by every entry point before a kernel touches memory. Errors name the
-// argument, what was expected and what was given. (The Python wrapper in
+// argument, what was expected and what was given, and reach Python as TypeError (a
+// wrong dtype: TORCH_CHECK_TYPE) or ValueError (anything else: TORCH_CHECK_VALUE),
+// like the library's Python checks. (The Python wrapper in
 // ddetr/ops/kernel.py runs the full shape checks first and makes tensors contiguous;
 // these are the guard rails for a direct call of torch.ops.ddetr.*.)
 inline void check_inputs(const char* op, const at::Tensor& value,
@@ -118,40 +120,40 @@ inline void check_inputs(const char* op, const at::Tensor& value,
   for (const auto& named : all) {
     if (named.second == nullptr) continue;
     const at::Tensor& t = *named.second;
-    TORCH_CHECK(t.device() == value.device(), op, ": all inputs must be on one device; value is on ",
+    TORCH_CHECK_VALUE(t.device() == value.device(), op, ": all inputs must be on one device; value is on ",
                 value.device(), " but ", named.first, " is on ", t.device());
-    TORCH_CHECK(t.is_contiguous(), op, ": ", named.first,
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", named.first,
                 " must be contiguous (call .contiguous() on it), got strides ", t.strides(),
                 " for shape ", t.sizes());
   }
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong, op,
+  TORCH_CHECK_TYPE(spatial_shapes.scalar_type() == at::kLong, op,
               ": spatial_shapes must be int64, got ", spatial_shapes.scalar_type());
-  TORCH_CHECK(level_start_index.scalar_type() == at::kLong, op,
+  TORCH_CHECK_TYPE(level_start_index.scalar_type() == at::kLong, op,
               ": level_start_index must be int64, got ", level_start_index.scalar_type());
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
+  TORCH_CHECK_TYPE(sampling_locations.scalar_type() == value.scalar_type() &&
                   attention_weights.scalar_type() == value.scalar_type() &&
                   (grad_output == nullptr || grad_output->scalar_type() == value.scalar_type()),
               op, ": value, sampling_locations, attention_weights (and grad_output) must share "
               "one dtype, got ", value.scalar_type(), ", ", sampling_locations.scalar_type(),
               ", ", attention_weights.scalar_type());
-  TORCH_CHECK(value.dim() == 4, op, ": value must be (N, S, M, D), got shape ", value.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2, op,
+  TORCH_CHECK_VALUE(value.dim() == 4, op, ": value must be (N, S, M, D), got shape ", value.sizes());
+  TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2, op,
               ": spatial_shapes must be (L, 2), got shape ", spatial_shapes.sizes());
   const int64_t N = value.size(0), M = value.size(2), L = spatial_shapes.size(0);
-  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == L, op,
+  TORCH_CHECK_VALUE(level_start_index.dim() == 1 && level_start_index.size(0) == L, op,
               ": level_start_index must be (L,) with L = ", L, ", got shape ",
               level_start_index.sizes());
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(0) == N &&
+  TORCH_CHECK_VALUE(sampling_locations.dim() == 6 && sampling_locations.size(0) == N &&
                   sampling_locations.size(2) == M && sampling_locations.size(3) == L &&
                   sampling_locations.size(5) == 2,
               op, ": sampling_locations must be (N, Lq, M, L, K, 2) with N=", N, ", M=", M,
               ", L=", L, ", got shape ", sampling_locations.sizes());
   const int64_t Lq = sampling_locations.size(1), K = sampling_locations.size(4);
-  TORCH_CHECK(attention_weights.sizes() == at::IntArrayRef({N, Lq, M, L, K}), op,
+  TORCH_CHECK_VALUE(attention_weights.sizes() == at::IntArrayRef({N, Lq, M, L, K}), op,
               ": attention_weights must be (N, Lq, M, L, K) = (", N, ", ", Lq, ", ", M, ", ", L,
               ", ", K, "), got shape ", attention_weights.sizes());
   if (grad_output != nullptr) {
-    TORCH_CHECK(grad_output->sizes() == at::IntArrayRef({N, Lq, M * value.size(3)}), op,
+    TORCH_CHECK_VALUE(grad_output->sizes() == at::IntArrayRef({N, Lq, M * value.size(3)}), op,
                 ": grad_output must be (N, Lq, M*D) = (", N, ", ", Lq, ", ", M * value.size(3),
                 "), got shape ", grad_output->sizes());
   }

@@ -45,14 +45,14 @@ void check_levels(const at::Tensor& value, const at::Tensor& spatial_shapes,
   const int64_t* starts = level_start_index.data_ptr<int64_t>();
   int64_t total = 0;
   for (int64_t l = 0; l < spatial_shapes.size(0); ++l) {
-    TORCH_CHECK(shapes[2 * l] > 0 && shapes[2 * l + 1] > 0,
+    TORCH_CHECK_VALUE(shapes[2 * l] > 0 && shapes[2 * l + 1] > 0,
                 "ddetr::ms_deform_attn: spatial_shapes must hold positive (H, W), level ", l,
                 " is (", shapes[2 * l], ", ", shapes[2 * l + 1], ")");
-    TORCH_CHECK(starts[l] == total, "ddetr::ms_deform_attn: level_start_index[", l,
+    TORCH_CHECK_VALUE(starts[l] == total, "ddetr::ms_deform_attn: level_start_index[", l,
                 "] must be ", total, " (the sum of H*W of the levels before), got ", starts[l]);
     total += shapes[2 * l] * shapes[2 * l + 1];
   }
-  TORCH_CHECK(total == value.size(1), "ddetr::ms_deform_attn: value has S=", value.size(1),
+  TORCH_CHECK_VALUE(total == value.size(1), "ddetr::ms_deform_attn: value has S=", value.size(1),
               " keys but spatial_shapes sum to ", total);
 }
 
@@ -85,7 +85,9 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
             if (c.pixel[corner] < 0) continue;  // outside the map: reads zero
             const acc_t aw = a * c.weight[corner];
             const scalar_t* v = level_value + c.pixel[corner] * s.M * s.D;
-            for (int64_t d = 0; d < s.D; ++d) acc[d] += aw * static_cast<acc_t>(v[d]);
+            acc_t* sum = acc.data();
+#pragma omp simd  // the D channels are independent: vectorise without alias checks
+            for (int64_t d = 0; d < s.D; ++d) sum[d] += aw * static_cast<acc_t>(v[d]);
           }
         }
       }
@@ -131,6 +133,11 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
               scalar_t* gv = grad_value + offset;
               const acc_t aw = a * c.weight[corner];
               acc_t dot = 0;  // grad_output . V[pixel]
+              // A sum over d is a loop-carried dependency that the compiler may not
+              // reorder on its own (float addition is not associative); this pragma
+              // allows it, so the loop runs in SIMD lanes. grad_value, value and
+              // grad_output are distinct tensors, so gv does not alias v or go.
+#pragma omp simd reduction(+ : dot)
               for (int64_t d = 0; d < s.D; ++d) {
                 dot += static_cast<acc_t>(go[d]) * static_cast<acc_t>(v[d]);
                 gv[d] += static_cast<scalar_t>(aw * static_cast<acc_t>(go[d]));

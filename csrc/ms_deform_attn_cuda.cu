@@ -169,7 +169,7 @@ void check_cuda_inputs(const char* op, const at::Tensor& value, const at::Tensor
                        const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                        const at::Tensor& attention_weights,
                        const at::Tensor* grad_output = nullptr) {
-  TORCH_CHECK(value.is_cuda(), op, ": value must be a CUDA tensor, got device ", value.device());
+  TORCH_CHECK_VALUE(value.is_cuda(), op, ": value must be a CUDA tensor, got device ", value.device());
   check_inputs(op, value, spatial_shapes, level_start_index, sampling_locations,
                attention_weights, grad_output);
 }

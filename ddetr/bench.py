@@ -129,20 +129,38 @@ def sizes_of(name):
 
 
 def make_inputs(name, device, dtype=torch.float32, requires_grad=False, seed=0):
-    """Inputs shaped like the model's: locations around [0, 1] (a few outside), weights
-    softmax-normalised over the L*K points of each head. `name` is a key of SHAPES or
-    a sizes dict like the one sizes_of returns."""
+    """Inputs like the model's. `name` is a key of SHAPES or a dict like sizes_of's.
+
+    Sampling locations are a reference point per query plus offsets of a few pixels,
+    as in Deformable DETR: an encoder query (Lq = S) is a pixel and its reference point
+    is that pixel's centre; a decoder query has a reference point anywhere in the
+    image. Offsets are Gaussian with a standard deviation of 2 pixels of the level
+    sampled, so some points fall outside near the borders. (Uniformly random points
+    would be a worst case for the caches that no trained model produces.) Attention
+    weights are softmax-normalised over the L*K points of each head.
+    """
     from .ops import level_start_index_of
 
     s = sizes_of(name) if isinstance(name, str) else name
+    N, S, M, D, Lq, L, K = (s[k] for k in ("N", "S", "M", "D", "Lq", "L", "K"))
     gen = torch.Generator().manual_seed(seed)
     spatial_shapes = torch.tensor(s["levels"], dtype=torch.int64)
     level_start_index = level_start_index_of(spatial_shapes)
-    value = torch.randn(s["N"], s["S"], s["M"], s["D"], generator=gen)
-    loc = torch.rand(s["N"], s["Lq"], s["M"], s["L"], s["K"], 2, generator=gen) * 1.1 - 0.05
-    w = torch.randn(s["N"], s["Lq"], s["M"], s["L"] * s["K"], generator=gen).softmax(-1)
-    w = w.view(s["N"], s["Lq"], s["M"], s["L"], s["K"])
-    value, loc, w = (t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    value = torch.randn(N, S, M, D, generator=gen)
+    if Lq == S:  # encoder: the centre of every pixel of every level, in S order
+        centres = []
+        for h, w in s["levels"]:
+            y, x = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w,
+                                  indexing="ij")
+            centres.append(torch.stack((x, y), -1).view(-1, 2))
+        reference = torch.cat(centres).expand(N, S, 2)
+    else:  # decoder: anywhere
+        reference = torch.rand(N, Lq, 2, generator=gen)
+    pixel = 1 / spatial_shapes.flip(1).float().view(1, 1, 1, L, 1, 2)  # (1/W, 1/H)
+    offsets = torch.randn(N, Lq, M, L, K, 2, generator=gen) * 2 * pixel
+    loc = reference.view(N, Lq, 1, 1, 1, 2) + offsets
+    w = torch.randn(N, Lq, M, L * K, generator=gen).softmax(-1).view(N, Lq, M, L, K)
+    value, loc, w = (t.to(device=device, dtype=dtype).contiguous().requires_grad_(requires_grad)
                      for t in (value, loc, w))
     return [value, spatial_shapes.to(device), level_start_index.to(device), loc, w]
 

@@ -318,16 +318,19 @@ def test_wrapper_makes_inputs_contiguous():
 
 
 def test_cpp_checks_give_clear_errors():
+    """Direct calls of torch.ops.ddetr.*: TypeError / ValueError with a clear message."""
     value, ss, lsi, loc, w = [t.detach() for t in make_inputs(2, [(4, 5)], 3, 4, 6, 2)]
     op = torch.ops.ddetr.ms_deform_attn
     strided = value.transpose(0, 1).contiguous().transpose(0, 1)
-    with pytest.raises(RuntimeError, match="value must be contiguous"):
+    with pytest.raises(ValueError, match="value must be contiguous"):
         op(strided, ss, lsi, loc, w)
-    with pytest.raises(RuntimeError, match="level_start_index\\[0\\] must be 0"):
+    with pytest.raises(ValueError, match="level_start_index\\[0\\] must be 0"):
         op(value, ss, lsi + 1, loc, w)
-    with pytest.raises(RuntimeError, match="share one dtype"):
+    with pytest.raises(TypeError, match="share one dtype"):
         op(value, ss, lsi, loc.double(), w)
-    with pytest.raises(RuntimeError, match="attention_weights must be"):
+    with pytest.raises(TypeError, match="spatial_shapes must be int64"):
+        op(value, ss.int(), lsi, loc, w)
+    with pytest.raises(ValueError, match="attention_weights must be"):
         op(value, ss, lsi, loc, w[:, :3])
 
 

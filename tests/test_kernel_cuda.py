@@ -227,11 +227,11 @@ def test_auto_uses_the_kernel_on_cuda(cuda_kernel, monkeypatch):
 def test_cuda_errors_are_clear(cuda_kernel):
     value, ss, lsi, loc, w = [t.detach() for t in make_inputs(2, [(4, 5)], 3, 4, 6, 2)]
     op = torch.ops.ddetr.ms_deform_attn
-    with pytest.raises(RuntimeError, match="one device"):
+    with pytest.raises(ValueError, match="one device"):
         op(value, ss, lsi, loc.cpu(), w)
-    with pytest.raises(RuntimeError, match="one device"):
+    with pytest.raises(ValueError, match="one device"):
         op(value, ss.cpu(), lsi, loc, w)
-    with pytest.raises(RuntimeError, match="contiguous"):
+    with pytest.raises(ValueError, match="contiguous"):
         op(value.transpose(0, 1).contiguous().transpose(0, 1), ss, lsi, loc, w)
     with pytest.raises(ValueError, match="one device"):
         fused(value, ss, lsi, loc.cpu(), w)
