@@ -151,3 +151,15 @@ def test_torchrun_two_cpu_processes_agree(tmp_path):
     assert r0["stats"] == r1["stats"] and set(r0["stats"]) == set(METRICS)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
     assert len(ckpt["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_time_limit_stops_evaluates_and_saves(tmp_path):
+    run = train(tiny_cfg(tmp_path, epochs=5, iters_per_epoch=0, time_limit_min=1e-4),
+                progress=False)
+    last = run["history"][-1]
+    assert len(run["history"]) == 1 and last["time_limited"]
+    assert last["train_iterations"] == 1 and set(last["coco"]) == set(METRICS)
+    again = train(tiny_cfg(tmp_path, epochs=5, time_limit_min=1e-4), resume="auto",
+                  progress=False)                       # finished: nothing more to do
+    assert len(again["history"]) == 1

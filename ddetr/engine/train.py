@@ -134,7 +134,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
                dynamic_ncols=False, ncols=100)
     start = time.perf_counter()
     for it, (imgs, masks, targets) in enumerate(loader):
-        if it >= n_iters or _past(deadline):
+        if it >= n_iters or (it > 0 and _past(deadline)):   # at least one step
             break
         imgs, masks = imgs.to(device, non_blocking=True), masks.to(device)
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
