@@ -114,10 +114,12 @@ def test_killed_while_saving_keeps_the_last_checkpoint(tmp_path):
             proc.kill()
     ckpt = tmp_path / "run" / "checkpoint.pth"
     assert load_checkpoint(ckpt)["epoch"] == 1
+    assert list((tmp_path / "run").glob(".checkpoint.pth.*.tmp"))   # the interrupted write
     run = train(tiny_cfg(tmp_path, epochs=3), resume=ckpt, progress=False)
     assert [r["epoch"] for r in run["history"]] == [1, 2, 3]
     assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl")] == [1, 2, 3]
     assert load_checkpoint(ckpt)["epoch"] == 3
+    assert not list((tmp_path / "run").glob(".checkpoint.pth.*.tmp"))  # cleaned up
 
 
 @pytest.mark.slow

@@ -226,6 +226,8 @@ def train(cfg, resume=None, progress=True):
     log_path = out_dir / "log.jsonl"
     if dist.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):   # left by a killed save
+            stale.unlink()
 
     seed_everything(cfg.seed)                       # same initial weights on every rank
     model, criterion, postprocessor = build_model(cfg)
