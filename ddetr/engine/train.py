@@ -130,7 +130,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
         n_iters = min(n_iters, cfg.iters_per_epoch)
     sums, count, images, per_iter = {}, 0, 0, []
     bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
-               disable=not progress or not dist.is_main_process(), mininterval=2,
+               disable=not progress or not dist.is_main_process(),
+               mininterval=2 if progress is True else float(progress or 2),
                dynamic_ncols=False, ncols=100)
     start = time.perf_counter()
     for it, (imgs, masks, targets) in enumerate(loader):
@@ -212,7 +213,8 @@ def train(cfg, resume=None, progress=True):
             then just returns its results).
             The run continues with the checkpoint's model, optimizer, scheduler, scaler,
             RNG states and epoch (cfg.epochs may be raised to train longer).
-        progress: show tqdm progress bars (stderr).
+        progress: show tqdm progress bars (stderr); a number sets the seconds between
+            their updates (e.g. 30 in a notebook that is rendered as a page).
     Returns:
         dict: "history" (one dict per epoch, as in log.jsonl), "stats" (the last COCO
         evaluation), "model" (unwrapped), "criterion", "postprocessor", "checkpoint".
