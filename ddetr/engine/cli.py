@@ -64,7 +64,10 @@ def run_evaluate(args):
     from .predict import evaluate_checkpoint
 
     _setup_logging()
-    stats = evaluate_checkpoint(args.checkpoint, args.device, args.overrides, args.split)
+    try:
+        stats = evaluate_checkpoint(args.checkpoint, args.device, args.overrides, args.split)
+    except FileNotFoundError as e:
+        raise SystemExit(f"python -m ddetr evaluate: {e}") from None
     print(format_table(stats))
     return 0
 
@@ -79,8 +82,11 @@ def run_demo(args):
     from ..viz.detections import draw_detections
     from .predict import load_trained, predict_image
 
-    model, post, cfg, categories = load_trained(args.checkpoint, args.device)
-    det = predict_image(model, post, cfg, args.image, args.threshold)
+    try:
+        model, post, cfg, categories = load_trained(args.checkpoint, args.device)
+        det = predict_image(model, post, cfg, args.image, args.threshold)
+    except FileNotFoundError as e:
+        raise SystemExit(f"python -m ddetr demo: {e}") from None
     ax = draw_detections(det["image"], det["boxes"], det["labels"], det["scores"],
                          categories, title=f"{len(det['boxes'])} detections >= "
                                            f"{args.threshold}")

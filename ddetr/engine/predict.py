@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
@@ -33,10 +34,16 @@ def load_trained(checkpoint, device="cpu", overrides=None):
 
 
 def _as_dict(overrides):
+    """A dict, or "key=value" strings parsed as YAML scalars (as get_config does)."""
     if isinstance(overrides, dict):
         return overrides
-    return {k: v for k, v in vars(get_config("cpu", list(overrides))).items()
-            if any(item.split("=", 1)[0].strip() == k for item in overrides)}
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override must look like key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(text)
+    return out
 
 
 def evaluate_checkpoint(checkpoint, device="cpu", overrides=None, split="val",
