@@ -439,7 +439,9 @@ def write_markdown(out):
              "Written by `python -m ddetr bench kernels` (ddetr/bench.py), which explains "
              "the method. Reference = pure PyTorch (grid_sample), fused = the C++/CUDA "
              "kernel of csrc/. float32; times are medians; peak memory is the extra "
-             "memory one call needs beyond its inputs; ratios are reference / fused.", ""]
+             "memory one call needs beyond its inputs; ratios are reference / fused. "
+             "Inputs as in the model: each query samples around its reference point "
+             "(Gaussian offsets of 2 pixels), attention weights softmax-normalised.", ""]
     for device in ("cpu", "cuda"):
         path = out / f"kernels_{device}.json"
         if not path.exists():
