@@ -110,3 +110,27 @@ def test_attention_sweep_small():
 
 def test_time_fn_returns_seconds():
     assert time_fn(lambda: sum(range(100)), repeats=2) >= 0
+
+
+def test_load_kernel_benchmarks(tmp_path):
+    import json
+    from ddetr.analysis import load_kernel_benchmarks, machine_name
+    result = {"device": "cpu", "machine": {"cpu": "Some CPU", "cpu_cores": 2,
+                                           "torch_threads": 2, "torch": "2.x"},
+              "shapes": {}}
+    (tmp_path / "kernels_cpu.json").write_text(json.dumps(result))
+    loaded = load_kernel_benchmarks(tmp_path)
+    assert list(loaded) == ["cpu"]
+    assert machine_name(loaded["cpu"]) == "Some CPU, 2 cores, 2 torch threads, torch 2.x"
+    assert machine_name({"device": "cuda", "machine": {"gpu": "G", "cuda": "13.0"}}) == \
+        "G, CUDA 13.0"
+
+
+def test_trace_shapes():
+    from ddetr.analysis import trace_shapes
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    trace, out = trace_shapes(model, ["0", "2"], torch.randn(5, 4))
+    assert trace == [("0", (5, 3)), ("2", (5, 2))]
+    assert out.shape == (5, 2)
+    with pytest.raises(ValueError):
+        trace_shapes(model, ["nope"], torch.randn(5, 4))

@@ -65,3 +65,20 @@ def test_plot_loglog_and_boxes():
     ax, slopes = plot_loglog([1, 2, 4], {"quadratic": [1, 4, 16], "linear": [1, 2, 4]})
     assert slopes["quadratic"] == pytest.approx(2) and slopes["linear"] == pytest.approx(1)
     draw_boxes(ax, [(0, 0, 1, 1)], ["x"])
+
+
+def test_show_source():
+    from ddetr.viz import show_source
+    text = show_source("ddetr/viz/source.py", "def show_source", "print it")
+    assert text.startswith("ddetr/viz/source.py:") and "def show_source" in text
+    with pytest.raises(ValueError):
+        show_source("ddetr/viz/source.py", "this string does not occur anywhere 1234")
+
+
+def test_plot_kernel_benchmark():
+    from ddetr.viz import plot_kernel_benchmark
+    impl = {"forward_ms": 2.0, "forward_backward_ms": 5.0}
+    result = {"shapes": {"a": {"impls": {"reference": impl, "kernel": impl}},
+                         "b": {"impls": {"reference": impl, "kernel": impl}}}}
+    ax = plot_kernel_benchmark(result, title="t")
+    assert len(ax.patches) == 8

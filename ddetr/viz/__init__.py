@@ -3,10 +3,12 @@ points (weights as marker sizes), per-level panels, boxes and log-log cost curve
 from .attention import (plot_attention_maps, plot_level_sampling, plot_sampling_points,
                         sampling_points_on_axes)
 from .boxes import draw_boxes
-from .curves import plot_loglog
+from .curves import plot_kernel_benchmark, plot_loglog
+from .source import show_source
 from .scene import handmade_heads, pixel_features, synthetic_scene
 
 __all__ = [
     "draw_boxes", "handmade_heads", "pixel_features", "plot_attention_maps", "plot_level_sampling",
-    "plot_loglog", "plot_sampling_points", "sampling_points_on_axes", "synthetic_scene",
+    "plot_kernel_benchmark", "plot_loglog", "plot_sampling_points",
+    "sampling_points_on_axes", "show_source", "synthetic_scene",
 ]
