@@ -17,7 +17,7 @@ def build_book(builddir):
     jupyter_book = Path(sys.executable).parent / "jupyter-book"
     env = dict(os.environ, DDETR_QUICK="1", PYTHONWARNINGS="ignore::DeprecationWarning")
     proc = subprocess.run(
-        [str(jupyter_book), "build", str(ROOT), "--builddir", str(builddir),
+        [str(jupyter_book), "build", str(ROOT), "--path-output", str(builddir),
          "--warningiserror", "--nitpick", "--keep-going"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     return proc.returncode, proc.stdout + proc.stderr, Path(builddir) / "_build" / "html"
