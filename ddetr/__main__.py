@@ -7,7 +7,7 @@ import sys
 
 
 def build_parser():
-    from . import bench
+    from . import bench, experiment
     from .engine import cli
 
     parser = argparse.ArgumentParser(prog="python -m ddetr",
@@ -16,6 +16,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_parser(sub)    # train, evaluate, demo
     bench.add_parser(sub)  # bench
+    experiment.add_parser(sub)  # experiment convergence
     return parser
 
 

@@ -34,6 +34,8 @@ class Config:
     num_classes: int = 91                  # COCO's category ids run to 90
     with_box_refine: bool = False
     two_stage: bool = False
+    query_anchors: str = "none"            # "dab": learned 4-d anchor boxes as queries
+                                           # (DAB-DETR style; needs with_box_refine)
     aux_loss: bool = True
     attention_backend: str = "auto"        # ddetr.ops.ms_deform_attn backend
     # --- matcher and loss ------------------------------------------------------------

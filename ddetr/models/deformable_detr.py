@@ -16,6 +16,11 @@ The variants are switches of one class:
   * two_stage: the encoder's tokens are scored as proposals by one more pair of heads
     (index dec_layers), and the top-k proposals become the decoder's queries and
     reference boxes.
+  * query_anchors="dab" (not in the paper; the book's "what came next" chapter): as in
+    DAB-DETR, each query is a learned content vector plus a learned anchor box
+    ``refpoint_embed`` (cx, cy, w, h); the decoder's reference boxes start at the
+    anchors, the positional query is made from the current box at every layer, and the
+    boxes are refined layer by layer (needs with_box_refine).
 
 Outputs, for the criterion and the postprocessor:
     "pred_logits" (N, Lq, num_classes), "pred_boxes" (N, Lq, 4) (cx, cy, w, h) in [0, 1]
@@ -47,11 +52,20 @@ class DeformableDETR(nn.Module):
         num_feature_levels: L = 1 (C5) or more (C3, C4, C5 and extra stride-2 convs).
         aux_loss: also return the prediction of every earlier decoder layer.
         with_box_refine, two_stage: the paper's two improvements.
+        query_anchors: "none", or "dab" for learned anchor-box queries (the transformer
+            must be built with the same value).
     """
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
-                 aux_loss=True, with_box_refine=False, two_stage=False):
+                 aux_loss=True, with_box_refine=False, two_stage=False, query_anchors="none"):
         super().__init__()
+        if query_anchors == "dab" and not with_box_refine:
+            raise ValueError("query_anchors='dab' refines its anchor boxes layer by layer: "
+                             "it needs with_box_refine=True")
+        if query_anchors != getattr(transformer, "query_anchors", "none"):
+            raise ValueError(f"query_anchors={query_anchors!r}, but the transformer was "
+                             f"built with {getattr(transformer, 'query_anchors', 'none')!r}")
+        self.query_anchors = query_anchors
         if 1 < num_feature_levels < len(backbone.num_channels):
             raise ValueError(f"num_feature_levels must be 1 (C5) or at least "
                              f"{len(backbone.num_channels)} (the backbone gives "
@@ -68,7 +82,16 @@ class DeformableDETR(nn.Module):
 
         class_embed = nn.Linear(C, num_classes)
         bbox_embed = MLP(C, C, 4, 3)
-        if not two_stage:
+        if query_anchors == "dab":
+            # per query: a content vector and an anchor box (inverse-sigmoid space),
+            # centres spread uniformly over the image, sizes 0.1
+            self.query_embed = nn.Embedding(num_queries, C)
+            self.refpoint_embed = nn.Embedding(num_queries, 4)
+            with torch.no_grad():
+                self.refpoint_embed.weight[:, :2].uniform_(0.05, 0.95)
+                self.refpoint_embed.weight[:, 2:].fill_(0.1)
+                self.refpoint_embed.weight.copy_(inverse_sigmoid(self.refpoint_embed.weight))
+        elif not two_stage:
             # per query: a positional half (-> reference point) and a content half
             self.query_embed = nn.Embedding(num_queries, C * 2)
 
@@ -110,6 +133,10 @@ class DeformableDETR(nn.Module):
             nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
             self.class_embed = nn.ModuleList([class_embed] * num_pred)  # shared
             self.bbox_embed = nn.ModuleList([bbox_embed] * num_pred)
+        if query_anchors == "dab":
+            for box_embed in self.bbox_embed:
+                # reference boxes already carry a size: offsets start at zero
+                nn.init.zeros_(box_embed.layers[-1].bias[2:])
         if two_stage:
             # the transformer scores its proposals with the heads at index dec_layers
             self.transformer.decoder.class_embed = self.class_embed
@@ -141,8 +168,9 @@ class DeformableDETR(nn.Module):
         check_inputs(images, masks)
         srcs, level_masks, pos = self.features(images, masks)
         query_embed = None if self.two_stage else self.query_embed.weight
+        anchors = self.refpoint_embed.weight if self.query_anchors == "dab" else None
         hs, init_reference, inter_references, enc_class, enc_coord_unact = \
-            self.transformer(srcs, level_masks, pos, query_embed)
+            self.transformer(srcs, level_masks, pos, query_embed, anchors)
 
         logits, boxes = [], []
         for lvl in range(hs.shape[0]):
@@ -172,4 +200,5 @@ def build_deformable_detr(cfg):
     return DeformableDETR(backbone, transformer, num_classes=cfg.num_classes,
                           num_queries=cfg.num_queries,
                           num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
-                          with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
+                          with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage,
+                          query_anchors=cfg.query_anchors)

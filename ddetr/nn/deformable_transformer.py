@@ -52,6 +52,17 @@ def with_pos(x, pos):
     return x if pos is None else x + pos
 
 
+def box_sine_embed(boxes, num_pos_feats=128, temperature=10000):
+    """boxes (N, Lq, 4) (cx, cy, w, h) in [0, 1] -> (N, Lq, 4 * num_pos_feats) sine codes,
+    one block per coordinate (as DAB-DETR's positional queries)."""
+    scale = 2 * math.pi
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=boxes.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+    pos = boxes[:, :, :, None] * scale / dim_t  # (N, Lq, 4, F)
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4)
+    return pos.flatten(2).to(boxes.dtype)
+
+
 def valid_ratio(mask):
     """mask (N, H, W) bool (True = padding) -> (N, 2) float: (valid W / W, valid H / H)."""
     _, H, W = mask.shape
@@ -174,6 +185,11 @@ class DeformableTransformerDecoder(nn.Module):
     ``refine_boxes``: when True, the reference points are refined with them after each
     layer (iterative bounding box refinement). In the two-stage variant it also sets
     ``class_embed``; the heads at index num_layers score the encoder proposals.
+
+    With DAB-style anchor queries the transformer sets ``ref_point_head`` (an MLP
+    2C -> C): every layer then makes its positional query from the current reference
+    box, ``query_pos = ref_point_head(box_sine_embed(box))``, so that the query's
+    position follows the box as it is refined.
     """
 
     def __init__(self, decoder_layer, num_layers):
@@ -183,6 +199,7 @@ class DeformableTransformerDecoder(nn.Module):
         self.bbox_embed = None
         self.class_embed = None
         self.refine_boxes = False
+        self.ref_point_head = None
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index,
                 valid_ratios, query_pos=None, padding_mask=None):
@@ -206,6 +223,9 @@ class DeformableTransformerDecoder(nn.Module):
             else:
                 ratios = valid_ratios
             reference_input = reference_points[:, :, None] * ratios[:, None]  # (N,Lq,L,.)
+            if self.ref_point_head is not None:   # DAB: the position comes from the box
+                query_pos = self.ref_point_head(
+                    box_sine_embed(reference_points, out.shape[-1] // 2))
             out = layer(out, query_pos, reference_input, src, spatial_shapes,
                         level_start_index, padding_mask)
             if self.refine_boxes:
@@ -231,14 +251,22 @@ class DeformableTransformer(nn.Module):
         d_model C, n_heads M, num_encoder_layers, num_decoder_layers, dim_feedforward,
         dropout, num_feature_levels L, enc_n_points / dec_n_points K,
         two_stage (decoder queries from encoder proposals), two_stage_num_proposals
-        (how many; = the number of queries), backend (MSDeformAttn backend).
+        (how many; = the number of queries), backend (MSDeformAttn backend),
+        query_anchors ("none", or "dab": the queries come with learned anchor boxes,
+        see ``forward``'s anchors, and the decoder gets a ``ref_point_head``).
     """
 
     def __init__(self, d_model=256, n_heads=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=1024, dropout=0.1, num_feature_levels=4, dec_n_points=4,
                  enc_n_points=4, two_stage=False, two_stage_num_proposals=300,
-                 backend="auto"):
+                 backend="auto", query_anchors="none"):
         super().__init__()
+        if query_anchors not in ("none", "dab"):
+            raise ValueError(f"query_anchors must be 'none' or 'dab', got {query_anchors!r}")
+        if query_anchors == "dab" and two_stage:
+            raise ValueError("query_anchors='dab' and two_stage=True both make the "
+                             "decoder's reference boxes; choose one")
+        self.query_anchors = query_anchors
         self.d_model, self.n_heads = d_model, n_heads
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
@@ -257,6 +285,9 @@ class DeformableTransformer(nn.Module):
             self.enc_output_norm = nn.LayerNorm(d_model)
             self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
             self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        elif query_anchors == "dab":
+            self.decoder.ref_point_head = nn.Sequential(
+                nn.Linear(2 * d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model))
         else:
             self.reference_points = nn.Linear(d_model, 2)
         self.reset_parameters()
@@ -268,7 +299,7 @@ class DeformableTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
-        if not self.two_stage:
+        if not self.two_stage and self.query_anchors == "none":
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
@@ -342,12 +373,14 @@ class DeformableTransformer(nn.Module):
         return (torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1),
                 spatial_shapes, level_start_index, valid_ratios)
 
-    def forward(self, srcs, masks, pos_embeds, query_embed=None):
+    def forward(self, srcs, masks, pos_embeds, query_embed=None, anchors=None):
         """
         Args:
             srcs: list of L maps (N, C, H_l, W_l); masks: list of (N, H_l, W_l) bool;
             pos_embeds: list of (N, C, H_l, W_l); query_embed: (Lq, 2C) learned
-            (position, content) of the queries, None in the two-stage variant.
+            (position, content) of the queries, None in the two-stage variant;
+            with query_anchors="dab", (Lq, C) contents only, and anchors (Lq, 4) the
+            learned boxes (cx, cy, w, h) in inverse-sigmoid space.
 
         Returns:
             hs (num_dec_layers, N, Lq, C); init_reference (N, Lq, 2|4) in [0, 1];
@@ -380,6 +413,14 @@ class DeformableTransformer(nn.Module):
             pos_trans = self.pos_trans_norm(self.pos_trans(
                 self.get_proposal_pos_embed(topk_coords_unact, C // 2)))
             query_pos, tgt = torch.split(pos_trans, C, dim=2)
+        elif self.query_anchors == "dab":
+            if anchors is None or anchors.shape != (query_embed.shape[0], 4):
+                raise ValueError(f"query_anchors='dab' needs anchors (Lq, 4) = "
+                                 f"({query_embed.shape[0]}, 4), got "
+                                 f"{None if anchors is None else tuple(anchors.shape)}")
+            tgt = query_embed[None].expand(N, -1, -1)
+            reference_points = anchors.sigmoid()[None].expand(N, -1, -1)
+            query_pos = None                # made from the box by every decoder layer
         else:
             query_pos, tgt = torch.split(query_embed, C, dim=1)
             query_pos = query_pos[None].expand(N, -1, -1)
@@ -398,4 +439,4 @@ def build_deformable_transformer(cfg):
         dropout=cfg.dropout, num_feature_levels=cfg.num_feature_levels,
         dec_n_points=cfg.dec_n_points, enc_n_points=cfg.enc_n_points,
         two_stage=cfg.two_stage, two_stage_num_proposals=cfg.num_queries,
-        backend=cfg.attention_backend)
+        backend=cfg.attention_backend, query_anchors=cfg.query_anchors)
