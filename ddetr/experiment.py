@@ -216,6 +216,73 @@ def load_compact(path):
     return model.eval(), postprocessor, cfg, blob["categories"], blob["source"]
 
 
+# --- what the trained model learned: where its queries sample --------------------------
+@torch.no_grad()
+def decoder_sampling(model, image, layer=-1):
+    """Run model on one image (3, H, W) and record the cross-attention sampling of one
+    decoder layer. Returns (outputs of the model for the image, the record of
+    ``ddetr.models.record_sampling`` with its batch dimension removed)."""
+    from .models import record_sampling
+
+    name = f"transformer.decoder.layers.{layer % len(model.transformer.decoder.layers)}" \
+           ".cross_attn"
+    H, W = image.shape[-2:]
+    model.eval()
+    with record_sampling(model, [name]) as records:
+        outputs = model(image[None], torch.zeros(1, H, W, dtype=torch.bool))
+    return outputs, {k: (v[0] if k != "spatial_shapes" else v)
+                     for k, v in records[name].items()}
+
+
+def query_spread(record, image_size):
+    """How far each query samples from its reference point, in pixels of the image.
+
+    Args:
+        record: one image's record from ``decoder_sampling`` (sampling_locations
+            (Lq, M, L, K, 2), attention_weights (Lq, M, L, K), reference_points
+            (Lq, L, 2|4)).
+        image_size: (H, W) of the image the model saw (no padding).
+    Returns:
+        spread (Lq,): the attention-weighted mean distance over each head's L*K points,
+        averaged over the M heads; level_spread (Lq, L): the same within each level
+        (weights renormalised per level).
+    """
+    H, W = image_size
+    loc, w = record["sampling_locations"], record["attention_weights"]
+    ref = record["reference_points"][:, None, :, None, :2]          # (Lq, 1, L, 1, 2)
+    scale = torch.tensor([W, H], dtype=loc.dtype)
+    dist = ((loc - ref) * scale).norm(dim=-1)                         # (Lq, M, L, K)
+    spread = (w * dist).sum((2, 3)).mean(1)
+    level = (w * dist).sum(3) / w.sum(3).clamp(min=1e-12)             # (Lq, M, L)
+    return spread, level.mean(1)
+
+
+def sampling_spread(model, dataset, num_images=40, score_threshold=0.3, layer=-1):
+    """For the confident queries (max class probability > score_threshold) of the first
+    num_images images of dataset: the size of the box each predicts and how far it
+    samples. Returns a dict of numpy arrays: "box_size" (P,) sqrt(w h) in pixels,
+    "spread" (P,), "level_spread" (P, L) in pixels, "score" (P,), "image" (P,)."""
+    import numpy as np
+
+    sizes, spreads, levels, scores, images = [], [], [], [], []
+    for i in range(min(num_images, len(dataset))):
+        image, _ = dataset[i]
+        H, W = image.shape[-2:]
+        outputs, record = decoder_sampling(model, image, layer)
+        prob = outputs["pred_logits"][0].sigmoid().max(-1).values        # (Lq,)
+        keep = prob > score_threshold
+        boxes = outputs["pred_boxes"][0][keep]
+        spread, level = query_spread(record, (H, W))
+        sizes.append((boxes[:, 2] * W * boxes[:, 3] * H).sqrt())
+        spreads.append(spread[keep])
+        levels.append(level[keep])
+        scores.append(prob[keep])
+        images.append(torch.full((int(keep.sum()),), i))
+    cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)   # noqa: E731
+    return {"box_size": cat(sizes), "spread": cat(spreads), "level_spread": cat(levels),
+            "score": cat(scores), "image": cat(images)}
+
+
 # --- the experiment ------------------------------------------------------------------
 def _git(*args):
     try:
