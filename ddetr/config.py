@@ -96,8 +96,8 @@ PRESETS = {
             "num_classes": 7, "dataset": "synthetic", "data_path": "data/synthetic",
             "synthetic_train_images": 1500, "synthetic_val_images": 200,
             "train_scales": [224, 256], "max_size": 256, "val_scale": 256,
-            "num_workers": 0, "batch_size": 4, "epochs": 4, "lr_drop": 3,
-            "lr": 2e-4, "lr_backbone": 1e-4, "eval_every": 1,
+            "num_workers": 0, "batch_size": 4, "epochs": 8, "lr_drop": 6,
+            "lr": 2e-4, "lr_backbone": 1e-4, "eval_every": 2,
             "output_dir": "runs/cpu"},
 }
 
