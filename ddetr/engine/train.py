@@ -279,12 +279,13 @@ def train(cfg, resume=None, progress=True):
         start_epoch = cfg.epochs                    # a time-limited run is finished
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.batch_sampler.sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses = train_one_epoch(ddp_model, criterion, train_loader, optimizer, device,
                                  epoch, cfg, scaler, progress, deadline)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         record = {"epoch": epoch + 1, "lr": lr, "train_time_s": time.perf_counter() - t0,
+                  "train_cpu_s": time.process_time() - c0,   # this process, all threads
                   **{f"train_{k}": v for k, v in losses.items()}}
         out_of_time = _past(deadline)
         if out_of_time:
