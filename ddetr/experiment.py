@@ -46,6 +46,7 @@ Schema of convergence.json (version "ddetr.convergence/1")::
                "wall_s", "cpu_s", "total_s", "time_limited",
                "evals": [{"step", "epoch", "wall_s", "cpu_s", "AP", "AP50", "AP75",
                           "APs", "APm", "APl"}],
+               "loss": {"step": [...], "loss": [...]},   # mean training loss per 10 steps
                "compact", "compact_AP"}],         # the last two: multi-scale seed 0 only
      "pending": ["<model>/seed<k>", ...],   # runs not finished (or not started in time)
      "failed": [...],                       # only if a run raised
@@ -152,7 +153,7 @@ def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_a
            "epochs": round(steps * cfg.batch_size / n_train, 4), "wall_s": round(wall, 2),
            "cpu_s": round(cpu, 2), "total_s": round(total, 2),
            "time_limited": bool(run["history"] and run["history"][-1].get("time_limited")),
-           "evals": evals}
+           "evals": evals, "loss": loss_curve(run["history"])}
     if model == "deformable_multi_scale" and seed == 0:
         out["compact"] = str(Path(run_dir) / COMPACT_NAME)
         save_compact(run["model"], cfg, run["categories"], out["compact"],
@@ -173,6 +174,20 @@ def _evaluate_compact(path, cfg):
     loader = DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate)
     return evaluate(model, postprocessor, loader, val_set.coco, torch.device("cpu"),
                     progress=False)
+
+
+def loss_curve(history, every=10):
+    """The training loss (weighted total, as optimised) averaged over every `every`
+    steps, from the engine's history (or log.jsonl records): {"step": [...], "loss": [...]}
+    with step the last step of each window. The loss is the same function for every
+    model (same matcher, criterion and number of decoder layers), so unlike AP near
+    zero it shows progress from the first steps."""
+    losses = [v for record in history for v in record.get("train_loss_per_iter", [])]
+    steps, means = [], []
+    for i in range(0, len(losses) - every + 1, every):
+        steps.append(i + every)
+        means.append(round(sum(losses[i:i + every]) / every, 4))
+    return {"step": steps, "loss": means}
 
 
 # --- compact weights (for the book) ---------------------------------------------------
@@ -261,30 +276,42 @@ def query_spread(record, image_size):
     return spread, level.mean(1)
 
 
-def sampling_spread(model, dataset, num_images=40, score_threshold=0.3, layer=-1):
-    """For the confident queries (max class probability > score_threshold) of the first
-    num_images images of dataset: the size of the box each predicts and how far it
-    samples. Returns a dict of numpy arrays: "box_size" (P,) sqrt(w h) in pixels,
-    "spread" (P,), "level_spread" (P, L) in pixels, "score" (P,), "image" (P,)."""
-    import numpy as np
+def sampling_spread(model, dataset, num_images=40, iou_threshold=0.5, layer=-1):
+    """How far the queries that found an object sample, against the object's size.
 
-    sizes, spreads, levels, scores, images = [], [], [], [], []
+    For each ground-truth box of the first num_images images of dataset, the query
+    whose predicted box overlaps it most (if IoU >= iou_threshold) is kept.
+
+    Returns a dict of numpy arrays over the P kept objects: "box_size" (P,)
+    sqrt(w h) of the ground-truth box in pixels, "spread" (P,) and "level_spread"
+    (P, L) from ``query_spread`` in pixels, "iou" (P,), "score" (P,) the query's
+    class probability, "image" (P,) the image index.
+    """
+    import numpy as np
+    from torchvision.ops import box_convert, box_iou
+
+    keys = ("box_size", "spread", "level_spread", "iou", "score", "image")
+    found = {k: [] for k in keys}
     for i in range(min(num_images, len(dataset))):
-        image, _ = dataset[i]
+        image, target = dataset[i]
         H, W = image.shape[-2:]
         outputs, record = decoder_sampling(model, image, layer)
-        prob = outputs["pred_logits"][0].sigmoid().max(-1).values        # (Lq,)
-        keep = prob > score_threshold
-        boxes = outputs["pred_boxes"][0][keep]
+        pred = box_convert(outputs["pred_boxes"][0], "cxcywh", "xyxy")
+        gt = box_convert(target["boxes"], "cxcywh", "xyxy")
+        if len(gt) == 0:
+            continue
+        iou, query = box_iou(gt, pred).max(1)                       # per object
+        keep = iou >= iou_threshold
         spread, level = query_spread(record, (H, W))
-        sizes.append((boxes[:, 2] * W * boxes[:, 3] * H).sqrt())
-        spreads.append(spread[keep])
-        levels.append(level[keep])
-        scores.append(prob[keep])
-        images.append(torch.full((int(keep.sum()),), i))
-    cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)   # noqa: E731
-    return {"box_size": cat(sizes), "spread": cat(spreads), "level_spread": cat(levels),
-            "score": cat(scores), "image": cat(images)}
+        prob = outputs["pred_logits"][0].sigmoid().max(-1).values
+        gt_wh = target["boxes"][keep, 2:] * torch.tensor([W, H])
+        found["box_size"].append(gt_wh.prod(-1).sqrt())
+        found["spread"].append(spread[query[keep]])
+        found["level_spread"].append(level[query[keep]])
+        found["iou"].append(iou[keep])
+        found["score"].append(prob[query[keep]])
+        found["image"].append(torch.full((int(keep.sum()),), i))
+    return {k: torch.cat(v).numpy() if v else np.zeros(0) for k, v in found.items()}
 
 
 # --- the experiment ------------------------------------------------------------------

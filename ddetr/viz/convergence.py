@@ -128,3 +128,30 @@ def spearman(a, b):
         return float("nan")
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def plot_loss_curves(result, models=None, ax=None, x="epoch"):
+    """The training loss (mean per 10 steps) of each model against epochs (or "step"):
+    the mean over seeds as a line, the min-max over seeds as a band."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.6, 3.4))
+    names = models or list(dict.fromkeys(r["model"] for r in result["runs"]))
+    per_epoch = result["settings"]["batch_size"] / result["settings"]["train_images"]
+    for model in names:
+        runs = [r for r in result["runs"] if r["model"] == model and r.get("loss")]
+        if not runs:
+            continue
+        n = min(len(r["loss"]["loss"]) for r in runs)
+        steps = np.array(runs[0]["loss"]["step"][:n], dtype=float)
+        xs = steps * per_epoch if x == "epoch" else steps
+        ys = np.array([r["loss"]["loss"][:n] for r in runs])
+        colour = COLOURS.get(model)
+        ax.plot(xs, ys.mean(0), color=colour, linewidth=1.2, label=runs[0]["label"])
+        if len(ys) > 1:
+            ax.fill_between(xs, ys.min(0), ys.max(0), color=colour, alpha=0.2, linewidth=0)
+    ax.set_xlabel("epochs (passes over the training set)" if x == "epoch"
+                  else "optimizer steps")
+    ax.set_ylabel("training loss (mean of 10 steps)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
