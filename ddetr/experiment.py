@@ -190,6 +190,22 @@ def loss_curve(history, every=10):
     return {"step": steps, "loss": means}
 
 
+def fill_loss_curves(result_path, runs_dir="runs/convergence"):
+    """Add "loss" to the runs of a results file that lack it, from each run's
+    log.jsonl (for results recorded before train_run stored loss curves)."""
+    from .engine import read_log
+
+    path = Path(result_path)
+    result = json.loads(path.read_text())
+    for run in result["runs"]:
+        log = Path(runs_dir) / f"{run['model']}_seed{run['seed']}" / "log.jsonl"
+        if "loss" not in run and log.is_file():
+            run["loss"] = loss_curve(read_log(log))
+            run["loss_from"] = str(log)
+    _write(result, path.parent)
+    return result
+
+
 # --- compact weights (for the book) ---------------------------------------------------
 def save_compact(model, cfg, categories, path, source=None):
     """Save model's weights small enough to commit: tensors with >= 2 dims and more than

@@ -31,6 +31,7 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
             range(result["settings"]["eval_every"], steps + 1, result["settings"]["eval_every"]))
         for e in run["evals"]:
             assert set(METRIC_KEYS) <= set(e) and all(0 <= e[k] <= 1 for k in METRIC_KEYS)
+        assert len(run["loss"]["loss"]) == len(run["loss"]["step"])
         walls = [e["wall_s"] for e in run["evals"]]
         assert walls == sorted(walls) and walls[-1] <= run["wall_s"] + 1e-6
     rows = summary_table(result)
