@@ -20,6 +20,7 @@ class Config:
     architecture: str = "deformable_detr"  # or "detr" (dense attention baseline)
     backbone: str = "resnet50"             # resnet18 | resnet34 | resnet50
     backbone_weights: str | None = None    # path to a torchvision ResNet state dict
+    backbone_norm: str = "frozen_bn"       # frozen_bn (pretrained) | group_norm (scratch)
     dilation: bool = False
     num_feature_levels: int = 4            # 1 = single scale (C5 only)
     d_model: int = 256

@@ -255,3 +255,20 @@ def test_checkpoint_mismatch_lists_keys(tmp_path):
     torch.save(two_stage.state_dict(), path)
     with pytest.raises(CheckpointMismatchError, match="transformer.enc_output.weight"):
         load_official_checkpoint(path, cfg)
+
+
+def test_backbone_from_scratch_uses_group_norm_and_trains_every_stage():
+    from ddetr.models import Backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    paper = Backbone("resnet18", norm="frozen_bn")
+    scratch = Backbone("resnet18", norm="group_norm")
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in paper.modules())
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in scratch.modules())
+    frozen = [n for n, p in paper.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("body.conv1", "body.layer1")) for n in frozen)
+    assert all(p.requires_grad for p in scratch.parameters())
+    # each residual block starts as the identity: its last norm has zero scale
+    assert scratch.body.layer2[0].bn2.weight.abs().max() == 0
+    with pytest.raises(ValueError, match="backbone_norm must be one of"):
+        Backbone("resnet18", norm="batch")

@@ -19,6 +19,13 @@ official release so its checkpoints load.
 
 No weights are downloaded: ``cfg.backbone_weights`` may name a torchvision ResNet
 state dict on disk (e.g. ``resnet50-0676ba61.pth``); otherwise the ResNet starts random.
+
+Frozen batch norm only makes sense for pretrained weights: with random weights it is a
+fixed identity, and a frozen random stem is a fixed random projection. A ResNet trained
+from scratch therefore uses ``norm="group_norm"`` (32 groups, independent of the batch
+size, so it also behaves the same on one process and on many), with every stage
+trainable and the last norm of each residual block starting at zero, so that each block
+starts as the identity.
 """
 from pathlib import Path
 
@@ -32,6 +39,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ..nn.position_encoding import build_position_encoding
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
+NORMS = ("frozen_bn", "group_norm")
+
+
+def group_norm(channels):
+    """GroupNorm with 32 groups: the norm layer of a ResNet trained from scratch."""
+    return nn.GroupNorm(32, channels)
 
 
 def resize_mask(mask, size):
@@ -48,23 +61,30 @@ class Backbone(nn.Module):
         return_interm_layers: True returns C3, C4, C5; False returns C5 only.
         dilation: replace the stride of layer4 by dilation (the DC5 variant).
         weights: None, or a path to a torchvision ResNet state dict.
+        norm: "frozen_bn" (the paper's, for pretrained weights: stem and layer1 frozen)
+            or "group_norm" (training from scratch: every stage trains).
 
     Attributes: ``strides`` (8, 16, 32 or just 32) and ``num_channels`` of the outputs.
     """
 
     def __init__(self, name="resnet50", train_backbone=True, return_interm_layers=True,
-                 dilation=False, weights=None):
+                 dilation=False, weights=None, norm="frozen_bn"):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"backbone must be one of {RESNETS}, got {name!r}")
+        if norm not in NORMS:
+            raise ValueError(f"backbone_norm must be one of {NORMS}, got {norm!r}")
+        from_scratch = norm == "group_norm"
         resnet = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=FrozenBatchNorm2d)
+            norm_layer=group_norm if from_scratch else FrozenBatchNorm2d,
+            zero_init_residual=from_scratch)
         if weights is not None:
             load_resnet_weights(resnet, weights)
+        trained_stages = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4") \
+            if from_scratch else ("layer2", "layer3", "layer4")
         for param_name, param in resnet.named_parameters():
-            trainable = train_backbone and param_name.startswith(("layer2", "layer3", "layer4"))
-            param.requires_grad_(trainable)
+            param.requires_grad_(train_backbone and param_name.startswith(trained_stages))
         # the number of channels each stage puts out (the last conv of its last block)
         stage_channels = [_out_channels(getattr(resnet, f"layer{i}")) for i in (2, 3, 4)]
         if return_interm_layers:
@@ -134,5 +154,5 @@ def build_backbone(cfg, return_interm_layers=None):
         return_interm_layers = cfg.num_feature_levels > 1
     backbone = Backbone(cfg.backbone, train_backbone=cfg.lr_backbone > 0,
                         return_interm_layers=return_interm_layers, dilation=cfg.dilation,
-                        weights=cfg.backbone_weights)
+                        weights=cfg.backbone_weights, norm=cfg.backbone_norm)
     return Joiner(backbone, build_position_encoding(cfg))
