@@ -150,7 +150,33 @@ def get_config(preset="cpu", overrides=None):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown}; known keys are {sorted(known)}")
-    return Config(**values)
+    return Config(**{key: _check_type(key, value) for key, value in values.items()})
+
+
+def _check_type(key, value):
+    """The value in the type of the field's default; a clear error if it does not fit.
+
+    YAML reads '2e-4' as a string (its floats need a dot), so numbers given as strings
+    are converted; an int is accepted where a float is expected.
+    """
+    default = getattr(Config(), key)
+    if default is None or value is None:
+        return value
+    kind = type(default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise TypeError(f"config key {key!r} expects a {kind.__name__} "
+                    f"(like {default!r}), got {value!r} ({type(value).__name__})")
 
 
 def config_to_dict(cfg):
