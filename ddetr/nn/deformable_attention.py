@@ -13,13 +13,16 @@ from torch import nn
 from ..ops.deform_attn import deform_attn
 
 
-def init_sampling_offsets(sampling_offsets, n_heads, n_levels, n_points):
-    """The paper's initialisation of the offset predictor.
+def init_deformable_attention(module, n_heads, n_levels, n_points):
+    """The paper's initialisation of a (multi-scale) deformable attention module.
 
-    Weights zero; the bias points head m in the direction of angle 2 pi m / M, scaled so
-    that the larger of |dx|, |dy| is 1 pixel, and point k at k + 1 times that offset:
-    at initialisation the M*K points form rays around the reference point.
+    Offset predictor: weights zero; the bias points head m in the direction of angle
+    2 pi m / M, scaled so that the larger of |dx|, |dy| is 1 pixel, and point k at k + 1
+    times that offset: at initialisation the M*K points form rays around the reference
+    point. Attention-weight predictor: all zero, so the weights start uniform. Value and
+    output projections: Xavier-uniform weights, zero bias.
     """
+    sampling_offsets = module.sampling_offsets
     nn.init.zeros_(sampling_offsets.weight)
     angles = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
     grid = torch.stack([angles.cos(), angles.sin()], -1)  # (M, 2)
@@ -28,6 +31,11 @@ def init_sampling_offsets(sampling_offsets, n_heads, n_levels, n_points):
     grid = grid * torch.arange(1, n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
     with torch.no_grad():
         sampling_offsets.bias.copy_(grid.flatten())
+    nn.init.zeros_(module.attention_weights.weight)
+    nn.init.zeros_(module.attention_weights.bias)
+    for proj in (module.value_proj, module.output_proj):
+        nn.init.xavier_uniform_(proj.weight)
+        nn.init.zeros_(proj.bias)
 
 
 class DeformableAttention(nn.Module):
@@ -49,12 +57,7 @@ class DeformableAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        init_sampling_offsets(self.sampling_offsets, self.n_heads, 1, self.n_points)
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        for proj in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(proj.weight)
-            nn.init.zeros_(proj.bias)
+        init_deformable_attention(self, self.n_heads, 1, self.n_points)
 
     def sampling(self, query, reference_points, spatial_shape):
         """Where each head looks, and how much.

@@ -9,7 +9,7 @@ Submodule names follow the official implementation so its checkpoints load.
 from torch import nn
 
 from ..ops.ms_deform_attn import ms_deform_attn
-from .deformable_attention import init_sampling_offsets
+from .deformable_attention import init_deformable_attention
 
 
 class MSDeformAttn(nn.Module):
@@ -32,13 +32,7 @@ class MSDeformAttn(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        init_sampling_offsets(self.sampling_offsets, self.n_heads, self.n_levels,
-                              self.n_points)
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        for proj in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(proj.weight)
-            nn.init.zeros_(proj.bias)
+        init_deformable_attention(self, self.n_heads, self.n_levels, self.n_points)
 
     def sampling(self, query, reference_points, spatial_shapes):
         """Where each head looks on each level, and how much.
