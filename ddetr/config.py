@@ -74,7 +74,7 @@ class Config:
     output_dir: str = "runs/default"
     eval_every: int = 1                    # epochs between COCO evaluations
     iters_per_epoch: int = 0               # 0 = whole epoch; >0 caps it (quick runs)
-    time_limit_min: float = 0              # >0: stop training after this many minutes,
+    time_limit_min: float = 0.0            # >0: stop training after this many minutes,
                                            # then evaluate and save (a fixed budget)
     tensorboard: bool = False              # also log to output_dir (needs tensorboard)
     find_unused_parameters: bool = False   # DDP option, for model variants with unused parts
