@@ -206,6 +206,25 @@ def fill_loss_curves(result_path, runs_dir="runs/convergence"):
     return result
 
 
+def merge_runs(result_path, other_path, note):
+    """Move the runs of another results file (e.g. a pending run finished separately,
+    same settings) into result_path: they leave "pending", and "notes" records where
+    they came from (note, the other file's command, commit and date)."""
+    path = Path(result_path)
+    result, other = json.loads(path.read_text()), json.loads(Path(other_path).read_text())
+    for run in other["runs"]:
+        run = {**run, "source": {k: other[k] for k in ("command", "commit", "dirty", "date")}}
+        result["runs"].append(run)
+        key = f"{run['model']}/seed{run['seed']}"
+        if key in result["pending"]:
+            result["pending"].remove(key)
+    known = [r[0] for r in RUNS]
+    result["runs"].sort(key=lambda r: (known.index(r["model"]), r["seed"]))
+    result.setdefault("notes", []).append(note)
+    _write(result, path.parent)
+    return result
+
+
 # --- compact weights (for the book) ---------------------------------------------------
 def save_compact(model, cfg, categories, path, source=None):
     """Save model's weights small enough to commit: tensors with >= 2 dims and more than
@@ -511,7 +530,7 @@ def markdown_summary(result):
              "| model | seeds | step | epochs | CPU s | wall s | AP | AP50 | APs | APm | APl |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary_table(result):
-        cells = [f"{100 * row[k]:.1f} ({100 * row[k + '_min']:.1f}-{100 * row[k + '_max']:.1f})"
+        cells = [f"{100 * row[k]:.2f} ({100 * row[k + '_min']:.2f}-{100 * row[k + '_max']:.2f})"
                  for k in ("AP", "AP50", "APs", "APm", "APl")]
         lines.append(f"| {row['label']} | {row['seeds']} | {row['step']} | {row['epoch']:.2f} "
                      f"| {row['cpu_s']:.0f} | {row['wall_s']:.0f} | " + " | ".join(cells) + " |")
@@ -521,6 +540,8 @@ def markdown_summary(result):
         lines += ["", f"Failed: {'; '.join(result['failed'])}"]
     if "wall_total_s" in result:
         lines += ["", f"Wall time of the whole experiment: {result['wall_total_s'] / 60:.1f} min"]
+    for note in result.get("notes", []):
+        lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
 
 

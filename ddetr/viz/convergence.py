@@ -153,5 +153,6 @@ def plot_loss_curves(result, models=None, ax=None, x="epoch"):
                   else "optimizer steps")
     ax.set_ylabel("training loss (mean of 10 steps)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     return ax
