@@ -22,6 +22,7 @@ Once loaded, Python tells PyTorch the two things C++ did not:
 * ``torch.library.register_autograd``: the backward of ``ms_deform_attn`` is the op
   ``ms_deform_attn_backward``.
 """
+import logging
 import os
 import time
 import warnings
@@ -88,8 +89,7 @@ def _cuda_runtime_lib_dirs():
     wrapper script (/usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc) the guess
     (/usr/local) has no libcudart.so, so we look in the usual places as well.
     """
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     roots = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
              "/usr/local/cuda"]
     found = []
@@ -101,8 +101,24 @@ def _cuda_runtime_lib_dirs():
     return found
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" line.
+
+    torch logs that line when the module is first imported on a machine without a GPU;
+    there only the CPU part is built, so it tells the reader nothing.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _build(name, sources, cuda, verbose):
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     kwargs = dict(
         name=name,
