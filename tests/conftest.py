@@ -33,3 +33,24 @@ def built_book(tmp_path_factory):
         pytest.fail(f"jupyter-book build failed (exit {code}); the end of its log:\n"
                     + log[-6000:])
     return html
+
+
+def kill_when_flagged(script, flag, what, timeout_s):
+    """Run ``python -c script`` and SIGKILL it as soon as it creates the file ``flag``.
+
+    Fails with ``what`` if the flag never appears (the script ended or timed out first).
+    """
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert flag.exists(), what
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,15 +1,14 @@
 """Engine pieces: atomic checkpoints, parameter groups, COCO evaluation, CLI errors."""
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 from pycocotools.coco import COCO
 
+from conftest import kill_when_flagged
 from ddetr.config import get_config
 from ddetr.data import generate_synthetic
 from ddetr.engine import coco_eval, load_checkpoint, param_groups, save_checkpoint
@@ -40,18 +39,7 @@ def test_save_is_atomic_when_killed_mid_write(tmp_path):
         save_checkpoint({{"model": {{"w": torch.zeros(10**6)}}, "slow": Slow(),
                           "epoch": 2}}, {str(path)!r})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    try:
-        for _ in range(600):
-            if flag.exists():
-                break
-            time.sleep(0.1)
-        assert flag.exists(), "the saving process never started writing"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when_flagged(script, flag, "the saving process never started writing", timeout_s=60)
     state = load_checkpoint(path)            # the previous checkpoint, intact
     assert state["epoch"] == 1 and state["model"]["w"].tolist() == [0, 1, 2, 3, 4]
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".pth"] == ["checkpoint.pth"]

@@ -1,14 +1,13 @@
 """Training end to end on CPU: train, checkpoint, resume, evaluate, kill, torchrun."""
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 
+from conftest import kill_when_flagged
 from ddetr.config import get_config
 from ddetr.engine import evaluate_checkpoint, load_checkpoint, read_log, train
 from ddetr.engine.evaluate import METRICS
@@ -100,18 +99,7 @@ def test_killed_while_saving_keeps_the_last_checkpoint(tmp_path):
         T.train(get_config("cpu", {TINY!r} | {{"data_path": {str(tmp_path / "data")!r},
                 "output_dir": {str(tmp_path / "run")!r}, "epochs": 3}}), progress=False)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    try:
-        for _ in range(1800):
-            if flag.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert flag.exists(), "training never reached its second save"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when_flagged(script, flag, "training never reached its second save", timeout_s=180)
     ckpt = tmp_path / "run" / "checkpoint.pth"
     assert load_checkpoint(ckpt)["epoch"] == 1
     assert list((tmp_path / "run").glob(".checkpoint.pth.*.tmp"))   # the interrupted write
