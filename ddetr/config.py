@@ -18,9 +18,9 @@ import yaml
 class Config:
     # --- model -----------------------------------------------------------------------
     architecture: str = "deformable_detr"  # or "detr" (dense attention baseline)
-    backbone: str = "resnet50"             # resnet18 | resnet34 | resnet50
+    backbone: str = "resnet50"             # resnet18/34/50 | regnet_x_400mf/800mf | regnet_y_400mf
     backbone_weights: str | None = None    # path to a torchvision ResNet state dict
-    backbone_norm: str = "frozen_bn"       # frozen_bn (pretrained) | group_norm (scratch)
+    backbone_norm: str = "frozen_bn"       # frozen_bn (pretrained) | group_norm, batch_norm (scratch)
     dilation: bool = False
     num_feature_levels: int = 4            # 1 = single scale (C5 only)
     d_model: int = 256

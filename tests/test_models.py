@@ -272,3 +272,34 @@ def test_backbone_from_scratch_uses_group_norm_and_trains_every_stage():
     assert scratch.body.layer2[0].bn2.weight.abs().max() == 0
     with pytest.raises(ValueError, match="backbone_norm must be one of"):
         Backbone("resnet18", norm="batch")
+
+
+@pytest.mark.parametrize("name, channels", [("resnet18", [128, 256, 512]),
+                                            ("regnet_x_400mf", [64, 160, 400])])
+def test_backbone_families_give_strides_8_16_32_with_their_channels(name, channels):
+    from ddetr.models import Backbone
+
+    net = Backbone(name, norm="batch_norm")
+    images, mask = torch.randn(2, 3, 96, 64), torch.zeros(2, 96, 64, dtype=torch.bool)
+    mask[1, :, 40:] = True
+    out = net(images, mask)
+    assert net.num_channels == channels and net.strides == [8, 16, 32]
+    for (feature, m), ch, stride in zip(out, channels, net.strides):
+        assert feature.shape == (2, ch, 96 // stride, 64 // stride)
+        assert m.shape == (2, *feature.shape[-2:]) and m.dtype == torch.bool
+        assert m[1].any() and not m[0].any()
+    assert all(p.requires_grad for p in net.parameters())      # from scratch: all train
+    assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in net.modules())
+    c5 = Backbone(name, norm="frozen_bn", return_interm_layers=False)
+    assert c5.num_channels == channels[-1:] and c5.strides == [32]
+    frozen = {n.split(".")[1] for n, p in c5.named_parameters() if not p.requires_grad}
+    assert frozen == ({"conv1", "bn1", "layer1"} if name == "resnet18" else {"stem", "block1"})
+
+
+def test_backbone_rejects_unknown_names_and_dilated_regnets():
+    from ddetr.models import Backbone
+
+    with pytest.raises(ValueError, match="backbone must be one of .*got 'resnet19'"):
+        Backbone("resnet19")
+    with pytest.raises(ValueError, match="dilation=True needs a ResNet"):
+        Backbone("regnet_x_400mf", dilation=True)
