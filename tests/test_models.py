@@ -293,7 +293,7 @@ def test_backbone_families_give_strides_8_16_32_with_their_channels(name, channe
     c5 = Backbone(name, norm="frozen_bn", return_interm_layers=False)
     assert c5.num_channels == channels[-1:] and c5.strides == [32]
     frozen = {n.split(".")[1] for n, p in c5.named_parameters() if not p.requires_grad}
-    assert frozen == ({"conv1", "bn1", "layer1"} if name == "resnet18" else {"stem", "block1"})
+    assert frozen == ({"conv1", "layer1"} if name == "resnet18" else {"stem", "block1"})
 
 
 def test_backbone_rejects_unknown_names_and_dilated_regnets():
