@@ -72,15 +72,17 @@ METRIC_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 # (model name, label for plots, config overrides on top of the "cpu" preset)
 RUNS = [
-    ("detr", "DETR (dense)", {"architecture": "detr", "with_box_refine": False}),
+    ("detr", "DETR (dense)",
+     {"architecture": "detr", "with_box_refine": False, "two_stage": False}),
     ("deformable_single_scale", "Deformable, single scale",
-     {"num_feature_levels": 1, "with_box_refine": False}),
+     {"num_feature_levels": 1, "with_box_refine": False, "two_stage": False}),
     ("deformable_multi_scale", "Deformable, multi-scale",
-     {"num_feature_levels": 4, "with_box_refine": False}),
+     {"num_feature_levels": 4, "with_box_refine": False, "two_stage": False}),
     ("deformable_refine", "Deformable, multi-scale + refinement",
-     {"num_feature_levels": 4, "with_box_refine": True}),
+     {"num_feature_levels": 4, "with_box_refine": True, "two_stage": False}),
     ("deformable_dab", "Deformable + DAB anchor boxes",
-     {"num_feature_levels": 4, "with_box_refine": True, "query_anchors": "dab"}),
+     {"num_feature_levels": 4, "with_box_refine": True, "two_stage": False,
+      "query_anchors": "dab"}),
 ]
 
 # The paper's numbers (COCO val2017, ResNet-50), for the tables next to ours.
