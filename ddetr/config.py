@@ -68,7 +68,7 @@ class Config:
     epochs: int = 50
     lr_drop: int = 40
     clip_max_norm: float = 0.1
-    amp: bool = False                      # mixed precision (CUDA only)
+    amp: bool = False                      # mixed precision: CUDA, or CPUs with native bf16
     seed: int = 42
     device: str = "auto"                   # auto | cpu | cuda
     output_dir: str = "runs/default"

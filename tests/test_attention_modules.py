@@ -117,6 +117,25 @@ def test_box_reference_points_scale_offsets_by_box_size():
     torch.testing.assert_close(loc, expected)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_ms_deform_attn_under_bfloat16_autocast_samples_in_float32(backend):
+    # autocast makes the projections bfloat16 while the reference points stay float32;
+    # the module must sample in float32 and stay close to the all-float32 result
+    torch.manual_seed(4)
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
+    attn.backend = backend
+    shapes = torch.tensor([[6, 5], [3, 3]])
+    query, value = torch.randn(2, 7, 32), torch.randn(2, 39, 32)
+    ref = torch.rand(2, 7, 2, 2)
+    expected = attn(query, ref, value, shapes, level_start_index_of(shapes))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(query, ref, value, shapes, level_start_index_of(shapes))
+    assert out.dtype == torch.bfloat16                    # output_proj ran in bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.05)
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in attn.parameters())
+
+
 def test_ms_deform_attn_rejects_mismatched_reference_points():
     attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
     shapes = torch.tensor([[4, 4], [2, 2]])

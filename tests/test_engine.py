@@ -94,3 +94,21 @@ def test_cli_rejects_unknown_config_key():
     r = _run(["-m", "ddetr", "train", "--config", "cpu", "no_such_key=1"])
     assert r.returncode != 0
     assert "no_such_key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_mixed_precision_uses_bfloat16_on_a_cpu_only_where_it_is_native(monkeypatch):
+    from ddetr.engine import precision
+
+    cpu = torch.device("cpu")
+    assert not precision.needs_grad_scaler(cpu, True)       # bfloat16 needs no scaling
+    with precision.autocast(cpu, False):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.autocast_dtype(cpu) == torch.bfloat16
+    with precision.autocast(cpu, True):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.autocast_dtype(cpu) is None            # emulated: slower, so off
+    with precision.autocast(cpu, True):
+        assert not torch.is_autocast_enabled("cpu")

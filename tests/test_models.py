@@ -218,6 +218,30 @@ def test_overfit_one_batch():
     assert history[-1] < 0.3 * history[0], history
 
 
+@pytest.mark.parametrize("variant", ["two_stage", "detr"])
+def test_whole_model_trains_under_bfloat16_autocast(variant):
+    """Mixed precision (the engine's amp): every part accepts half-precision inputs
+    next to float32 reference points, and the float32 losses have finite gradients."""
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(get_config("cpu", {**PLAIN, **VARIANTS[variant]}))
+    images, masks = padded_batch()
+    targets = [{"labels": torch.tensor([1, 2]),
+                "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+               {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images, masks)
+    assert outputs["pred_logits"].dtype == torch.bfloat16
+    as_float = lambda o: {k: v.float() if torch.is_tensor(v) else
+                          [as_float(a) for a in v] if isinstance(v, list) else as_float(v)
+                          for k, v in o.items()}
+    losses = criterion(as_float(outputs), targets)
+    loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize("variant", ["multi_scale", "two_stage", "detr"])
 def test_checkpoint_roundtrip_strict(tmp_path, variant):
     cfg = get_config("cpu", {**PLAIN, **VARIANTS[variant]})

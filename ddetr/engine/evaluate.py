@@ -12,6 +12,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from . import distributed as dist
+from .precision import autocast
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -64,7 +65,7 @@ def evaluate(model, postprocessor, loader, coco_gt, device, progress=True, amp=F
                file=sys.stderr, mininterval=2, dynamic_ncols=False, ncols=90)
     for images, masks, targets in bar:
         images, masks = images.to(device, non_blocking=True), masks.to(device)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        with autocast(device, amp):
             outputs = model(images, masks)
         outputs = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v)}
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)

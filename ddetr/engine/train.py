@@ -23,10 +23,11 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ..config import config_to_dict
-from ..data import build_dataset, collate
+from ..data import build_dataset, collate, generate_synthetic
 from . import distributed as dist
 from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from .evaluate import evaluate, format_table
+from .precision import autocast, needs_grad_scaler
 
 
 # --- pieces ------------------------------------------------------------------------
@@ -87,6 +88,12 @@ class ShardSampler(torch.utils.data.Sampler):
 def build_loaders(cfg, rank=0, world=1):
     """(train dataset, train loader, val dataset, val loader). The training order is
     a function of (cfg.seed, epoch) only -- call loader.batch_sampler.sampler.set_epoch."""
+    if cfg.dataset == "synthetic":        # one process draws the set, the others wait
+        if dist.is_main_process():
+            generate_synthetic(cfg.data_path, cfg.synthetic_train_images,
+                               cfg.synthetic_val_images, cfg.synthetic_image_size,
+                               cfg.synthetic_seed)
+        dist.barrier()
     train_set, val_set = build_dataset("train", cfg), build_dataset("val", cfg)
     if len(train_set) < cfg.batch_size * world:
         raise ValueError(f"{len(train_set)} training images are fewer than one batch "
@@ -106,12 +113,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _autocast(device, cfg):
-    enabled = cfg.amp and device.type == "cuda"
-    dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
 # --- one epoch ---------------------------------------------------------------------
@@ -140,7 +141,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
         imgs, masks = imgs.to(device, non_blocking=True), masks.to(device)
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
                    for t in targets]
-        with _autocast(device, cfg):
+        with autocast(device, cfg.amp):
             outputs = model(imgs, masks)
         outputs = _to_float(outputs)
         loss_dict = criterion(outputs, targets)
@@ -236,7 +237,7 @@ def train(cfg, resume=None, progress=True):
     model.to(device)
     criterion.to(device)
     optimizer, scheduler = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
     seed_everything(cfg.seed + rank)                # different augmentations per rank
     train_set, train_loader, val_set, val_loader = build_loaders(cfg, rank, world)
 
@@ -264,6 +265,8 @@ def train(cfg, resume=None, progress=True):
 
     ddp_model = model
     if world > 1:
+        if device.type == "cuda":     # batch statistics over all GPUs' images (CPU: none)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg.find_unused_parameters)
@@ -282,6 +285,7 @@ def train(cfg, resume=None, progress=True):
         t0, c0 = time.perf_counter(), time.process_time()
         losses = train_one_epoch(ddp_model, criterion, train_loader, optimizer, device,
                                  epoch, cfg, scaler, progress, deadline)
+        dist.average_buffers(model)           # the same batch-norm statistics everywhere
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         record = {"epoch": epoch + 1, "lr": lr, "train_time_s": time.perf_counter() - t0,

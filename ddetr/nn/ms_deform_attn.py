@@ -6,6 +6,7 @@ mixes fine and coarse evidence in one step. Reference points are given per level
 normalised coordinates, so one point means the same place of the image on every level.
 Submodule names follow the official implementation so its checkpoints load.
 """
+import torch
 from torch import nn
 
 from ..ops.ms_deform_attn import ms_deform_attn
@@ -81,6 +82,9 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, self.n_heads, C // self.n_heads)
         locations, weights = self.sampling(query, reference_points, input_spatial_shapes)
-        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
-                             locations, weights, backend=self.backend)
+        # under autocast the projections give half precision while reference points stay
+        # float32: sample in the wider type (float32), never in the narrower
+        dtype = torch.promote_types(value.dtype, locations.dtype)
+        out = ms_deform_attn(value.to(dtype), input_spatial_shapes, input_level_start_index,
+                             locations.to(dtype), weights.to(dtype), backend=self.backend)
         return self.output_proj(out)
