@@ -72,6 +72,21 @@ def reduce_mean(values):
     return {k: v / get_world_size() for k, v in zip(keys, t.tolist())}
 
 
+def average_buffers(model):
+    """Average every floating-point buffer (batch-norm running statistics) over processes.
+
+    Parameters stay identical under DDP, but a trainable batch norm updates its running
+    statistics from each process's own batches; averaging them after an epoch makes
+    every process evaluate and save the same model, with statistics of all the data.
+    """
+    if not is_distributed():
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(get_world_size())
+
+
 def barrier():
     if is_distributed():
         dist.barrier()
