@@ -20,12 +20,14 @@ ANN = "annotations/instances_{}2017.json"
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     return generate_synthetic(tmp_path_factory.mktemp("syn") / "s", 6, 3, 128, seed=1,
-                              verbose=False)
+                              verbose=False, workers=2)       # drawn by two processes
 
 
 # --- the synthetic generator ---------------------------------------------------------
 def test_generator_is_deterministic_and_idempotent(tiny_set, tmp_path):
-    other = generate_synthetic(tmp_path / "again", 6, 3, 128, seed=1, verbose=False)
+    # the same files whether two processes or this one draw them
+    other = generate_synthetic(tmp_path / "again", 6, 3, 128, seed=1, verbose=False,
+                               workers=1)
     for split in ("train", "val"):
         assert (tiny_set / ANN.format(split)).read_text() == \
                (other / ANN.format(split)).read_text()

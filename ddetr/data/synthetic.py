@@ -18,9 +18,11 @@ Layout (the same as COCO 2017, so ``ddetr.data.coco`` reads both the same way)::
 """
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -197,21 +199,40 @@ def _split_meta(seed, num_images, image_size):
             "image_size": image_size}
 
 
-def _write_split(root, split, seed, num_images, image_size):
+def _draw_one(job):
+    """Draw image i of a split and save it as JPEG in folder: (image record, objects)."""
+    seed, split, i, image_size, folder = job
+    rng = np.random.default_rng([seed, SPLITS[split], i])
+    img, objects = draw_image(rng, size=image_size)
+    image_id = i + 1
+    name = f"{image_id:012d}.jpg"
+    img.save(Path(folder) / name, quality=92)
+    record = {"id": image_id, "file_name": name, "height": image_size, "width": image_size}
+    return record, objects
+
+
+def _map(fn, jobs, workers):
+    """fn over jobs in order: in `workers` forked processes, or here when workers <= 1
+    or the platform cannot fork (a spawned worker would re-import torch, slower than
+    drawing the images)."""
+    if workers <= 1 or len(jobs) < 2 * workers or \
+            "fork" not in multiprocessing.get_all_start_methods():
+        return [fn(job) for job in jobs]
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+
+
+def _write_split(root, split, seed, num_images, image_size, workers=1):
     folder = root / f"{split}2017"
     ann_file = root / "annotations" / f"instances_{split}2017.json"
     images, annotations = [], []
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{split}2017.", dir=root))
-    for i in range(num_images):
-        rng = np.random.default_rng([seed, SPLITS[split], i])
-        img, objects = draw_image(rng, size=image_size)
-        image_id = i + 1
-        name = f"{image_id:012d}.jpg"
-        img.save(tmp_dir / name, quality=92)
-        images.append({"id": image_id, "file_name": name, "height": image_size,
-                       "width": image_size})
+    jobs = [(seed, split, i, image_size, str(tmp_dir)) for i in range(num_images)]
+    for record, objects in _map(_draw_one, jobs, workers):
+        images.append(record)
         for obj in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **obj})
+            annotations.append({"id": len(annotations) + 1, "image_id": record["id"], **obj})
     coco = {
         "info": {"description": "ddetr synthetic shapes", **_split_meta(
             seed, num_images, image_size)},
@@ -242,8 +263,17 @@ def _is_complete(root, split, meta):
     return all(info.get(k) == v for k, v in meta.items())
 
 
+def default_workers():
+    """Processes for drawing: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:                       # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
 def generate_synthetic(root, num_train=2000, num_val=200, image_size=256, seed=0,
-                       verbose=True):
+                       verbose=True, workers=None):
     """Write the synthetic set under ``root`` unless an identical one is already there.
 
     Args:
@@ -251,16 +281,19 @@ def generate_synthetic(root, num_train=2000, num_val=200, image_size=256, seed=0
         num_train, num_val: images per split.
         image_size: side of the square images in pixels.
         seed: everything is a function of it.
+        workers: processes that draw images in parallel (None: default_workers()); the
+            set does not depend on it.
     Returns:
         Path of root.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    workers = default_workers() if workers is None else int(workers)
     for split, n in (("train", num_train), ("val", num_val)):
         meta = _split_meta(seed, n, image_size)
         if _is_complete(root, split, meta):
             continue
         if verbose:
             print(f"generating {n} synthetic {split} images in {root / (split + '2017')}")
-        _write_split(root, split, seed, n, image_size)
+        _write_split(root, split, seed, n, image_size, workers)
     return root
