@@ -55,7 +55,8 @@ def test_losses_finite_with_empty_targets(overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"with_box_refine": True, "two_stage": True},
-                                       {"architecture": "detr"}])
+                                       {"architecture": "detr"},
+                                       {"backbone": "resnet18", "backbone_norm": "frozen_bn"}])
 def test_gradients_reach_every_trainable_parameter(overrides):
     cfg = get_config("cpu", {**PLAIN, **overrides})
     model, criterion, _ = build_model(cfg)
@@ -74,8 +75,11 @@ def test_gradients_reach_every_trainable_parameter(overrides):
                if p.requires_grad and not p.grad.abs().sum() > 0]
     assert not missing
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert frozen and all(n.startswith(("backbone.0.body.conv1", "backbone.0.body.layer1"))
-                          for n in frozen)
+    if cfg.backbone_norm == "frozen_bn":      # the paper's setting for a pretrained ResNet
+        assert frozen and all(n.startswith(("backbone.0.body.conv1",
+                                            "backbone.0.body.layer1")) for n in frozen)
+    else:                                     # the preset's backbone trains from scratch
+        assert not frozen
 
 
 def test_loss_values_on_a_perfect_prediction():

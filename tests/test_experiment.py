@@ -65,7 +65,8 @@ def test_dab_queries_are_a_config_switch():
     from ddetr.config import get_config
     from ddetr.models import build_model
 
-    cfg = get_config("cpu", {"query_anchors": "dab", "enc_layers": 1, "dec_layers": 2})
+    cfg = get_config("cpu", {"query_anchors": "dab", "two_stage": False, "enc_layers": 1,
+                             "dec_layers": 2})
     model = build_model(cfg)[0].eval()
     assert model.refpoint_embed.weight.shape == (cfg.num_queries, 4)
     images, masks = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
@@ -73,6 +74,9 @@ def test_dab_queries_are_a_config_switch():
     out = model(images, masks)
     assert out["pred_boxes"].shape == (2, cfg.num_queries, 4)
     with pytest.raises(ValueError, match="with_box_refine"):
-        build_model(get_config("cpu", {"query_anchors": "dab", "with_box_refine": False}))
+        build_model(get_config("cpu", {"query_anchors": "dab", "with_box_refine": False,
+                                       "two_stage": False}))
+    with pytest.raises(ValueError, match="two_stage"):    # the preset is two-stage
+        build_model(get_config("cpu", {"query_anchors": "dab"}))
     with pytest.raises(ValueError, match="query_anchors"):
         build_model(get_config("cpu", {"query_anchors": "anchor"}))
