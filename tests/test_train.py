@@ -69,6 +69,9 @@ def test_train_checkpoint_resume_evaluate(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 1000
+    # the checkpoint resumes only its own model
+    with pytest.raises(ValueError, match="d_model: 32 in the checkpoint, 64 now"):
+        train(tiny_cfg(tmp_path, epochs=3, d_model=64), resume=True, progress=False)
 
 
 @pytest.mark.slow

@@ -247,6 +247,7 @@ def train(cfg, resume=None, progress=True):
     if resume:
         path = ckpt_path if resume is True else Path(resume)
         state = load_checkpoint(path)
+        _check_same_model(state.get("config", {}), cfg, path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
@@ -327,6 +328,23 @@ def train(cfg, resume=None, progress=True):
     return {"history": history, "stats": stats, "model": model, "criterion": criterion,
             "postprocessor": postprocessor, "checkpoint": ckpt_path,
             "categories": categories}
+
+
+MODEL_KEYS = ("architecture", "backbone", "backbone_norm", "dilation", "num_feature_levels",
+              "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward",
+              "enc_n_points", "dec_n_points", "num_queries", "num_classes",
+              "with_box_refine", "two_stage", "query_anchors")
+
+
+def _check_same_model(saved, cfg, path):
+    """A checkpoint resumes only the model it was written for: name the keys that differ."""
+    differ = {k: (saved[k], getattr(cfg, k)) for k in MODEL_KEYS
+              if k in saved and saved[k] != getattr(cfg, k)}
+    if differ:
+        listed = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now"
+                           for k, (a, b) in differ.items())
+        raise ValueError(f"checkpoint {path} holds another model ({listed}); resume it "
+                         f"with its own settings, or train into another output_dir")
 
 
 def _write_log(path, records):
