@@ -156,3 +156,18 @@ def test_time_limit_stops_evaluates_and_saves(tmp_path):
     again = train(tiny_cfg(tmp_path, epochs=5, time_limit_min=1e-4), resume="auto",
                   progress=False)                       # finished: nothing more to do
     assert len(again["history"]) == 1
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_losses_and_coco_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train(tiny_cfg(tmp_path, epochs=2, tensorboard=True), progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_ce", "train/images_per_s", "lr"} <= tags
+    assert {f"val/{k}" for k in METRICS} <= tags
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2]
+    assert losses[-1].value == pytest.approx(run["history"][-1]["train_loss"], rel=1e-6)
