@@ -88,7 +88,8 @@ RUNS = [
 # benchmarks/convergence.json was made (the preset has since moved to a RegNet backbone
 # and two-stage proposals, benchmarks/train_cpu.md); pinned so the command reproduces it.
 BASE = {"backbone": "resnet18", "backbone_norm": "frozen_bn", "dropout": 0.1,
-        "num_queries": 30, "two_stage": False, "lr": 2e-4, "lr_backbone": 1e-4}
+        "num_queries": 30, "two_stage": False, "lr": 2e-4, "lr_backbone": 1e-4,
+        "amp": False}
 
 # The paper's numbers (COCO val2017, ResNet-50), for the tables next to ours.
 PAPER = {
