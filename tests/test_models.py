@@ -222,6 +222,8 @@ def test_overfit_one_batch():
 def test_whole_model_trains_under_bfloat16_autocast(variant):
     """Mixed precision (the engine's amp): every part accepts half-precision inputs
     next to float32 reference points, and the float32 losses have finite gradients."""
+    from ddetr.engine.train import _to_float
+
     torch.manual_seed(0)
     model, criterion, _ = build_model(get_config("cpu", {**PLAIN, **VARIANTS[variant]}))
     images, masks = padded_batch()
@@ -231,10 +233,7 @@ def test_whole_model_trains_under_bfloat16_autocast(variant):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(images, masks)
     assert outputs["pred_logits"].dtype == torch.bfloat16
-    as_float = lambda o: {k: v.float() if torch.is_tensor(v) else
-                          [as_float(a) for a in v] if isinstance(v, list) else as_float(v)
-                          for k, v in o.items()}
-    losses = criterion(as_float(outputs), targets)
+    losses = criterion(_to_float(outputs), targets)         # as the engine does
     loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
     loss.backward()
     assert torch.isfinite(loss)
