@@ -134,7 +134,7 @@ def test_cuda_matches_reference(cuda_kernel, dtype, case):
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", SHAPES[:3])
 def test_cuda_matches_cpu_kernel(cuda_kernel, case):
-    """Same formula on both devices (csrc/ms_deform_attn.h): float64 agrees closely,
+    """Same formula on both devices (ddetr/csrc/ms_deform_attn.h): float64 agrees closely,
     location gradients at pixel-centre kinks included."""
     inputs = make_inputs(*case, dtype=torch.float64)
     inputs[3] = (inputs[3].detach() * 8).round() / 8  # many points on kinks and borders

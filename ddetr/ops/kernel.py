@@ -1,6 +1,6 @@
 """The fused multi-scale deformable attention operator: build, load, register.
 
-The kernels live in ``csrc/`` (C++ for the CPU, CUDA for the GPU) and are compiled
+The kernels live in ``ddetr/csrc/`` (C++ for the CPU, CUDA for the GPU) and are compiled
 just in time with ``torch.utils.cpp_extension.load``, the first time they are needed.
 The build is cached (by default under torch's extensions folder, or under
 ``$DDETR_BUILD_DIR``); it is redone only when a source file or a flag changes.
@@ -8,8 +8,8 @@ The build is cached (by default under torch's extensions folder, or under
 Two shared libraries, loaded into the process with ``is_python_module=False``, so that
 their ``TORCH_LIBRARY`` registrations land in ``torch.ops.ddetr``:
 
-    ddetr_msda_cpu    csrc/ms_deform_attn_ops.cpp (the schema) + ms_deform_attn_cpu.cpp
-    ddetr_msda_cuda   csrc/ms_deform_attn_cuda.cu (the CUDA implementation only)
+    ddetr_msda_cpu    ddetr/csrc/ms_deform_attn_ops.cpp (the schema) + ms_deform_attn_cpu.cpp
+    ddetr_msda_cuda   ddetr/csrc/ms_deform_attn_cuda.cu (the CUDA implementation only)
 
 The CPU library is always built. The CUDA library is built when a GPU is present or
 when asked for (``load_kernel(with_cuda=True)``, e.g. to check that it compiles on a
@@ -32,12 +32,12 @@ import torch
 
 from .checks import check_ms_deform_attn_inputs
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"  # shipped inside the package
 CPU_SOURCES = ("ms_deform_attn_ops.cpp", "ms_deform_attn_cpu.cpp")
 CUDA_SOURCES = ("ms_deform_attn_cuda.cu",)
 HEADERS = ("ms_deform_attn.h",)
 
-# dtypes each device's kernel is compiled for (AT_DISPATCH_* in csrc/)
+# dtypes each device's kernel is compiled for (AT_DISPATCH_* in ddetr/csrc/)
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
