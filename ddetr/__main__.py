@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .engine import cli
-from .experiments.convergence import run_convergence
+from .experiments.convergence import RUNS, run_convergence
 from .experiments.kernel_inputs import SHAPES
 from .experiments.kernels import bench_kernels, build_kernel
 
@@ -48,8 +48,7 @@ def build_parser():
     p.add_argument("--out", default="benchmarks", help="results folder (default benchmarks)")
     p.add_argument("--runs-dir", default="runs/convergence",
                    help="the engine's checkpoints and logs (default runs/convergence)")
-    p.add_argument("--models", nargs="+", default=None,
-                   help="some of the experiment's models (default all)")
+    p.add_argument("--models", nargs="+", default=None, help=f"some of {[r[0] for r in RUNS]}")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
