@@ -1,13 +1,15 @@
 """ddetr.analysis: FLOP formulas against the flop counter, memory, slopes, entropy."""
+import json
 import math
 
 import pytest
 import torch
 
 from ddetr.analysis import (attention_entropy, attention_sweep, deformable_attention_flops,
-                            dense_attention_flops, fit_loglog_slope, measure_flops,
-                            ms_deformable_attention_flops, peak_memory,
-                            pixel_reference_points, time_fn, uniform_entropy)
+                            dense_attention_flops, fit_loglog_slope, load_kernel_benchmarks,
+                            machine_name, measure_flops, ms_deformable_attention_flops,
+                            peak_memory, pixel_reference_points, time_fn, trace_shapes,
+                            uniform_entropy)
 from ddetr.nn import DeformableAttention, MSDeformAttn, MultiHeadAttention
 
 
@@ -113,8 +115,6 @@ def test_time_fn_returns_seconds():
 
 
 def test_load_kernel_benchmarks(tmp_path):
-    import json
-    from ddetr.analysis import load_kernel_benchmarks, machine_name
     result = {"device": "cpu", "machine": {"cpu": "Some CPU", "cpu_cores": 2,
                                            "torch_threads": 2, "torch": "2.x"},
               "shapes": {}}
@@ -124,10 +124,11 @@ def test_load_kernel_benchmarks(tmp_path):
     assert machine_name(loaded["cpu"]) == "Some CPU, 2 cores, 2 torch threads, torch 2.x"
     assert machine_name({"device": "cuda", "machine": {"gpu": "G", "cuda": "13.0"}}) == \
         "G, CUDA 13.0"
+    with pytest.raises(FileNotFoundError, match="no benchmark folder"):
+        load_kernel_benchmarks(tmp_path / "missing")
 
 
 def test_trace_shapes():
-    from ddetr.analysis import trace_shapes
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     trace, out = trace_shapes(model, ["0", "2"], torch.randn(5, 4))
     assert trace == [("0", (5, 3)), ("2", (5, 2))]

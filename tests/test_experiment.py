@@ -1,18 +1,28 @@
-"""The experiment's quick mode end to end: it trains every model of the experiment for a
-few steps on a tiny generated set and writes results of the documented schema."""
+"""The convergence experiment: its quick mode end to end (it trains every model for a
+few steps on a tiny generated set and writes results of the documented schema), the
+recorded results, the statistics computed from them, and the process pool."""
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from ddetr.experiment import (METRIC_KEYS, RUNS, SCHEMA, load_compact, load_results,
-                              markdown_summary, summary_table)
+from ddetr.__main__ import main
+from ddetr.config import get_config
+from ddetr.experiments.compact import load_compact
+from ddetr.experiments.convergence import RUNS
+from ddetr.experiments.results import (METRIC_KEYS, SCHEMA, eval_curves, load_results,
+                                       loss_curves, markdown_summary, models_of, spearman,
+                                       summary_table)
+from ddetr.experiments.runner import run_jobs
+from ddetr.models import build_model
+
+RECORDED = Path(__file__).parent.parent / "benchmarks" / "convergence.json"
 
 
 @pytest.mark.slow
 def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
-    from ddetr.__main__ import main
-
     monkeypatch.chdir(tmp_path)          # the tiny data set and the runs go here
     monkeypatch.setenv("DDETR_QUICK", "1")
     assert main(["experiment", "convergence", "--out", "results"]) == 0
@@ -50,11 +60,9 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
 
 def test_recorded_results_follow_the_schema():
     """The committed full-run results (if present) follow the schema and are not quick."""
-    from pathlib import Path
-    path = Path(__file__).parent.parent / "benchmarks" / "convergence.json"
-    if not path.is_file():
+    if not RECORDED.is_file():
         pytest.skip("no recorded results")
-    result = load_results(path)
+    result = load_results(RECORDED)
     assert result["quick"] is False and result["commit"]
     assert {r["model"] for r in result["runs"]} >= {"detr", "deformable_single_scale",
                                                     "deformable_multi_scale"}
@@ -62,9 +70,6 @@ def test_recorded_results_follow_the_schema():
 
 
 def test_dab_queries_are_a_config_switch():
-    from ddetr.config import get_config
-    from ddetr.models import build_model
-
     cfg = get_config("cpu", {"query_anchors": "dab", "two_stage": False, "enc_layers": 1,
                              "dec_layers": 2})
     model = build_model(cfg)[0].eval()
@@ -80,3 +85,60 @@ def test_dab_queries_are_a_config_switch():
         build_model(get_config("cpu", {"query_anchors": "dab"}))
     with pytest.raises(ValueError, match="query_anchors"):
         build_model(get_config("cpu", {"query_anchors": "anchor"}))
+
+
+def _result(curves):
+    """A results dict with one run per (model, seed, [AP at steps 10, 20, ...])."""
+    runs = [{"model": model, "label": model.upper(), "seed": seed,
+             "evals": [{"step": 10 * (i + 1), "epoch": 0.5 * (i + 1), "wall_s": 1.0 + i,
+                        "cpu_s": 2.0 + i, **{k: ap for k in METRIC_KEYS}}
+                       for i, ap in enumerate(aps)],
+             "loss": {"step": [10, 20], "loss": [2.0 - seed, 1.0]}}
+            for model, seed, aps in curves]
+    return {"runs": runs, "settings": {"batch_size": 2, "train_images": 40}}
+
+
+def test_summary_statistics_of_results():
+    result = _result([("b", 0, [0.1, 0.3]), ("b", 1, [0.2]), ("a", 0, [0.0, 0.5])])
+    assert models_of(result) == ["b", "a"]
+    xs, ys = eval_curves(result, "b", "AP", "epoch")      # truncated to the common evals
+    assert xs.tolist() == [[0.5], [0.5]] and ys.tolist() == [[0.1], [0.2]]
+    rows = {r["model"]: r for r in summary_table(result)}
+    assert rows["b"]["seeds"] == 2 and rows["b"]["step"] == 10
+    assert rows["b"]["AP"] == pytest.approx(0.15)
+    assert (rows["b"]["AP_min"], rows["b"]["AP_max"]) == (0.1, 0.2)
+    assert rows["a"]["AP"] == 0.5 and rows["a"]["step"] == 20
+    xs, ys = loss_curves(result, "b", "epoch")            # steps * batch / images
+    assert xs.tolist() == [0.5, 1.0] and ys.tolist() == [[2.0, 1.0], [1.0, 1.0]]
+    assert loss_curves(result, "c") == (None, None)
+    with pytest.raises(ValueError, match="no runs of model 'c'"):
+        eval_curves(result, "c")
+    assert spearman([1, 2, 3], [10, 30, 20]) == pytest.approx(0.5)
+    assert np.isnan(spearman([1], [2]))
+
+
+def test_markdown_summary_of_the_recorded_results():
+    if not RECORDED.is_file():
+        pytest.skip("no recorded results")
+    result = load_results(RECORDED)
+    md = markdown_summary(result)
+    for row in summary_table(result):
+        assert f"| {row['label']} | {row['seeds']} | {row['step']} |" in md
+
+
+def test_load_results_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results file"):
+        load_results(tmp_path / "convergence.json")
+    (tmp_path / "other.json").write_text(json.dumps({"schema": "something/1"}))
+    with pytest.raises(ValueError, match="schema 'something/1'"):
+        load_results(tmp_path / "other.json")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_run_jobs_reports_results_and_errors(processes):
+    results, errors = [], []
+    jobs = [(7, 2), (9, 4)] + ([(1, 0)] if processes > 1 else [])
+    run_jobs(divmod, jobs, processes, results.append,
+             lambda args, err: errors.append((args, type(err))))
+    assert sorted(results) == [(2, 1), (3, 1)]
+    assert errors == ([((1, 0), ZeroDivisionError)] if processes > 1 else [])

@@ -309,6 +309,36 @@ def test_real_build_failure_is_reported(monkeypatch, tmp_path):
         fused(*inputs)
 
 
+def test_auto_falls_back_by_exception_type(monkeypatch):
+    """auto's choice follows the exception's type, whatever its message says: a build
+    error warns and uses the reference, an unsupported device or dtype uses the
+    reference silently, any other error propagates; "kernel" raises the typed error."""
+    inputs = [t.detach() for t in make_inputs(1, [(3, 3)], 1, 2, 2, 1)]
+    want = ms_deform_attn_reference(*inputs)
+
+    def check_raising(error):
+        def check_available(value):
+            raise error
+        return check_available
+
+    monkeypatch.setattr(kernel, "check_available",
+                        check_raising(kernel.KernelBuildError("no compiler on this test")))
+    with pytest.warns(RuntimeWarning, match="no compiler on this test"):
+        torch.testing.assert_close(ms_deform_attn(*inputs), want)
+    monkeypatch.setattr(kernel, "check_available", check_raising(
+        kernel.KernelUnsupportedError("unsupported, though this text says failed to build")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(ms_deform_attn(*inputs), want)
+    monkeypatch.setattr(kernel, "check_available", check_raising(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        ms_deform_attn(*inputs)
+    monkeypatch.undo()
+    half = [t.half() if t.is_floating_point() else t for t in inputs]
+    with pytest.raises(kernel.KernelUnsupportedError, match="backend='kernel'.*float16"):
+        fused(*half)
+
+
 def test_wrapper_makes_inputs_contiguous():
     value, ss, lsi, loc, w = [t.detach() for t in make_inputs(2, [(4, 5)], 3, 4, 6, 2)]
     value_t = value.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided

@@ -1,4 +1,9 @@
-"""ddetr.viz: every plotting function returns a figure without error."""
+"""ddetr.viz: every plotting function returns a figure without error; source excerpts
+end where the chapters say."""
+import ast
+import json
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -7,9 +12,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from ddetr.experiments.results import METRIC_KEYS, summary_table  # noqa: E402
 from ddetr.viz import (draw_boxes, handmade_heads, pixel_features,  # noqa: E402
-                       plot_attention_maps, plot_level_sampling, plot_loglog,
-                       plot_sampling_points, synthetic_scene)
+                       plot_attention_maps, plot_kernel_benchmark, plot_level_sampling,
+                       plot_loglog, plot_sampling_points, show_source, synthetic_scene)
+from ddetr.viz.convergence import (plot_convergence, plot_convergence_curve,  # noqa: E402
+                                   plot_loss_curves, plot_size_breakdown)
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def teardown_function():
@@ -68,17 +78,81 @@ def test_plot_loglog_and_boxes():
 
 
 def test_show_source():
-    from ddetr.viz import show_source
-    text = show_source("ddetr/viz/source.py", "def show_source", "print it")
+    text = show_source("viz/source.py", "def show_source", "print it")
     assert text.startswith("ddetr/viz/source.py:") and "def show_source" in text
-    with pytest.raises(ValueError):
-        show_source("ddetr/viz/source.py", "this string does not occur anywhere 1234")
+    assert text.splitlines()[-1].endswith("print it.")
+    with pytest.raises(ValueError, match="does not occur"):
+        show_source("viz/source.py", "this string does not occur anywhere 1234")
+    with pytest.raises(ValueError, match="does not occur after"):
+        show_source("viz/source.py", "def show_source", "no such end marker 1234")
+    with pytest.raises(ValueError, match="a file of the ddetr package"):
+        show_source("../README.md", "ddetr")
+
+
+def test_show_source_end_marker_may_span_lines():
+    """The end marker is matched against the text: "return c;\\n}" is the function's
+    last line, not the early return "return c;\\n  }" inside it."""
+    text = show_source("csrc/ms_deform_attn.h", "Corners<acc_t> bilinear_corners",
+                       "return c;\n}", max_lines=200)
+    code = [line.split("  ", 1)[1] for line in text.splitlines()[1:]]
+    assert code[-2:] == ["  return c;", "}"]
+    assert sum("return c;" in line for line in code) == 2       # the early return too
+
+
+def _show_source_calls(notebook):
+    """The literal arguments of every show_source(...) call in a notebook's code cells."""
+    cells = json.loads((NOTEBOOKS / notebook).read_text())["cells"]
+    for cell in cells:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(ast.parse("".join(cell["source"]))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "show_source":
+                yield ([ast.literal_eval(a) for a in node.args],
+                       {k.arg: ast.literal_eval(k.value) for k in node.keywords})
+
+
+@pytest.mark.parametrize("notebook", ["05_kernel.ipynb", "07_results.ipynb"])
+def test_notebook_excerpts_end_at_their_end_marker(notebook):
+    """Each excerpt of the chapter ends on the line where its end marker ends, not after
+    max_lines lines."""
+    calls = list(_show_source_calls(notebook))
+    assert calls, f"no show_source calls found in {notebook}"
+    for args, kwargs in calls:
+        text = show_source(*args, **kwargs)
+        end = args[2] if len(args) > 2 else kwargs["end"]
+        excerpt = "\n".join(line.lstrip().split("  ", 1)[-1] if line.strip() else ""
+                            for line in text.splitlines()[1:]) + "\n"
+        at = excerpt.find(end)
+        assert at >= 0, f"{args[:2]}: the excerpt does not contain its end marker {end!r}"
+        assert "\n" not in excerpt[at + len(end):-1], \
+            f"{args[:2]}: the excerpt goes on after its end marker {end!r}:\n{text}"
 
 
 def test_plot_kernel_benchmark():
-    from ddetr.viz import plot_kernel_benchmark
     impl = {"forward_ms": 2.0, "forward_backward_ms": 5.0}
     result = {"shapes": {"a": {"impls": {"reference": impl, "kernel": impl}},
                          "b": {"impls": {"reference": impl, "kernel": impl}}}}
     ax = plot_kernel_benchmark(result, title="t")
     assert len(ax.patches) == 8
+
+
+def test_convergence_figures_take_models_and_colours_from_the_results():
+    runs = [{"model": model, "label": model.upper(), "seed": seed,
+             "evals": [{"step": 10, "epoch": 0.5, "wall_s": 1.0, "cpu_s": 2.0,
+                        **{k: 0.1 * (seed + 1) for k in METRIC_KEYS}}],
+             "loss": {"step": [10], "loss": [1.0]}}
+            for model in ("first", "second", "third") for seed in (0, 1)]
+    result = {"runs": runs, "settings": {"batch_size": 2, "train_images": 40}}
+
+    def colours(ax):
+        return {line.get_label().split(" (")[0]: line.get_color() for line in ax.lines}
+
+    everything = colours(plot_convergence_curve(result))
+    assert list(everything) == ["FIRST", "SECOND", "THIRD"]
+    assert len(set(everything.values())) == 3
+    subset = colours(plot_convergence_curve(result, models=["third"]))
+    assert subset == {"THIRD": everything["THIRD"]}        # a model keeps its colour
+    assert colours(plot_loss_curves(result)) == everything
+    assert len(plot_convergence(result).axes) == 2
+    ax = plot_size_breakdown(summary_table(result))
+    assert len(ax.patches) == 3 * 3                     # 3 models x APs, APm, APl

@@ -2,13 +2,14 @@
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def load_kernel_benchmarks(folder=None):
-    """{device: result} for every ``kernels_<device>.json`` in ``folder``
-    (default: the repository's benchmarks/), e.g. {"cpu": {...}, "cuda": {...}}."""
-    folder = Path(folder) if folder is not None else ROOT / "benchmarks"
+def load_kernel_benchmarks(folder):
+    """{device: result} for every ``kernels_<device>.json`` in ``folder``, e.g.
+    {"cpu": {...}, "cuda": {...}}. The book passes ``"../benchmarks"``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no benchmark folder at {folder} (the kernels_<device>.json "
+                                f"of python -m ddetr bench kernels)")
     results = {}
     for path in sorted(folder.glob("kernels_*.json")):
         results[path.stem.split("_", 1)[1]] = json.loads(path.read_text())

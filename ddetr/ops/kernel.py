@@ -3,7 +3,9 @@
 The kernels live in ``ddetr/csrc/`` (C++ for the CPU, CUDA for the GPU) and are compiled
 just in time with ``torch.utils.cpp_extension.load``, the first time they are needed.
 The build is cached (by default under torch's extensions folder, or under
-``$DDETR_BUILD_DIR``); it is redone only when a source file or a flag changes.
+``$DDETR_BUILD_DIR``); it is redone only when a source file or a flag changes. What
+the build needs from the machine (folders, flags, CUDA architectures) is found by
+``ddetr.ops.toolchain``.
 
 Two shared libraries, loaded into the process with ``is_python_module=False``, so that
 their ``TORCH_LIBRARY`` registrations land in ``torch.ops.ddetr``:
@@ -15,6 +17,11 @@ The CPU library is always built. The CUDA library is built when a GPU is present
 when asked for (``load_kernel(with_cuda=True)``, e.g. to check that it compiles on a
 machine without a GPU). Keeping them apart means a CPU-only machine never needs nvcc.
 
+When the kernel cannot run some tensors, ``check_available`` says why with one of two
+exceptions: ``KernelBuildError`` (the build failed: ``backend="auto"`` warns once and
+uses the reference) or ``KernelUnsupportedError`` (no kernel for that device or dtype:
+``auto`` uses the reference silently). ``backend="kernel"`` raises either.
+
 Once loaded, Python tells PyTorch the two things C++ did not:
 
 * ``torch.library.register_fake``: the output shapes, so torch.compile and
@@ -22,15 +29,15 @@ Once loaded, Python tells PyTorch the two things C++ did not:
 * ``torch.library.register_autograd``: the backward of ``ms_deform_attn`` is the op
   ``ms_deform_attn_backward``.
 """
-import logging
-import os
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from . import toolchain
 from .checks import check_ms_deform_attn_inputs
+from .toolchain import DEFAULT_CUDA_ARCH_LIST  # noqa: F401 (kernel.DEFAULT_CUDA_ARCH_LIST)
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"  # shipped inside the package
 CPU_SOURCES = ("ms_deform_attn_ops.cpp", "ms_deform_attn_cpu.cpp")
@@ -42,8 +49,19 @@ SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
-# arch list used when compiling CUDA code on a machine without a GPU (A100, H100)
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+
+
+class KernelUnavailableError(RuntimeError):
+    """The fused kernel cannot run the given tensors (one of the two reasons below)."""
+
+
+class KernelBuildError(KernelUnavailableError):
+    """The fused kernel failed to build or load; the message holds the compiler's reason."""
+
+
+class KernelUnsupportedError(KernelUnavailableError):
+    """The fused kernel has no implementation for the tensors' device or dtype."""
+
 
 # What happened when each part was loaded: None (not tried yet), True (loaded), or the
 # error message of a failed build. Kept per process, so a failed build is tried once.
@@ -53,100 +71,14 @@ _registered = False
 _warned = set()
 
 
-def build_directory():
-    """Where the compiled libraries are cached: $DDETR_BUILD_DIR, else torch's default."""
-    path = os.environ.get("DDETR_BUILD_DIR")
-    if path:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _cuda_companion_paths():
-    """Include and library folders of the torch wheel's CUDA companion package.
-
-    nvcc's own include folder may lack headers that torch's includes pull in
-    (cusparse.h and friends); the ``nvidia-*-cu13`` wheels next to torch ship them
-    under ``site-packages/nvidia/cu13/{include,lib}``.
-    """
-    try:
-        import nvidia
-    except ImportError:
-        return [], []
-    includes, libs = [], []
-    for root in map(Path, getattr(nvidia, "__path__", [])):
-        for sub in ("cu13", "cu12"):
-            if (root / sub / "include").is_dir():
-                includes.append(str(root / sub / "include"))
-            if (root / sub / "lib").is_dir():
-                libs.append(str(root / sub / "lib"))
-    return includes, libs
-
-
-def _cuda_runtime_lib_dirs():
-    """Folders holding an unversioned libcudart.so, which the link step needs.
-
-    torch guesses the toolkit's root from where ``nvcc`` is on the PATH; when that is a
-    wrapper script (/usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc) the guess
-    (/usr/local) has no libcudart.so, so we look in the usual places as well.
-    """
-    cpp_extension = _cpp_extension()
-    roots = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-             "/usr/local/cuda"]
-    found = []
-    for root in filter(None, roots):
-        for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
-            folder = Path(root) / sub
-            if (folder / "libcudart.so").exists() and str(folder) not in found:
-                found.append(str(folder))
-    return found
-
-
-def _cpp_extension():
-    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" line.
-
-    torch logs that line when the module is first imported on a machine without a GPU;
-    there only the CPU part is built, so it tells the reader nothing.
-    """
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        logger.setLevel(level)
-    return cpp_extension
-
-
 def _build(name, sources, cuda, verbose):
-    cpp_extension = _cpp_extension()
-
-    kwargs = dict(
-        name=name,
-        sources=[str(CSRC / s) for s in sources],
-        extra_include_paths=[str(CSRC)],
-        # -O3 and OpenMP as torch itself is built: at::parallel_for only runs in
-        # parallel when the code that calls it is compiled with OpenMP.
-        extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=build_directory(),
-        is_python_module=False,
-        verbose=verbose,
-    )
-    if cuda:
-        includes, libs = _cuda_companion_paths()
-        kwargs["extra_include_paths"] += includes
-        kwargs["extra_ldflags"] = [f"-L{lib}" for lib in libs + _cuda_runtime_lib_dirs()]
-        kwargs["extra_cuda_cflags"] = ["-O3"]
-    arch_env = None
-    if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        # Without a GPU torch cannot ask the device for its architecture.
-        arch_env = os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    cpp_extension = toolchain.cpp_extension()
     start = time.perf_counter()
-    try:
-        cpp_extension.load(**kwargs)
-    finally:
-        if arch_env is not None:
-            del os.environ["TORCH_CUDA_ARCH_LIST"]
+    with toolchain.cuda_arch_list(cuda):
+        cpp_extension.load(name=name, sources=[str(CSRC / s) for s in sources],
+                           build_directory=toolchain.build_directory(),
+                           is_python_module=False, verbose=verbose,
+                           **toolchain.build_flags(CSRC, cuda))
     _build_seconds[name] = time.perf_counter() - start
 
 
@@ -239,24 +171,29 @@ def _first_load(device):
     load_kernel(with_cuda=(device == "cuda"))
 
 
-def unavailable_reason(value):
-    """None if the fused kernel can run on ``value``'s device and dtype, else why not.
+def check_available(value):
+    """Raise unless the fused kernel can run on ``value``'s device and dtype.
 
     Builds the kernel for the device on first use.
+
+    Raises:
+        KernelUnsupportedError: the kernel has no implementation for the device or dtype.
+        KernelBuildError: the kernel for the device failed to build or load.
     """
     device = value.device.type
     if device not in SUPPORTED_DTYPES:
-        return f"the fused kernel has no implementation for device {value.device}"
+        raise KernelUnsupportedError(
+            f"the fused kernel has no implementation for device {value.device}")
     if value.dtype not in SUPPORTED_DTYPES[device]:
         names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES[device])
-        return f"the fused {device} kernel supports {names}; got {value.dtype}"
+        raise KernelUnsupportedError(
+            f"the fused {device} kernel supports {names}; got {value.dtype}")
     if _loaded[device] is None:
         _first_load(device)
     if _loaded["cpu"] is not True:
-        return f"the fused kernel failed to build: {_loaded['cpu']}"
+        raise KernelBuildError(f"the fused kernel failed to build: {_loaded['cpu']}")
     if _loaded[device] is not True:
-        return f"the fused {device} kernel failed to build: {_loaded[device]}"
-    return None
+        raise KernelBuildError(f"the fused {device} kernel failed to build: {_loaded[device]}")
 
 
 def warn_once(reason):
@@ -273,8 +210,9 @@ def ms_deform_attn_kernel(value, spatial_shapes, level_start_index, sampling_loc
 
     Checks the arguments, moves ``spatial_shapes`` and ``level_start_index`` to the
     device of ``value`` and makes every tensor contiguous (the kernels index raw
-    memory), then calls ``torch.ops.ddetr.ms_deform_attn``. Raises RuntimeError if the
-    kernel cannot be used for these tensors.
+    memory), then calls ``torch.ops.ddetr.ms_deform_attn``. Raises
+    KernelUnsupportedError or KernelBuildError (both RuntimeErrors) if the kernel
+    cannot be used for these tensors.
 
     Returns:
         (N, Lq, M * D)
@@ -285,9 +223,10 @@ def ms_deform_attn_kernel(value, spatial_shapes, level_start_index, sampling_loc
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
                                 sampling_locations, attention_weights,
                                 check_values=check_values)
-    reason = unavailable_reason(value)
-    if reason is not None:
-        raise RuntimeError(f"ms_deform_attn backend='kernel': {reason}")
+    try:
+        check_available(value)
+    except KernelUnavailableError as err:
+        raise type(err)(f"ms_deform_attn backend='kernel': {err}") from None
     device = value.device
     return torch.ops.ddetr.ms_deform_attn(
         value.contiguous(), spatial_shapes.to(device).contiguous(),

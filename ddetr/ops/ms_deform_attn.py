@@ -36,12 +36,13 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto" and isinstance(value, torch.Tensor):
-        reason = kernel.unavailable_reason(value)
-        if reason is None:
+        try:
+            kernel.check_available(value)
             backend = "kernel"
-        else:
-            if "failed to build" in reason:
-                kernel.warn_once(reason)
+        except kernel.KernelBuildError as err:
+            kernel.warn_once(str(err))
+            backend = "reference"
+        except kernel.KernelUnsupportedError:
             backend = "reference"
     if backend == "kernel":
         return kernel.ms_deform_attn_kernel(value, spatial_shapes, level_start_index,

@@ -1,11 +1,13 @@
-"""Plots for the book: a synthetic scene, attention maps, reference and sampling
-points (weights as marker sizes), per-level panels, boxes and log-log cost curves."""
+"""Plots for the book: attention maps, reference and sampling points (weights as marker
+sizes), per-level panels, boxes, log-log cost curves and the convergence experiment's
+figures; and what the early figures show: a toy scene and two hand-built heads."""
 from .attention import (plot_attention_maps, plot_level_sampling, plot_sampling_points,
                         sampling_points_on_axes)
 from .boxes import draw_boxes
 from .curves import plot_kernel_benchmark, plot_loglog
+from .handmade_heads import handmade_heads
 from .source import show_source
-from .scene import handmade_heads, pixel_features, synthetic_scene
+from .toy_scene import pixel_features, synthetic_scene
 
 __all__ = [
     "draw_boxes", "handmade_heads", "pixel_features", "plot_attention_maps", "plot_level_sampling",

@@ -2,41 +2,42 @@
 AP curves against epochs and wall time with the spread over seeds, AP by object size,
 and the sampling spread of a trained model against the size of its boxes.
 
-Every function takes the recorded results (``ddetr.experiment.load_results``) or
-arrays computed from a model, and returns the matplotlib Figure (or Axes it drew on).
+Every function takes the recorded results (``ddetr.experiments.results.load_results``)
+or arrays computed from a model (``ddetr.experiments.probes``), and returns the
+matplotlib Figure (or Axes it drew on). The statistics behind the figures live with
+the results (``ddetr.experiments.results``); the models and their labels come from
+the results too.
 """
 import matplotlib.pyplot as plt
 import numpy as np
 
-COLOURS = {"detr": "tab:gray", "deformable_single_scale": "tab:orange",
-           "deformable_multi_scale": "tab:blue", "deformable_refine": "tab:green",
-           "deformable_dab": "tab:purple"}
+from ..experiments.results import eval_curves, loss_curves, models_of, spearman
 
 
-def _curves(result, model, metric, x):
-    """The runs of one model as arrays: xs (seeds, evals), ys (seeds, evals), truncated
-    to the evaluations every seed has."""
-    runs = [r for r in result["runs"] if r["model"] == model]
-    n = min(len(r["evals"]) for r in runs)
-    xs = np.array([[e[x] for e in r["evals"][:n]] for r in runs], dtype=float)
-    ys = np.array([[e[metric] for e in r["evals"][:n]] for r in runs], dtype=float)
-    return xs, ys
+def model_colours(models):
+    """{model name: colour}: matplotlib's tab10 colours in the order of ``models``. Pass
+    every model of the result (``models_of(result)``) so that a model keeps its
+    colour in figures of a subset."""
+    cycle = plt.get_cmap("tab10").colors
+    return {model: cycle[i % len(cycle)] for i, model in enumerate(models)}
 
 
 def plot_convergence_curve(result, metric="AP", x="epoch", ax=None, models=None,
-                           percent=True):
-    """metric against x ("epoch", "step", "wall_s" or "cpu_s") for each model: the mean over
-    seeds as a line, the min-max over seeds as a band, each seed as faint dots."""
+                           percent=True, colours=None):
+    """metric against x ("epoch", "step", "wall_s" or "cpu_s") for each model (default:
+    all of the result's): the mean over seeds as a line, the min-max over seeds as a
+    band, each seed as faint dots. colours: {model: colour}, default model_colours."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4.6, 3.4))
     scale = 100.0 if percent else 1.0
-    names = models or list(dict.fromkeys(r["model"] for r in result["runs"]))
+    names = models or models_of(result)
+    colours = colours or model_colours(models_of(result))
     labels = {r["model"]: r["label"] for r in result["runs"]}
     for model in names:
         if model not in labels:
             continue
-        xs, ys = _curves(result, model, metric, x)
-        colour = COLOURS.get(model)
+        xs, ys = eval_curves(result, model, metric, x)
+        colour = colours.get(model)
         mean_x, mean_y = xs.mean(0), ys.mean(0) * scale
         ax.plot(mean_x, mean_y, "o-", color=colour, markersize=3,
                 label=f"{labels[model]} ({len(ys)} seed{'s' if len(ys) > 1 else ''})")
@@ -66,11 +67,13 @@ def plot_convergence(result, metric="AP", models=None, time="cpu_s"):
     return fig
 
 
-def plot_size_breakdown(rows, metrics=("APs", "APm", "APl"), ax=None):
+def plot_size_breakdown(rows, metrics=("APs", "APm", "APl"), ax=None, colours=None):
     """Grouped bars of AP by object size for the rows of
-    ``ddetr.experiment.summary_table`` (mean over seeds; the error bars span min-max)."""
+    ``ddetr.experiments.results.summary_table`` (mean over seeds; the error bars span
+    min-max). colours: {model: colour}, default model_colours of the rows' models."""
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3.2))
+    colours = colours or model_colours([row["model"] for row in rows])
     width = 0.8 / max(len(rows), 1)
     x = np.arange(len(metrics))
     for i, row in enumerate(rows):
@@ -78,7 +81,7 @@ def plot_size_breakdown(rows, metrics=("APs", "APm", "APl"), ax=None):
         low = mean - np.array([row[m + "_min"] for m in metrics]) * 100
         high = np.array([row[m + "_max"] for m in metrics]) * 100 - mean
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, mean, width, yerr=[low, high],
-               capsize=3, color=COLOURS.get(row["model"]),
+               capsize=3, color=colours.get(row["model"]),
                label=f"{row['label']} ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})")
     ax.set_xticks(x, [f"{m}\n({s})" for m, s in zip(metrics, ("small", "medium", "large"))])
     ax.set_ylabel("AP (%)")
@@ -121,32 +124,20 @@ def plot_spread_vs_size(box_sizes, spreads, levels_spread=None, ax=None):
     return ax
 
 
-def spearman(a, b):
-    """Spearman's rank correlation of two 1-d arrays (ties broken by order)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2:
-        return float("nan")
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def plot_loss_curves(result, models=None, ax=None, x="epoch"):
-    """The training loss (mean per 10 steps) of each model against epochs (or "step"):
-    the mean over seeds as a line, the min-max over seeds as a band."""
+def plot_loss_curves(result, models=None, ax=None, x="epoch", colours=None):
+    """The training loss (mean per 10 steps) of each model (default: all of the
+    result's) against epochs (or "step"): the mean over seeds as a line, the min-max
+    over seeds as a band. colours: {model: colour}, default model_colours."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4.6, 3.4))
-    names = models or list(dict.fromkeys(r["model"] for r in result["runs"]))
-    per_epoch = result["settings"]["batch_size"] / result["settings"]["train_images"]
-    for model in names:
-        runs = [r for r in result["runs"] if r["model"] == model and r.get("loss")]
-        if not runs:
+    colours = colours or model_colours(models_of(result))
+    labels = {r["model"]: r["label"] for r in result["runs"]}
+    for model in models or models_of(result):
+        xs, ys = loss_curves(result, model, x)
+        if xs is None:
             continue
-        n = min(len(r["loss"]["loss"]) for r in runs)
-        steps = np.array(runs[0]["loss"]["step"][:n], dtype=float)
-        xs = steps * per_epoch if x == "epoch" else steps
-        ys = np.array([r["loss"]["loss"][:n] for r in runs])
-        colour = COLOURS.get(model)
-        ax.plot(xs, ys.mean(0), color=colour, linewidth=1.2, label=runs[0]["label"])
+        colour = colours.get(model)
+        ax.plot(xs, ys.mean(0), color=colour, linewidth=1.2, label=labels[model])
         if len(ys) > 1:
             ax.fill_between(xs, ys.min(0), ys.max(0), color=colour, alpha=0.2, linewidth=0)
     ax.set_xlabel("epochs (passes over the training set)" if x == "epoch"

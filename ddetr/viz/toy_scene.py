@@ -1,8 +1,10 @@
-"""A small synthetic image drawn with numpy, so the book needs no downloads.
+"""A toy image drawn with numpy for the early chapters' figures (no downloads), and
+its stand-in for a backbone's features.
 
 The scene has a soft background and a few flat-coloured rectangles and discs. Each
 object's colour is one of a few class colours, so "pixels of the same kind" is easy to
-see, and its box is known exactly.
+see, and its box is known exactly. (The detector's training data is ``ddetr.data``'s
+synthetic dataset; this is one picture to look at.)
 """
 import numpy as np
 import torch
@@ -70,38 +72,3 @@ def pixel_features(image, stride=8):
     """
     x = torch.as_tensor(image).permute(2, 0, 1)[None]  # (1, 3, H, W)
     return F.avg_pool2d(x, stride)[0].permute(1, 2, 0).contiguous()
-
-
-def handmade_heads(features, colour_scale=30.0, position_scale=60.0):
-    """Queries and keys of two hand-built attention heads over a feature map.
-
-    A trained detector learns its query and key projections; here they are written
-    down so that what each head does is known in advance:
-
-    - head 0, *colour*: q = k = colour_scale * (feature - mean feature), so a pixel
-      attends to pixels of a similar colour;
-    - head 1, *position*: q_i . k_j = position_scale * (2 p_i . p_j - |p_j|^2), which is
-      -position_scale |p_i - p_j|^2 up to a term constant over keys (the softmax
-      ignores it), so a pixel attends to its neighbourhood.
-
-    Args:
-        features: (h, w, 3) tensor, e.g. from ``pixel_features``.
-
-    Returns:
-        q, k: (1, 2, h*w, 3) tensors (N=1, M=2 heads, D=3); scaled_dot_product_attention
-        divides by sqrt(3), included in the scales' effect.
-    """
-    h, w, c = features.shape
-    if c != 3:
-        raise ValueError(f"features must be (h, w, 3), got {tuple(features.shape)}")
-    f = features.reshape(h * w, 3)
-    colour = colour_scale ** 0.5 * (f - f.mean(0))
-    ys = (torch.arange(h, dtype=f.dtype) + 0.5) / h
-    xs = (torch.arange(w, dtype=f.dtype) + 0.5) / w
-    p = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
-    s = position_scale ** 0.5
-    q_pos = s * torch.cat([2 * p, torch.ones(h * w, 1)], 1)
-    k_pos = s * torch.cat([p, -(p ** 2).sum(1, keepdim=True)], 1)
-    q = torch.stack([colour, q_pos])[None]
-    k = torch.stack([colour, k_pos])[None]
-    return q, k

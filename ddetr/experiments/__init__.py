@@ -1,0 +1,25 @@
+"""Experiments and benchmarks: commands that measure the library and record results.
+
+The paper's claims in miniature (``python -m ddetr experiment convergence``):
+
+    convergence     the experiment: its models, one training run, the whole run
+    runner          runs the trainings one after the other or in a process pool
+    results         convergence.json: read, write, summary statistics, markdown table
+    probes          what a trained model learned: where its decoder queries sample
+    compact         the int8 weights the book loads instead of training
+
+The fused kernel against the reference (``python -m ddetr bench build | kernels``):
+
+    kernels         build the kernel; time and measure both; kernels_<device>.json/.md
+    kernel_inputs   the benchmark's shapes and model-like inputs (also chapter 5's)
+    timing          side-by-side timing, CUDA events, memory bandwidth
+    memory          peak memory of one call (fresh subprocess on the CPU)
+
+Shared by both:
+
+    machine         the machine, git commit and load average a result records
+
+Import the modules themselves (``from ddetr.experiments.results import load_results``):
+this package imports nothing on its own, so that ``bench build`` does not load the
+training engine.
+"""

@@ -1,0 +1,268 @@
+"""The paper's claims in miniature: ``python -m ddetr experiment convergence``.
+
+Deformable DETR (Zhu et al., ICLR 2021) claims that (1) it converges far faster than
+DETR -- better AP with 10x fewer epochs -- and (2) multi-scale feature maps help small
+objects most. This script trains, on the same synthetic set, with the same backbone
+and width (BASE below: the book's "cpu" preset as it was when the committed results
+were made -- ResNet-18 with frozen batch norm, d_model 128, 2+2 layers, 30 queries,
+one stage), the same number of optimizer steps and the same wall-clock cap, the models
+of RUNS below, and scores each with COCOeval every ``eval_every`` steps:
+
+    detr                    dense attention (ddetr.models.detr)
+    deformable_single_scale deformable attention on C5 only (num_feature_levels=1)
+    deformable_multi_scale  4 levels (C3-C5 + one extra stride-2 level)
+    deformable_refine       multi-scale + iterative bounding-box refinement
+    deformable_dab          + DAB-style anchor-box queries (query_anchors="dab"), the
+                            "what came next" illustration
+
+How a fixed step budget maps onto the engine: ``train`` evaluates after every "epoch",
+so a run is ``steps / eval_every`` engine epochs of ``iters_per_epoch = eval_every``
+batches each (each chunk draws its batches from a fresh shuffle of the training set,
+seeded by (seed, chunk)). The learning rate is never dropped (a 50-epoch schedule has
+no meaning at ~1 epoch). The epochs reported are real passes over the data:
+step * batch_size / number of training images. Time is training time only (evaluation
+excluded), as in the paper's figure, measured two ways: ``wall_s`` (the engine's
+``train_time_s``) and ``cpu_s`` (its ``train_cpu_s``, the process's CPU time). With one
+torch thread per run, CPU time is what the run would take alone on one core, whatever
+else the (shared) machine was doing; wall time also counts the waiting.
+
+Runs go to a process pool (``jobs``, see ``runner``), each process with ``threads``
+torch threads. Results are rewritten after every finished run, so an experiment that
+is cut short still leaves what finished.
+
+Output (``out_dir``; the CLI's default is benchmarks/ of the current directory):
+``convergence.json`` (schema in ``results``),
+``convergence.md`` (a short table) and, when the multi-scale seed-0 run is in the set,
+``convergence_multi_scale_seed0.pth``: its weights stored compactly (int8 per output
+channel for large matrices, fp16 for the rest) so that the book can show what the
+trained model learned without training it.
+
+The results file's schema is in ``ddetr.experiments.results``.
+"""
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import get_config
+from ..data import build_dataset, collate, generate_synthetic
+from ..engine import evaluate, train
+from ..models import count_parameters
+from .compact import load_compact, save_compact
+from .machine import git_commit, load_average, machine_description
+from .results import METRIC_KEYS, SCHEMA, write_results
+from .runner import run_jobs
+
+# (model name, label for plots, config overrides on top of the "cpu" preset)
+RUNS = [
+    ("detr", "DETR (dense)", {"architecture": "detr", "with_box_refine": False}),
+    ("deformable_single_scale", "Deformable, single scale",
+     {"num_feature_levels": 1, "with_box_refine": False}),
+    ("deformable_multi_scale", "Deformable, multi-scale",
+     {"num_feature_levels": 4, "with_box_refine": False}),
+    ("deformable_refine", "Deformable, multi-scale + refinement",
+     {"num_feature_levels": 4, "with_box_refine": True}),
+    ("deformable_dab", "Deformable + DAB anchor boxes",
+     {"num_feature_levels": 4, "with_box_refine": True, "query_anchors": "dab"}),
+]
+
+# Every run starts from the "cpu" preset with these values, those of the preset when
+# benchmarks/convergence.json was made (the preset has since moved to a RegNet backbone
+# and two-stage proposals, benchmarks/train_cpu.md); pinned so the command reproduces it.
+BASE = {"backbone": "resnet18", "backbone_norm": "frozen_bn", "dropout": 0.1,
+        "num_queries": 30, "two_stage": False, "lr": 2e-4, "lr_backbone": 1e-4,
+        "amp": False}
+
+# The paper's numbers (COCO val2017, ResNet-50), for the tables next to ours.
+PAPER = {
+    "source": "Zhu et al., Deformable DETR, ICLR 2021 (numbers as quoted in issue 7)",
+    "scales": [
+        {"model": "single scale", "epochs": 50, "AP": 39.4, "APs": 20.6},
+        {"model": "multi-scale", "epochs": 50, "AP": 44.5, "APs": 27.1},
+    ],
+    "convergence": "Deformable DETR (50 epochs) beats DETR (500 epochs), "
+                   "especially on small objects: 10x fewer epochs",
+}
+
+FULL = dict(steps=400, eval_every=100, seeds=(0, 1), jobs=2, threads=1,
+            time_limit_min=20.0, data_path="data/synthetic", train_images=1500,
+            val_images=200)
+QUICK = dict(steps=2, eval_every=1, seeds=(0,), jobs=1, threads=0,
+             time_limit_min=2.0, data_path="data/synthetic_experiment_quick",
+             train_images=8, val_images=4, image_size=128)
+
+COMPACT_NAME = "convergence_multi_scale_seed0.pth"
+
+
+def run_config(model, overrides, seed, settings, output_dir):
+    """The Config of one run: the cpu preset + BASE + the model's overrides + the budget."""
+    values = {**BASE, **overrides, "seed": seed, "output_dir": str(output_dir),
+              "data_path": settings["data_path"],
+              "synthetic_train_images": settings["train_images"],
+              "synthetic_val_images": settings["val_images"],
+              "iters_per_epoch": settings["eval_every"],
+              "epochs": settings["steps"] // settings["eval_every"],
+              "lr_drop": 10 ** 6, "eval_every": 1,
+              "time_limit_min": settings["time_limit_min"], "device": "cpu"}
+    if settings.get("image_size"):
+        size = settings["image_size"]
+        values.update(synthetic_image_size=size, train_scales=[size], max_size=size,
+                      val_scale=size)
+    return get_config("cpu", values)
+
+
+def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_after=None):
+    """Train one model/seed with the engine; return its record (see the schema), or
+    None when the time.time() not_after has passed before it could start."""
+    if not_after is not None and time.time() > not_after:
+        return None
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = run_config(model, overrides, seed, settings, run_dir)
+    t0 = time.perf_counter()
+    run = train(cfg, progress=False)
+    total = time.perf_counter() - t0
+    n_train = settings["train_images"]
+    evals, steps, wall, cpu = [], 0, 0.0, 0.0
+    for record in run["history"]:
+        steps += record["train_iterations"]
+        wall += record["train_time_s"]
+        cpu += record.get("train_cpu_s", float("nan"))
+        if "coco" in record:
+            evals.append({"step": steps, "epoch": round(steps * cfg.batch_size / n_train, 4),
+                          "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                          **{k: round(record["coco"][k], 5) for k in METRIC_KEYS}})
+    out = {"model": model, "label": label, "seed": seed, "overrides": overrides,
+           "params": count_parameters(run["model"])[0], "steps": steps,
+           "epochs": round(steps * cfg.batch_size / n_train, 4), "wall_s": round(wall, 2),
+           "cpu_s": round(cpu, 2), "total_s": round(total, 2),
+           "time_limited": bool(run["history"] and run["history"][-1].get("time_limited")),
+           "evals": evals, "loss": loss_curve(run["history"])}
+    if model == "deformable_multi_scale" and seed == 0:
+        out["compact"] = str(Path(run_dir) / COMPACT_NAME)
+        save_compact(run["model"], cfg, run["categories"], out["compact"],
+                     source={k: out[k] for k in ("model", "seed", "steps", "epochs")})
+        # what the int8 storage costs: the same evaluation with the restored weights
+        out["compact_AP"] = round(evaluate_compact(out["compact"], cfg)["AP"], 5)
+    return out
+
+
+def evaluate_compact(path, cfg):
+    """COCO metrics (the engine's evaluate) of the compact weights at path on the
+    validation set of cfg: what the int8 storage costs."""
+    model, postprocessor = load_compact(path)[:2]
+    val_set = build_dataset("val", cfg)
+    loader = DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate)
+    return evaluate(model, postprocessor, loader, val_set.coco, torch.device("cpu"),
+                    progress=False)
+
+
+def loss_curve(history, every=10):
+    """The training loss (weighted total, as optimised) averaged over every `every`
+    steps, from the engine's history (or log.jsonl records): {"step": [...], "loss": [...]}
+    with step the last step of each window. The loss is the same function for every
+    model (same matcher, criterion and number of decoder layers), so unlike AP near
+    zero it shows progress from the first steps."""
+    losses = [v for record in history for v in record.get("train_loss_per_iter", [])]
+    steps, means = [], []
+    for i in range(0, len(losses) - every + 1, every):
+        steps.append(i + every)
+        means.append(round(sum(losses[i:i + every]) / every, 4))
+    return {"step": steps, "loss": means}
+
+
+def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
+                    eval_every=None, jobs=None, threads=None, time_limit_min=None,
+                    runs_dir="runs/convergence", command=None, start_within_min=None):
+    """Train every (model, seed) of the experiment and write the results; returns them.
+
+    Args (None = the mode's default, FULL or QUICK above):
+        out_dir: where convergence.json/.md (and the compact checkpoint) go.
+        quick: a few steps on a tiny generated set (CI).
+        models: names from RUNS (default all); seeds: iterable of ints.
+        steps, eval_every: optimizer steps per run, steps between COCO evaluations.
+        jobs: runs at a time (processes); threads: torch threads per run (0 = default).
+        time_limit_min: wall-clock cap per run (training + evaluation).
+        runs_dir: the engine's output folders (checkpoints, logs), one per run.
+        command: the command line recorded in the results (default: the CLI's).
+        start_within_min: no run starts later than this many minutes after the
+            experiment did (those left are listed as "pending"); None = no limit.
+
+    Returns:
+        the results (a dict in the schema of ``ddetr.experiments.results``), also
+        written to ``out_dir/convergence.json`` and ``.md`` after every finished run.
+    """
+    settings = dict(QUICK if quick else FULL)
+    for key, value in dict(steps=steps, eval_every=eval_every, jobs=jobs, threads=threads,
+                           time_limit_min=time_limit_min, seeds=seeds).items():
+        if value is not None:
+            settings[key] = value
+    settings["seeds"] = list(settings["seeds"])
+    settings["start_within_min"] = start_within_min
+    if settings["steps"] % settings["eval_every"]:
+        raise ValueError(f"steps ({settings['steps']}) must be a multiple of eval_every "
+                         f"({settings['eval_every']})")
+    known = [r[0] for r in RUNS]
+    models = list(models or known)
+    unknown = sorted(set(models) - set(known))
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; expected some of {known}")
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+
+    # every seed of the first models before later ones: if time runs out, what is
+    # missing is the tail (the most expensive variants' second seeds)
+    first = [r for r in RUNS if r[0] in models]
+    late = ("deformable_refine", "deformable_dab")
+    order = [(r, settings["seeds"][0]) for r in first]
+    order += [(r, s) for s in settings["seeds"][1:] for r in first if r[0] not in late]
+    order += [(r, s) for s in settings["seeds"][1:] for r in first if r[0] in late]
+    cfg0 = run_config("detr", {}, 0, settings, runs_dir)
+    generate_synthetic(cfg0.data_path, cfg0.synthetic_train_images,   # once, before
+                       cfg0.synthetic_val_images, cfg0.synthetic_image_size,  # the workers
+                       cfg0.synthetic_seed, verbose=True)                     # read it
+
+    commit, dirty = git_commit()
+    result = {"schema": SCHEMA,
+              "command": command or "python -m ddetr experiment convergence"
+                                    + (" --quick" if quick else ""),
+              "commit": commit, "dirty": dirty,
+              "machine": machine_description("cpu"),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "quick": quick, "load_average": {"start": load_average(), "end": None},
+              "settings": {"preset": "cpu", "batch_size": cfg0.batch_size, **settings},
+              "runs": [], "pending": [f"{r[0]}/seed{s}" for r, s in order],
+              "paper": PAPER}
+    result["machine"]["torch_threads"] = settings["threads"] or torch.get_num_threads()
+    write_results(result, out_dir)
+    t_start = time.perf_counter()
+
+    def finished(record):
+        if record is None:              # skipped: started too late (stays "pending")
+            return
+        result["runs"].append(record)
+        result["runs"].sort(key=lambda r: (known.index(r["model"]), r["seed"]))
+        result["pending"].remove(f"{record['model']}/seed{record['seed']}")
+        if record.get("compact"):
+            target = out_dir / COMPACT_NAME
+            Path(record["compact"]).replace(target)
+            record["compact"] = str(target)
+        result["load_average"]["end"] = load_average()
+        result["wall_total_s"] = round(time.perf_counter() - t_start, 1)
+        write_results(result, out_dir)
+        print(f"done {record['model']} seed {record['seed']}: {record['steps']} steps, "
+              f"{record['wall_s']:.0f} s, AP {record['evals'][-1]['AP']:.4f}", flush=True)
+
+    def failed(args, error):
+        name, seed = args[0], args[3]
+        result.setdefault("failed", []).append(f"{name}/seed{seed}: {error!r}")
+        write_results(result, out_dir)
+
+    not_after = None if start_within_min is None else time.time() + 60 * start_within_min
+    jobs_args = [(name, label, overrides, seed, settings, runs_dir / f"{name}_seed{seed}",
+                  settings["threads"], not_after)
+                 for (name, label, overrides), seed in order]
+    run_jobs(train_run, jobs_args, settings["jobs"], finished, failed)
+    return result
+

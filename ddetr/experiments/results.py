@@ -1,0 +1,165 @@
+"""The convergence experiment's results file, and what is computed from it.
+
+``run_convergence`` (``ddetr.experiments.convergence``) writes ``convergence.json`` and
+``convergence.md`` into its output folder; the book reads them back with
+``load_results`` and summarises them with ``summary_table``, ``eval_curves``,
+``loss_curves`` and ``spearman``.
+
+Schema of convergence.json (version "ddetr.convergence/1")::
+
+    {"schema", "command", "commit", "dirty", "machine": {cpu, cpu_cores, torch, ...},
+     "date", "quick", "load_average": {"start", "end"},
+     "settings": {preset, steps, eval_every, batch_size, train_images, val_images,
+                  time_limit_min, start_within_min, jobs, threads, seeds, data_path},
+     "runs": [{"model", "label", "seed", "overrides", "params", "steps", "epochs",
+               "wall_s", "cpu_s", "total_s", "time_limited",
+               "evals": [{"step", "epoch", "wall_s", "cpu_s", "AP", "AP50", "AP75",
+                          "APs", "APm", "APl"}],
+               "loss": {"step": [...], "loss": [...]},   # mean training loss per 10 steps
+               "compact", "compact_AP"}],         # the last two: multi-scale seed 0 only
+     "pending": ["<model>/seed<k>", ...],   # runs not finished (or not started in time)
+     "failed": [...],                       # only if a run raised
+     "wall_total_s",                        # from the start to the last finished run
+     "notes": [...],                        # optional: remarks added to a recorded file
+     "paper": {...}}                        # the paper's numbers, for the tables
+
+Metrics are COCOeval's, in [0, 1].
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = "ddetr.convergence/1"
+METRIC_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def load_results(path):
+    """The recorded results of ``path`` (a convergence.json: a dict in the schema above).
+    The book passes ``../benchmarks/convergence.json``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file at {path} (convergence.json written by "
+                                f"python -m ddetr experiment convergence)")
+    result = json.loads(path.read_text())
+    if result.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: schema {result.get('schema')!r}, expected {SCHEMA!r}")
+    return result
+
+
+def write_results(result, out_dir):
+    """Write ``convergence.json`` (atomically: a reader never sees half a file) and its
+    table ``convergence.md`` into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".convergence.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out_dir / "convergence.json")
+    (out_dir / "convergence.md").write_text(markdown_summary(result))
+
+
+def models_of(result):
+    """The model names of the result's runs, in the order they first appear."""
+    return list(dict.fromkeys(r["model"] for r in result["runs"]))
+
+
+def summary_table(result, metrics=METRIC_KEYS, at_step=None):
+    """Per model: mean, min and max over seeds of each metric at the final common step
+    (or at_step). Returns a list of dicts {"model", "label", "seeds", "step", "epoch",
+    "wall_s", metric: mean, metric + "_min", metric + "_max"}."""
+    by_model = {}
+    for run in result["runs"]:
+        by_model.setdefault(run["model"], []).append(run)
+    rows = []
+    for model, runs in by_model.items():
+        step = at_step or min(r["evals"][-1]["step"] for r in runs)
+        evals = []
+        for r in runs:
+            matching = [e for e in r["evals"] if e["step"] <= step]
+            if matching:
+                evals.append(matching[-1])
+        if not evals:
+            continue
+        row = {"model": model, "label": runs[0]["label"], "seeds": len(evals),
+               "step": step, "epoch": evals[0]["epoch"],
+               "wall_s": sum(e["wall_s"] for e in evals) / len(evals),
+               "cpu_s": sum(e.get("cpu_s", float("nan")) for e in evals) / len(evals)}
+        for m in metrics:
+            values = [e[m] for e in evals]
+            row[m] = sum(values) / len(values)
+            row[m + "_min"], row[m + "_max"] = min(values), max(values)
+        rows.append(row)
+    return rows
+
+
+def eval_curves(result, model, metric="AP", x="epoch"):
+    """The runs of one model as arrays: xs (seeds, evals) of the evaluation key x
+    ("epoch", "step", "wall_s" or "cpu_s") and ys (seeds, evals) of the metric,
+    truncated to the evaluations every seed has."""
+    runs = [r for r in result["runs"] if r["model"] == model]
+    if not runs:
+        raise ValueError(f"no runs of model {model!r}; the result has {models_of(result)}")
+    n = min(len(r["evals"]) for r in runs)
+    xs = np.array([[e[x] for e in r["evals"][:n]] for r in runs], dtype=float)
+    ys = np.array([[e[metric] for e in r["evals"][:n]] for r in runs], dtype=float)
+    return xs, ys
+
+
+def loss_curves(result, model, x="epoch"):
+    """The training loss (mean per 10 steps) of one model's runs that recorded it:
+    xs (windows,) in epochs (or optimizer steps for x="step") and ys (seeds, windows),
+    truncated to the windows every seed has; (None, None) if no run recorded a loss."""
+    runs = [r for r in result["runs"] if r["model"] == model and r.get("loss")]
+    if not runs:
+        return None, None
+    n = min(len(r["loss"]["loss"]) for r in runs)
+    steps = np.array(runs[0]["loss"]["step"][:n], dtype=float)
+    per_epoch = result["settings"]["batch_size"] / result["settings"]["train_images"]
+    xs = steps * per_epoch if x == "epoch" else steps
+    return xs, np.array([r["loss"]["loss"][:n] for r in runs], dtype=float)
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two 1-d arrays (ties broken by order)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def markdown_summary(result):
+    """convergence.md: how the numbers were made, and one table."""
+    s, m = result["settings"], result["machine"]
+    lines = ["# Convergence and scales, in miniature",
+             "",
+             f"Command: `{result['command']}`  ",
+             f"Commit: `{result['commit']}`{' (with uncommitted changes)' if result['dirty'] else ''}  ",
+             f"Machine: {m.get('cpu')}, {m.get('cpu_cores')} cores, torch {m.get('torch')}, "
+             f"{s['jobs']} runs at a time with {result['machine']['torch_threads']} "
+             f"thread(s) each  ",
+             f"Date: {result['date']}; load average at start {result['load_average']['start']}"
+             f", at the last result {result['load_average']['end']}  ",
+             f"Budget per run: {s['steps']} steps of batch {s['batch_size']} "
+             f"({s['train_images']} training images), COCOeval every {s['eval_every']} steps "
+             f"on {s['val_images']} validation images, wall cap {s['time_limit_min']} min"
+             + ("  \n**Quick mode (CI): the numbers mean nothing.**" if result["quick"] else ""),
+             "",
+             "Mean over seeds (min-max), metrics in %, at the last common step:",
+             "",
+             "| model | seeds | step | epochs | CPU s | wall s | AP | AP50 | APs | APm | APl |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in summary_table(result):
+        cells = [f"{100 * row[k]:.2f} ({100 * row[k + '_min']:.2f}-{100 * row[k + '_max']:.2f})"
+                 for k in ("AP", "AP50", "APs", "APm", "APl")]
+        lines.append(f"| {row['label']} | {row['seeds']} | {row['step']} | {row['epoch']:.2f} "
+                     f"| {row['cpu_s']:.0f} | {row['wall_s']:.0f} | " + " | ".join(cells) + " |")
+    if result["pending"]:
+        lines += ["", f"Not finished: {', '.join(result['pending'])}"]
+    if result.get("failed"):
+        lines += ["", f"Failed: {'; '.join(result['failed'])}"]
+    if "wall_total_s" in result:
+        lines += ["", f"Wall time of the whole experiment: {result['wall_total_s'] / 60:.1f} min"]
+    for note in result.get("notes", []):
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines) + "\n"
