@@ -330,7 +330,7 @@ def resume_changes(saved, cfg, path):
                            for k, (a, b) in refused.items())
         raise CheckpointError(f"checkpoint {path} was written with other settings ({listed}); "
                               f"resume it with its own, or train into another output_dir "
-                              f"(keys that may change: {', '.join(RESUMABLE_KEYS)})")
+                              f"(the keys that may change: ddetr.config.RESUMABLE_KEYS)")
     return differ
 
 
