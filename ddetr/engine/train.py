@@ -35,7 +35,7 @@ from .checkpoint import (CheckpointError, config_record, get_rng_state, load_che
                          set_rng_state)
 from .evaluate import evaluate, format_table
 from .precision import autocast, needs_grad_scaler
-from .run_folder import (CHECKPOINT_NAME, append_log, lock_run_folder, read_log,
+from .run_folder import (CHECKPOINT_NAME, append_log, lock_run_folder,
                          refuse_previous_run, remove_stale_temporaries, start_log)
 
 # resumable keys that are set on the restored optimizer and scheduler
