@@ -187,3 +187,26 @@ def _check_type(key, value):
 def config_to_dict(cfg):
     """A plain dict (for checkpoints and logs)."""
     return dataclasses.asdict(cfg)
+
+
+# --- checkpoints: the keys that define a model, and those a resumed run may change ------
+# A checkpoint's weights fit only the model these keys build (ddetr.engine.checkpoint
+# refuses overrides of them when it loads a checkpoint for evaluation or a demo).
+MODEL_KEYS = ("architecture", "backbone", "backbone_norm", "dilation", "num_feature_levels",
+              "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward",
+              "enc_n_points", "dec_n_points", "num_queries", "num_classes",
+              "with_box_refine", "two_stage", "query_anchors")
+
+# Keys that ``train(cfg, resume=...)`` applies when they differ from the checkpoint's:
+# the run's length and budget, evaluation and logging, the machine (workers, device,
+# the operator's backend: the same function), where the run folder is now, the
+# initial backbone weights (used only before the first epoch), and the optimisation
+# settings that the loop reads afresh or that are set on the restored optimizer and
+# scheduler (the rates, weight decay, the step of the drop, clipping). Every other
+# key (the model, the loss, the data, batch size, seed, precision) would make the
+# continued run a different one than its checkpoint records: a resume that changes one
+# is refused, naming it. data_path may move to another existing folder.
+RESUMABLE_KEYS = ("epochs", "time_limit_min", "eval_every", "iters_per_epoch", "tensorboard",
+                  "num_workers", "device", "attention_backend", "find_unused_parameters",
+                  "output_dir", "backbone_weights", "lr", "lr_backbone",
+                  "lr_linear_proj_mult", "weight_decay", "lr_drop", "clip_max_norm")

@@ -48,7 +48,7 @@ def test_save_is_atomic_when_killed_mid_write(tmp_path):
 def test_corrupt_checkpoint_is_named(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="bad.pth"):
+    with pytest.raises(ValueError, match="bad.pth"):
         load_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_checkpoint(tmp_path / "missing.pth")

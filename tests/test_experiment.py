@@ -10,7 +10,7 @@ import torch
 
 from ddetr.__main__ import main
 from ddetr.config import get_config
-from ddetr.experiments.compact import load_compact
+from ddetr.engine.checkpoint import load_compact
 from ddetr.experiments.convergence import RUNS
 from ddetr.experiments.results import (METRIC_KEYS, SCHEMA, eval_curves, load_results,
                                        loss_curves, markdown_summary, models_of, spearman,

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from ddetr.config import get_config
-from ddetr.models import (CheckpointMismatchError, build_model, count_parameters,
-                          load_official_checkpoint, load_state_dict_strict, record_sampling)
+from ddetr.engine.checkpoint import (CheckpointMismatchError, load_official_checkpoint,
+                                    load_state_dict_strict)
+from ddetr.models import build_model, count_parameters, record_sampling
 from ddetr.models.detr import MLP
 from ddetr.nn import DeformableTransformer, PositionEmbeddingSine, Transformer
 from ddetr.nn.deformable_transformer import get_clones

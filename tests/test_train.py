@@ -1,16 +1,21 @@
-"""Training end to end on CPU: train, checkpoint, resume, evaluate, kill, torchrun."""
+"""Training end to end on CPU: train, checkpoint, resume, evaluate, kill, torchrun; the
+run folder (lock, refusal, a log never truncated), resume overrides, divergence."""
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
 
 from conftest import kill_when_flagged
 from ddetr.config import get_config
-from ddetr.engine import evaluate_checkpoint, load_checkpoint, read_log, train
+from ddetr.engine import (CheckpointError, RunFolderError, TrainingDiverged,
+                          evaluate_checkpoint, load_checkpoint, read_log, train)
 from ddetr.engine.evaluate import METRICS
+from ddetr.engine.run_folder import lock_run_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,3 +176,124 @@ def test_tensorboard_logs_losses_and_coco_metrics(tmp_path):
     losses = events.Scalars("train/loss")
     assert [e.step for e in losses] == [1, 2]
     assert losses[-1].value == pytest.approx(run["history"][-1]["train_loss"], rel=1e-6)
+
+
+# --- the run folder ------------------------------------------------------------------
+def test_a_locked_run_folder_is_refused_until_its_holder_dies(tmp_path):
+    """A second run into a folder that a live run holds is refused; when the holder is
+    killed (a crash: no clean-up), the operating system releases the lock."""
+    out, flag = tmp_path / "run", tmp_path / "locked"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from ddetr.engine.run_folder import lock_run_folder
+        with lock_run_folder({str(out)!r}):
+            open({str(flag)!r}, "w").close()
+            time.sleep(120)
+    """)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists() and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert flag.exists(), "the holder never took the lock"
+        with pytest.raises(RunFolderError, match="is in use by another run") as info:
+            train(tiny_cfg(tmp_path, epochs=1), progress=False)
+        assert str(out) in str(info.value) and f"pid {holder.pid}" in str(info.value)
+        assert not (out / "checkpoint.pth").exists()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    with lock_run_folder(out):                     # released by the holder's death
+        with pytest.raises(RunFolderError):        # and held by this process now
+            train(tiny_cfg(tmp_path, epochs=1), progress=False)
+
+
+def test_a_new_run_never_overwrites_a_previous_one(tmp_path):
+    train(tiny_cfg(tmp_path, epochs=1), progress=False)
+    log, ckpt = tmp_path / "run" / "log.jsonl", tmp_path / "run" / "checkpoint.pth"
+    before = log.read_bytes(), ckpt.read_bytes()
+    with pytest.raises(RunFolderError, match="holds a previous run .*resume") as info:
+        train(tiny_cfg(tmp_path, epochs=2), progress=False)
+    assert str(tmp_path / "run") in str(info.value)
+    assert (log.read_bytes(), ckpt.read_bytes()) == before
+
+
+@pytest.mark.slow
+def test_resume_applies_resumable_overrides_and_refuses_the_others(tmp_path, capsys):
+    train(tiny_cfg(tmp_path, epochs=1, lr=1e-4), progress=False)
+    run = train(tiny_cfg(tmp_path, epochs=2, lr=3e-4), resume=True, progress=False)
+    # TINY drops the rate tenfold after every epoch (lr_drop=1): epoch 2 ran at 3e-5
+    assert run["history"][1]["lr"] == pytest.approx(3e-5)
+    state = load_checkpoint(run["checkpoint"])
+    assert state["config"]["lr"] == 3e-4 and state["config"]["epochs"] == 2
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-6)
+    before = run["checkpoint"].read_bytes()
+    with pytest.raises(CheckpointError, match="batch_size: 2 in the checkpoint, 4 now"):
+        train(tiny_cfg(tmp_path, epochs=3, lr=3e-4, batch_size=4), resume=True,
+              progress=False)
+    assert run["checkpoint"].read_bytes() == before
+    # nothing left to train: an honest message and the checkpoint that exists
+    again = train(tiny_cfg(tmp_path, epochs=2, lr=3e-4), resume=True, progress=True)
+    assert "nothing to train" in capsys.readouterr().out
+    assert again["checkpoint"] == run["checkpoint"] and len(again["history"]) == 2
+
+
+@pytest.mark.slow
+def test_the_log_is_only_ever_appended(tmp_path):
+    """Resuming from an earlier checkpoint keeps the later epochs' lines in the file;
+    read_log sets them aside behind the resume line."""
+    run_dir = tmp_path / "run"
+    train(tiny_cfg(tmp_path, epochs=1), progress=False)
+    (run_dir / "epoch1.pth").write_bytes((run_dir / "checkpoint.pth").read_bytes())
+    train(tiny_cfg(tmp_path, epochs=2), resume=True, progress=False)
+    before = (run_dir / "log.jsonl").read_bytes()
+    train(tiny_cfg(tmp_path, epochs=2), resume=run_dir / "epoch1.pth", progress=False)
+    after = (run_dir / "log.jsonl").read_bytes()
+    assert after.startswith(before) and len(after) > len(before)
+    assert [r["epoch"] for r in read_log(run_dir / "log.jsonl")] == [1, 2]
+    assert b'"resumed_at_epoch": 1' in after[len(before):]
+
+
+def test_eval_every_zero_evaluates_only_at_the_end(tmp_path):
+    run = train(tiny_cfg(tmp_path, epochs=2, eval_every=0), progress=False)
+    assert ["coco" in r for r in run["history"]] == [False, True]
+    assert set(run["stats"]) == set(METRICS)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """The model's outputs turn NaN at the first step of epoch 2 (the matcher's cost is
+    then NaN): the run stops saying so, and epoch 1's checkpoint stays as it was."""
+    import importlib
+    T = importlib.import_module("ddetr.engine.train")
+    real_build, steps = T.build_model, []
+
+    def build_model(cfg):
+        model, criterion, postprocessor = real_build(cfg)
+
+        def poison(module, inputs, outputs):
+            if module.training:
+                steps.append(1)
+                if len(steps) > 2:          # TINY: two steps per epoch
+                    outputs["pred_logits"] = outputs["pred_logits"] * float("nan")
+            return outputs
+
+        model.register_forward_hook(poison)
+        return model, criterion, postprocessor
+
+    ckpt = tmp_path / "run" / "checkpoint.pth"
+    saved, real_save = [], T.save_checkpoint
+
+    def save(state, path):                 # the bytes of every checkpoint written
+        real_save(state, path)
+        saved.append(path.read_bytes())
+
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    monkeypatch.setattr(T, "build_model", build_model)
+    with pytest.raises(TrainingDiverged) as info:
+        train(tiny_cfg(tmp_path, epochs=2), progress=False)
+    text = str(info.value)
+    assert "diverged at epoch 2, iteration 1" in text and "pred_logits" in text
+    assert f"{ckpt} (epoch 1), is kept" in text and "\n" not in text
+    assert len(saved) == 1 and ckpt.read_bytes() == saved[0]      # epoch 1's, untouched
+    assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl")] == [1]

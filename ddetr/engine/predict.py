@@ -2,54 +2,37 @@
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from ..config import get_config
 from ..data import build_dataset, collate, make_transforms
-from .checkpoint import load_checkpoint
+from .checkpoint import load_model, require_data
 from .evaluate import evaluate
 from .train import resolve_device
 
 
-def load_trained(checkpoint, device="cpu", overrides=None):
-    """(model in eval mode, postprocessor, cfg, categories {id: name}) from a checkpoint.
+def load_trained(checkpoint, device="cpu", overrides=None, config=None):
+    """(model in eval mode on device, postprocessor, cfg, categories {id: name}) from a
+    checkpoint: ddetr's own, compact weights, or an official release.
 
     overrides: dict or "key=value" list applied on top of the checkpoint's config
-    (e.g. a different data_path)."""
-    from ..models import build_model
-
-    state = load_checkpoint(checkpoint)
-    saved = dict(state.get("config", {}))
-    cfg = get_config("cpu", saved)                  # every key is in the checkpoint
-    if overrides:
-        cfg = get_config("cpu", {**saved, **_as_dict(overrides)})
-    model, _, postprocessor = build_model(cfg)
-    model.load_state_dict(state["model"])
-    device = resolve_device(device)
-    model.to(device).eval()
-    return model, postprocessor, cfg, state.get("categories", {})
-
-
-def _as_dict(overrides):
-    """A dict, or "key=value" strings parsed as YAML scalars (as get_config does)."""
-    if isinstance(overrides, dict):
-        return overrides
-    out = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override must look like key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(text)
-    return out
+        (e.g. a different data_path); the model's keys cannot change.
+    config: a preset name or YAML path for a checkpoint that carries no config (the
+        official releases: ``load_trained("r50_deformable_detr-checkpoint.pth",
+        config="paper")``, whose boxes get COCO's category names).
+    """
+    model, postprocessor, cfg, categories = load_model(checkpoint, config, overrides)
+    model.to(resolve_device(device))
+    return model, postprocessor, cfg, categories
 
 
 def evaluate_checkpoint(checkpoint, device="cpu", overrides=None, split="val",
-                        progress=True):
-    """COCO metrics of a checkpoint on a split of its config's data."""
-    model, postprocessor, cfg, _ = load_trained(checkpoint, device, overrides)
+                        progress=True, config=None):
+    """COCO metrics of a checkpoint on a split of its config's data (a checkpoint's
+    data_path that does not exist here is refused unless overrides name one)."""
+    model, postprocessor, cfg, _ = load_trained(checkpoint, device, overrides, config)
+    require_data(cfg, checkpoint, overrides)
     dataset = build_dataset(split, cfg)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
                         num_workers=cfg.num_workers)

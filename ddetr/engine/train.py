@@ -7,14 +7,19 @@ a JSON-lines log and atomic checkpoints that ``resume`` continues exactly.
     run = train(get_config("cpu", {"epochs": 2}))
     run["history"][-1]["coco"]["AP"]
 
-Files in cfg.output_dir: ``checkpoint.pth`` (after every epoch), ``log.jsonl`` (one
-line per epoch: losses, learning rate, throughput, COCO metrics when evaluated).
+Files in cfg.output_dir (ddetr.engine.run_folder): ``checkpoint.pth`` (after every
+epoch), ``log.jsonl`` (one line per epoch, never truncated: losses, learning rate,
+throughput, COCO metrics when evaluated) and ``.lock``, held while a run trains.
+A loss, a model output or a weight that is not finite stops the run (TrainingDiverged),
+leaving the last good checkpoint as it was.
 """
-import json
 import math
+import os
 import random
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +27,23 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..config import config_to_dict
 from ..data import build_dataset, collate, generate_synthetic
+from ..models import build_model
 from . import distributed as dist
-from .checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, config_record, get_rng_state, load_checkpoint,
+                         load_state_dict_strict, resume_changes, save_checkpoint,
+                         set_rng_state)
 from .evaluate import evaluate, format_table
 from .precision import autocast, needs_grad_scaler
+from .run_folder import (CHECKPOINT_NAME, append_log, lock_run_folder,
+                         refuse_previous_run, remove_stale_temporaries, start_log)
+
+# resumable keys that are set on the restored optimizer and scheduler
+OPTIMISER_KEYS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop")
+
+
+class TrainingDiverged(FloatingPointError, ValueError):
+    """A loss, a model output or a weight became NaN or infinite."""
 
 
 # --- pieces ------------------------------------------------------------------------
@@ -40,7 +56,6 @@ def resolve_device(name):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available")
     if name == "cuda":
-        import os
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(name)
 
@@ -144,11 +159,20 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
         with autocast(device, cfg.amp):
             outputs = model(imgs, masks)
         outputs = _to_float(outputs)
-        loss_dict = criterion(outputs, targets)
+        where = f"at epoch {epoch + 1}, iteration {it + 1}"
+        try:
+            loss_dict = criterion(outputs, targets)
+        except ValueError as e:           # the matcher's cost holds NaN: scipy refuses it
+            bad = _not_finite(outputs)
+            if bad:
+                raise TrainingDiverged(f"training diverged {where}: the model's outputs "
+                                       f"{', '.join(bad)} are not finite") from e
+            raise
         loss = sum(loss_dict[k] * weights[k] for k in weights if k in loss_dict)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, "
-                                     f"iteration {it}: {_floats(loss_dict)}")
+            bad = _not_finite(loss_dict) or _not_finite(outputs)
+            raise TrainingDiverged(f"training diverged {where}: loss is {loss.item()} "
+                                   f"(not finite: {', '.join(bad)})")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
@@ -199,39 +223,110 @@ def _to_float(outputs):
     return outputs
 
 
-def _floats(d):
-    return {k: round(float(v), 4) for k, v in d.items()}
+def _not_finite(tensors):
+    """The names of the tensors in a dict that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 # --- the run -----------------------------------------------------------------------
 def train(cfg, resume=None, progress=True):
-    """Train cfg's model on cfg's data; evaluate every cfg.eval_every epochs and at the end.
+    """Train cfg's model on cfg's data; evaluate every cfg.eval_every epochs (0: only at
+    the end) and at the end.
 
     Args:
         cfg: a ddetr.config.Config.
-        resume: None; True for cfg.output_dir/checkpoint.pth; or a checkpoint path;
-            "auto" resumes when cfg.output_dir/checkpoint.pth exists (a finished run
-            then just returns its results).
-            The run continues with the checkpoint's model, optimizer, scheduler, scaler,
-            RNG states and epoch (cfg.epochs may be raised to train longer).
+        resume: None for a new run (refused in an output_dir that holds a previous
+            run); True for cfg.output_dir/checkpoint.pth; or a checkpoint path; "auto"
+            resumes when cfg.output_dir/checkpoint.pth exists (a finished run then just
+            returns its results). The run continues with the checkpoint's model,
+            optimizer, scheduler, scaler, RNG states and epoch; the keys of
+            ddetr.config.RESUMABLE_KEYS may differ from the checkpoint's and are applied
+            (e.g. a higher cfg.epochs trains longer, a new lr is set on the optimizer),
+            any other changed key is refused.
         progress: show tqdm progress bars (stderr); a number sets the seconds between
             their updates (e.g. 30 in a notebook that is rendered as a page).
     Returns:
         dict: "history" (one dict per epoch, as in log.jsonl), "stats" (the last COCO
-        evaluation), "model" (unwrapped), "criterion", "postprocessor", "checkpoint".
+        evaluation), "model" (unwrapped), "criterion", "postprocessor", "checkpoint"
+        (its path, None when there is none), "categories".
     """
-    from ..models import build_model
-
     device = resolve_device(cfg.device)
     rank, world = dist.init_distributed(device)
     out_dir = Path(cfg.output_dir)
-    ckpt_path = out_dir / "checkpoint.pth"
-    log_path = out_dir / "log.jsonl"
-    if dist.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):   # left by a killed save
-            stale.unlink()
+    with lock_run_folder(out_dir) if dist.is_main_process() else nullcontext():
+        resume_path = _checkpoint_to_resume(resume, out_dir)
+        if dist.is_main_process():
+            if resume_path is None:
+                refuse_previous_run(out_dir)
+            remove_stale_temporaries(out_dir)
+        run = _build_run(cfg, device, rank, world, progress)
+        if resume_path is not None:
+            _resume(run, resume_path)
+        if run.start_epoch >= cfg.epochs:
+            _say_nothing_to_train(run)
+            return _result(run)
+        if dist.is_main_process():
+            start_log(out_dir, run.history, run.resumed_at, resume_path, run.changed)
+        _wrap_for_ddp(run)
+        try:
+            _train_epochs(run)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"{e}; {_what_is_kept(run)}") from e
+        finally:
+            if run.writer is not None:
+                run.writer.close()
+    return _result(run)
 
+
+@dataclass
+class _Run:
+    """Everything one training run holds (the model unwrapped; ddp_model trains)."""
+    cfg: object
+    device: torch.device
+    rank: int
+    world: int
+    progress: object
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    postprocessor: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    train_set: object
+    train_loader: DataLoader
+    val_set: object
+    val_loader: DataLoader
+    categories: dict
+    ddp_model: torch.nn.Module = None
+    writer: object = None
+    history: list = field(default_factory=list)
+    stats: dict = None
+    resumed_at: int = None            # the checkpoint's epoch, when resumed
+    changed: dict = field(default_factory=dict)   # resumable keys changed on resume
+
+    @property
+    def start_epoch(self):
+        if self.history and self.history[-1].get("time_limited"):
+            return self.cfg.epochs                  # a time-limited run is finished
+        return len(self.history)
+
+    @property
+    def checkpoint(self):
+        return Path(self.cfg.output_dir) / CHECKPOINT_NAME
+
+
+def _checkpoint_to_resume(resume, out_dir):
+    """The checkpoint path that resume names, or None for a new run."""
+    if resume == "auto":
+        resume = True if (out_dir / CHECKPOINT_NAME).is_file() else None
+    if not resume:
+        return None
+    return out_dir / CHECKPOINT_NAME if resume is True else Path(resume)
+
+
+def _build_run(cfg, device, rank, world, progress):
+    """The model, its optimizer and the data, seeded as every run is."""
     seed_everything(cfg.seed)                       # same initial weights on every rank
     model, criterion, postprocessor = build_model(cfg)
     model.to(device)
@@ -240,129 +335,175 @@ def train(cfg, resume=None, progress=True):
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
     seed_everything(cfg.seed + rank)                # different augmentations per rank
     train_set, train_loader, val_set, val_loader = build_loaders(cfg, rank, world)
-
-    start_epoch, history = 0, []
-    if resume == "auto":
-        resume = True if ckpt_path.is_file() else None
-    if resume:
-        path = ckpt_path if resume is True else Path(resume)
-        state = load_checkpoint(path)
-        _check_same_model(state.get("config", {}), cfg, path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["lr_scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, history = state["epoch"], state.get("history", [])
-        rng = state["rng"]
-        if len(rng) != world:
-            raise ValueError(f"checkpoint {path} was written by {len(rng)} processes, "
-                             f"this run has {world}; RNG states cannot be matched")
-        set_rng_state(rng[rank])
-        if dist.is_main_process():                  # drop log lines past the checkpoint
-            _write_log(log_path, history)
-    elif dist.is_main_process():
-        _write_log(log_path, [])
-
-    ddp_model = model
-    if world > 1:
-        if device.type == "cuda":     # batch statistics over all GPUs' images (CPU: none)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.find_unused_parameters)
-    writer = _tensorboard(cfg, out_dir) if dist.is_main_process() else None
     categories = {c["id"]: c["name"] for c in train_set.coco.dataset.get("categories", [])}
+    return _Run(cfg, device, rank, world, progress, model, criterion, postprocessor,
+                optimizer, scheduler, scaler, train_set, train_loader, val_set, val_loader,
+                categories)
 
-    stats = history[-1].get("coco") if history else None
-    deadline = None
-    if cfg.time_limit_min > 0:
-        spent = sum(r["time_s"] for r in history)
-        deadline = time.perf_counter() + cfg.time_limit_min * 60 - spent
-    if history and history[-1].get("time_limited"):
-        start_epoch = cfg.epochs                    # a time-limited run is finished
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.batch_sampler.sampler.set_epoch(epoch)
-        t0, c0 = time.perf_counter(), time.process_time()
-        losses = train_one_epoch(ddp_model, criterion, train_loader, optimizer, device,
-                                 epoch, cfg, scaler, progress, deadline)
-        dist.average_buffers(model)           # the same batch-norm statistics everywhere
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        record = {"epoch": epoch + 1, "lr": lr, "train_time_s": time.perf_counter() - t0,
-                  "train_cpu_s": time.process_time() - c0,   # this process, all threads
-                  **{f"train_{k}": v for k, v in losses.items()}}
+
+def _resume(run, path):
+    """Load a training checkpoint into the run: weights, optimizer, scheduler, scaler,
+    RNG states and history; then apply the resumable keys that cfg changes."""
+    state = load_checkpoint(path)
+    if "config" not in state or "optimizer" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a ddetr training checkpoint (it has "
+                              f"no config or optimizer state); resume continues a ddetr run")
+    run.changed = resume_changes(state["config"], run.cfg, path)
+    load_state_dict_strict(run.model, state["model"], source=f"checkpoint {path}")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["lr_scheduler"])
+    if any(k in run.changed for k in OPTIMISER_KEYS):
+        _apply_optimiser_settings(run)
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    if len(rng) != run.world:
+        raise CheckpointError(f"checkpoint {path} was written by {len(rng)} processes, this "
+                              f"run has {run.world}; RNG states cannot be matched")
+    set_rng_state(rng[run.rank])
+    run.history = list(state.get("history", []))
+    run.resumed_at = state["epoch"]
+    run.stats = run.history[-1].get("coco") if run.history else None
+
+
+def _apply_optimiser_settings(run):
+    """Set cfg's rates, weight decay and drop step on the restored optimizer and
+    scheduler, as if the run had had them from the start (the drops already taken,
+    last_epoch // lr_drop of them, divide the new rates too)."""
+    cfg, scheduler = run.cfg, run.scheduler
+    fresh = param_groups(run.model, cfg)            # the same groups, in the same order
+    scheduler.step_size = cfg.lr_drop
+    scheduler.base_lrs = [g["lr"] for g in fresh]
+    drops = scheduler.last_epoch // cfg.lr_drop
+    for group, new in zip(run.optimizer.param_groups, fresh):
+        group["initial_lr"] = new["lr"]
+        group["lr"] = new["lr"] * scheduler.gamma ** drops
+        group["weight_decay"] = cfg.weight_decay
+
+
+def _say_nothing_to_train(run):
+    if not (run.progress and dist.is_main_process()):
+        return
+    done = len(run.history)
+    why = ("it stopped at its time limit" if run.history and run.history[-1].get("time_limited")
+           else f"epochs={run.cfg.epochs}")
+    print(f"nothing to train: the run in {run.cfg.output_dir} has trained {done} epoch(s) "
+          f"and {why}; raise epochs (or time_limit_min) to train longer", flush=True)
+
+
+def _wrap_for_ddp(run):
+    """DDP (with synchronised batch norm on GPUs) under torchrun; tensorboard."""
+    run.ddp_model = run.model
+    if run.world > 1:
+        if run.device.type == "cuda":   # batch statistics over all GPUs' images (CPU: none)
+            run.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
+        run.ddp_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+            find_unused_parameters=run.cfg.find_unused_parameters)
+    if dist.is_main_process():
+        run.writer = _tensorboard(run.cfg, Path(run.cfg.output_dir))
+
+
+def _train_epochs(run):
+    """Epochs start_epoch..cfg.epochs: train, evaluate when due, save, log."""
+    cfg = run.cfg
+    deadline = _deadline(cfg, run.history)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        record, losses = _train_epoch(run, epoch, deadline)
         out_of_time = _past(deadline)
         if out_of_time:
             record["time_limited"] = True
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or out_of_time:
-            result = evaluate(model, postprocessor, val_loader, val_set.coco, device,
-                              progress, cfg.amp)
-            stats = {k: v for k, v in result.items() if k != "summary"}
-            record["coco"] = stats
-            if progress and dist.is_main_process():
-                print(f"epoch {epoch + 1}: loss {losses['loss']:.3f}, "
-                      f"{losses['images_per_s']:.1f} img/s\n{format_table(stats)}",
-                      flush=True)
+        if _evaluation_due(cfg, epoch, out_of_time):
+            run.stats = record["coco"] = _evaluate(run, epoch, losses)
         record["time_s"] = time.perf_counter() - t0
-        history.append(record)
-        rng = dist.all_gather_object(get_rng_state())
-        if dist.is_main_process():
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "lr_scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                             "rng": rng, "history": history,
-                             "config": config_to_dict(cfg), "categories": categories},
-                            ckpt_path)
-            _append_log(log_path, record)
-            if writer is not None:
-                _log_tensorboard(writer, record)
-        dist.barrier()
+        _check_weights(run.model, epoch)
+        run.history.append(record)
+        _save(run, record)
         if out_of_time:
-            if progress and dist.is_main_process():
+            if run.progress and dist.is_main_process():
                 print(f"stopped at the time limit of {cfg.time_limit_min} min "
                       f"(epoch {epoch + 1}, {losses['iterations']} iterations)")
             break
-    if writer is not None:
-        writer.close()
-    return {"history": history, "stats": stats, "model": model, "criterion": criterion,
-            "postprocessor": postprocessor, "checkpoint": ckpt_path,
-            "categories": categories}
 
 
-MODEL_KEYS = ("architecture", "backbone", "backbone_norm", "dilation", "num_feature_levels",
-              "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward",
-              "enc_n_points", "dec_n_points", "num_queries", "num_classes",
-              "with_box_refine", "two_stage", "query_anchors")
+def _deadline(cfg, history):
+    """The time.perf_counter() at which cfg.time_limit_min runs out (None: no limit)."""
+    if cfg.time_limit_min <= 0:
+        return None
+    spent = sum(r["time_s"] for r in history)
+    return time.perf_counter() + cfg.time_limit_min * 60 - spent
 
 
-def _check_same_model(saved, cfg, path):
-    """A checkpoint resumes only the model it was written for: name the keys that differ."""
-    differ = {k: (saved[k], getattr(cfg, k)) for k in MODEL_KEYS
-              if k in saved and saved[k] != getattr(cfg, k)}
-    if differ:
-        listed = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now"
-                           for k, (a, b) in differ.items())
-        raise ValueError(f"checkpoint {path} holds another model ({listed}); resume it "
-                         f"with its own settings, or train into another output_dir")
+def _train_epoch(run, epoch, deadline):
+    """One epoch of training; (its log record, its mean losses)."""
+    run.train_loader.batch_sampler.sampler.set_epoch(epoch)
+    t0, c0 = time.perf_counter(), time.process_time()
+    losses = train_one_epoch(run.ddp_model, run.criterion, run.train_loader, run.optimizer,
+                             run.device, epoch, run.cfg, run.scaler, run.progress, deadline)
+    dist.average_buffers(run.model)            # the same batch-norm statistics everywhere
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    record = {"epoch": epoch + 1, "lr": lr, "train_time_s": time.perf_counter() - t0,
+              "train_cpu_s": time.process_time() - c0,   # this process, all threads
+              **{f"train_{k}": v for k, v in losses.items()}}
+    return record, losses
 
 
-def _write_log(path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+def _evaluation_due(cfg, epoch, out_of_time):
+    """Every cfg.eval_every epochs (0: never before the end), at the end, at the time limit."""
+    every = cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0
+    return every or epoch + 1 == cfg.epochs or out_of_time
 
 
-def _append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def _evaluate(run, epoch, losses):
+    """COCO metrics on the validation set (printed with the epoch's loss)."""
+    result = evaluate(run.model, run.postprocessor, run.val_loader, run.val_set.coco,
+                      run.device, run.progress, run.cfg.amp)
+    stats = {k: v for k, v in result.items() if k != "summary"}
+    if run.progress and dist.is_main_process():
+        print(f"epoch {epoch + 1}: loss {losses['loss']:.3f}, "
+              f"{losses['images_per_s']:.1f} img/s\n{format_table(stats)}", flush=True)
+    return stats
 
 
-def read_log(path):
-    """The records of a log.jsonl, as a list of dicts."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _check_weights(model, epoch):
+    """Weights that are no longer finite are never saved."""
+    bad = [k for k, v in model.state_dict().items()
+           if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingDiverged(f"training diverged in epoch {epoch + 1}: the weights "
+                               f"{', '.join(bad[:5])} are not finite")
+
+
+def _save(run, record):
+    """The checkpoint (atomically), then the log line and tensorboard (main process)."""
+    rng = dist.all_gather_object(get_rng_state())
+    if dist.is_main_process():
+        save_checkpoint({"model": run.model.state_dict(),
+                         "optimizer": run.optimizer.state_dict(),
+                         "lr_scheduler": run.scheduler.state_dict(),
+                         "scaler": run.scaler.state_dict(), "epoch": record["epoch"],
+                         "rng": rng, "history": run.history, "config": config_record(run.cfg),
+                         "categories": run.categories}, run.checkpoint)
+        append_log(run.cfg.output_dir, record)
+        if run.writer is not None:
+            _log_tensorboard(run.writer, record)
+    dist.barrier()
+
+
+def _what_is_kept(run):
+    if run.checkpoint.is_file():
+        epoch = run.history[-1]["epoch"] if run.history else 0
+        return f"the last good checkpoint, {run.checkpoint} (epoch {epoch}), is kept"
+    return "no checkpoint was written"
+
+
+def _result(run):
+    return {"history": run.history, "stats": run.stats, "model": run.model,
+            "criterion": run.criterion, "postprocessor": run.postprocessor,
+            "checkpoint": run.checkpoint if run.checkpoint.is_file() else None,
+            "categories": run.categories}
 
 
 def _tensorboard(cfg, out_dir):

@@ -50,7 +50,7 @@ from ..config import get_config
 from ..data import build_dataset, collate, generate_synthetic
 from ..engine import evaluate, train
 from ..models import count_parameters
-from .compact import load_compact, save_compact
+from ..engine.checkpoint import load_compact, save_compact
 from .machine import git_commit, load_average, machine_description
 from .results import METRIC_KEYS, SCHEMA, write_results
 from .runner import run_jobs

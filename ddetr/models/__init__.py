@@ -10,8 +10,6 @@ num_feature_levels, with_box_refine, two_stage) or the dense baseline ("detr").
 """
 from .attention_maps import record_sampling
 from .backbone import Backbone, Joiner, build_backbone
-from .checkpoint import (CheckpointMismatchError, load_official_checkpoint,
-                         load_state_dict_strict, read_checkpoint)
 from .criterion import SetCriterion, build_criterion, build_weight_dict
 from .deformable_detr import DeformableDETR, build_deformable_detr
 from .detr import DETR, MLP, build_detr
@@ -41,9 +39,8 @@ def count_parameters(model):
 
 
 __all__ = [
-    "Backbone", "CheckpointMismatchError", "DETR", "DeformableDETR", "HungarianMatcher",
+    "Backbone", "DETR", "DeformableDETR", "HungarianMatcher",
     "Joiner", "MLP", "PostProcess", "SetCriterion", "build_backbone", "build_criterion",
     "build_deformable_detr", "build_detr", "build_matcher", "build_model",
-    "build_weight_dict", "count_parameters", "load_official_checkpoint",
-    "load_state_dict_strict", "read_checkpoint", "record_sampling",
+    "build_weight_dict", "count_parameters", "record_sampling",
 ]
