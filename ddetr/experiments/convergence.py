@@ -122,7 +122,7 @@ def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_a
         torch.set_num_threads(threads)
     cfg = run_config(model, overrides, seed, settings, run_dir)
     t0 = time.perf_counter()
-    run = train(cfg, progress=False)
+    run = train(cfg, resume="auto", progress=False)   # a finished run is read back
     total = time.perf_counter() - t0
     n_train = settings["train_images"]
     evals, steps, wall, cpu = [], 0, 0.0, 0.0
