@@ -526,6 +526,32 @@ def test_cuda_empty(N, Lq):
 
 @needs_gpu
 @pytest.mark.cuda
+def test_cuda_deterministic_mode_refuses_the_atomic_backward():
+    inputs = make_inputs(1, [(3, 4)], 2, 4, 5, 2, device="cuda")
+    out = triton_op(*inputs)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_deterministic_mode_allows_the_interpreter():
+    """On the CPU (interpreter) the additions run in order: nothing to refuse."""
+    inputs = make_inputs(1, [(3, 4)], 2, 4, 5, 2)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        triton_op(*inputs).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert inputs[0].grad.abs().sum() > 0
+
+
+@needs_gpu
+@pytest.mark.cuda
 def test_cuda_torch_compile_inductor():
     inputs = make_inputs(2, [(12, 16), (6, 8)], 4, 16, 30, 4, device="cuda")
     compiled = torch.compile(triton_op, fullgraph=True)

@@ -23,7 +23,8 @@ bfloat16. The backward owns the same rows: the gradients of a row's locations an
 weights are reductions over its channel vector, finished inside the program and
 stored without atomics; the gradient of ``value`` is scattered to the four corners
 with atomic adds (into a float32 buffer for half inputs). Its order of additions
-is not fixed, so the backward is not bitwise deterministic.
+is not fixed on a GPU, so there the backward is not bitwise deterministic: under
+``torch.use_deterministic_algorithms(True)`` it raises (warns with ``warn_only``).
 
 NaN and Inf, as in the reference (grid_sample): a NaN or infinite coordinate makes the
 sample NaN (its corner weights are NaN, its corners read zero), so the row's output
@@ -46,6 +47,7 @@ interpreter recognises that combiner and sums with numpy; the compiler emits wha
 ``tl.sum`` emits).
 """
 import os
+import warnings
 
 import torch
 import triton
@@ -243,8 +245,21 @@ def _forward(value, spatial_shapes, level_start_index, sampling_locations,
     return out
 
 
+def _alert_not_deterministic(value):
+    """What torch.use_deterministic_algorithms asks of an op with atomic adds on a GPU."""
+    if value.device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return
+    message = ("ms_deform_attn backend='triton': the backward adds into the gradient of "
+               "value with atomics, so it is not deterministic on a GPU")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=2)
+    else:
+        raise RuntimeError(message)
+
+
 def _backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
               attention_weights):
+    _alert_not_deterministic(value)
     N, S, M, D, Lq, L, K = _sizes(value, sampling_locations)
     acc_torch = torch.float64 if value.dtype == torch.float64 else torch.float32
     grad_value = torch.zeros(value.shape, dtype=acc_torch, device=value.device)
