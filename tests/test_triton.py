@@ -346,19 +346,25 @@ def test_auto_on_cpu_never_takes_triton(monkeypatch):
     def refuse(*args):
         raise AssertionError("auto took Triton on a CPU tensor")
 
+    def unsupported(value):
+        raise kernel.KernelUnsupportedError("not built in this test")
+
     monkeypatch.setattr(tri, "ms_deform_attn_triton", refuse)
-    monkeypatch.setattr(kernel, "unavailable_reason", lambda value: "not built in this test")
+    monkeypatch.setattr(kernel, "check_available", unsupported)
     inputs = [t.detach() for t in make_inputs(1, [(3, 3)], 1, 2, 2, 1)]
     torch.testing.assert_close(ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs))
 
 
 def test_auto_on_cuda_follows_the_table(monkeypatch):
     """The choice rule, run on a CPU tensor (the interpreter makes Triton available)."""
+    def no_nvcc(value):
+        raise kernel.KernelBuildError("no nvcc in this test")
+
     value = torch.zeros(1, 1, 1, 1)
     assert dispatch.AUTO_ON_CUDA[torch.float32][0] == "kernel"
-    monkeypatch.setattr(kernel, "unavailable_reason", lambda value: None)
+    monkeypatch.setattr(kernel, "check_available", lambda value: None)
     assert dispatch._auto_on_cuda(value) == "kernel"
-    monkeypatch.setattr(kernel, "unavailable_reason", lambda value: "no nvcc")
+    monkeypatch.setattr(kernel, "check_available", no_nvcc)
     assert dispatch._auto_on_cuda(value) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")  # now neither fused one can run
     assert dispatch._auto_on_cuda(value) == "reference"
@@ -567,12 +573,20 @@ def test_cuda_auto_takes_the_first_available_of_the_table(monkeypatch, dtype):
     """As the table says: the CUDA op where it is built, else Triton."""
     inputs = [t.detach() for t in make_inputs(1, [(3, 3)], 1, 2, 2, 1, dtype=dtype,
                                               device="cuda")]
-    first = "kernel" if kernel.unavailable_reason(inputs[0]) is None else "triton"
+    try:
+        kernel.check_available(inputs[0])
+        first = "kernel"
+    except kernel.KernelUnavailableError:
+        first = "triton"
     assert dispatch._auto_on_cuda(inputs[0]) == first
+
+    def no_nvcc(value):
+        raise kernel.KernelBuildError("no nvcc in this test")
+
     calls = []
     real = tri.ms_deform_attn_triton
     monkeypatch.setattr(tri, "ms_deform_attn_triton",
                         lambda *a: (calls.append("triton"), real(*a))[1])
-    monkeypatch.setattr(kernel, "unavailable_reason", lambda value: "no nvcc in this test")
+    monkeypatch.setattr(kernel, "check_available", no_nvcc)
     torch.testing.assert_close(ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs))
     assert calls == ["triton"]

@@ -27,29 +27,27 @@ AUTO_ON_CUDA = {
 }
 
 
-def _triton_backend():
-    """The Triton module, imported on first use (only its users need Triton)."""
-    try:
-        from . import ms_deform_attn_triton
-    except ImportError as err:
-        raise RuntimeError(f"ms_deform_attn backend='triton': Triton cannot be imported "
-                           f"({err})") from err
-    return ms_deform_attn_triton
-
-
 def _auto_on_cuda(value):
     """The first entry of AUTO_ON_CUDA[value.dtype] that can run on ``value``; "auto"
-    (the CPU/kernel rule below, with its warning) if none of the fused ones can."""
+    (the rule for every device below, with its warning) if none of the fused ones can."""
     for choice in AUTO_ON_CUDA.get(value.dtype, ()):
         if choice == "reference":
             return choice
-        if choice == "kernel" and kernel.unavailable_reason(value) is None:
-            return choice
-        if choice == "triton":
+        if choice == "kernel":
             try:
-                if _triton_backend().unavailable_reason(value) is None:
-                    return choice
-            except RuntimeError:
+                kernel.check_available(value)
+                return choice
+            except kernel.KernelUnavailableError:
+                continue
+        if choice == "triton":
+            try:  # imported on first use: only its users need Triton
+                from . import ms_deform_attn_triton
+            except ImportError:
+                continue
+            try:
+                ms_deform_attn_triton.check_available(value)
+                return choice
+            except ms_deform_attn_triton.TritonUnavailableError:
                 continue
     return "auto"
 
@@ -83,8 +81,13 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     if backend == "auto" and isinstance(value, torch.Tensor) and value.device.type == "cuda":
         backend = _auto_on_cuda(value)
     if backend == "triton":
-        return _triton_backend().ms_deform_attn_triton(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        try:
+            from .ms_deform_attn_triton import ms_deform_attn_triton
+        except ImportError as err:
+            raise RuntimeError(f"ms_deform_attn backend='triton': Triton cannot be imported "
+                               f"({err})") from err
+        return ms_deform_attn_triton(value, spatial_shapes, level_start_index,
+                                     sampling_locations, attention_weights)
     if backend == "auto" and isinstance(value, torch.Tensor):
         try:
             kernel.check_available(value)

@@ -279,24 +279,27 @@ def _backward(grad_output, value, spatial_shapes, level_start_index, sampling_lo
 
 # ---- the operator: torch.library registration ------------------------------------------
 
-def unavailable_reason(value):
-    """None if the Triton kernels can run on ``value``'s device and dtype, else why not."""
+class TritonUnavailableError(RuntimeError):
+    """The Triton kernels cannot run the given tensors (device, dtype, no interpreter)."""
+
+
+def check_available(value):
+    """Raise TritonUnavailableError unless the Triton kernels can run on ``value``."""
     if value.dtype not in DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in DTYPES)
-        return f"the Triton kernels support {names}; got {value.dtype}"
-    if value.device.type == "cuda" or interpreting():
-        return None
-    return (f"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1 (Triton's CPU "
-            f"interpreter), got a tensor on {value.device}")
+        raise TritonUnavailableError(
+            f"ms_deform_attn: the Triton kernels support {names}; got {value.dtype}")
+    if value.device.type != "cuda" and not interpreting():
+        raise TritonUnavailableError(
+            f"ms_deform_attn: backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1 "
+            f"(Triton's CPU interpreter), got a tensor on {value.device}")
 
 
 def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Shapes, dtypes and devices (no reads of the level tables: no device sync)."""
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
                                 sampling_locations, attention_weights, check_values=False)
-    reason = unavailable_reason(value)
-    if reason is not None:
-        raise RuntimeError(f"ms_deform_attn: {reason}")
+    check_available(value)
     for name, t in (("spatial_shapes", spatial_shapes),
                     ("level_start_index", level_start_index)):
         if t.device != value.device:
@@ -368,8 +371,9 @@ def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_loc
 
     Checks the arguments (the level tables' contents too where that costs no device
     sync), moves ``spatial_shapes`` and ``level_start_index`` to the device of
-    ``value`` and calls ``torch.ops.ddetr.ms_deform_attn_triton``. Raises RuntimeError
-    on a CPU tensor unless Triton's interpreter is on (TRITON_INTERPRET=1).
+    ``value`` and calls ``torch.ops.ddetr.ms_deform_attn_triton``. Raises
+    TritonUnavailableError (a RuntimeError) on a CPU tensor unless Triton's interpreter
+    is on (TRITON_INTERPRET=1), or for a dtype it does not support.
 
     Returns:
         (N, Lq, M * D)
@@ -378,9 +382,7 @@ def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_loc
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
                                 sampling_locations, attention_weights,
                                 check_values=check_values)
-    reason = unavailable_reason(value)
-    if reason is not None:
-        raise RuntimeError(f"ms_deform_attn: {reason}")
+    check_available(value)
     device = value.device
     return torch.ops.ddetr.ms_deform_attn_triton(
         value, spatial_shapes.to(device), level_start_index.to(device), sampling_locations,
