@@ -1,6 +1,9 @@
 """The detectors: structure (parameter counts, official names), forward shapes on
 padded batches, padding invariance, the sampling recorder, overfitting one batch, and
 strict checkpoint loading."""
+import platform
+
+import model_recording as recording  # tests/model_recording.py
 import pytest
 import torch
 
@@ -326,3 +329,38 @@ def test_backbone_rejects_unknown_names_and_dilated_regnets():
         Backbone("resnet19")
     with pytest.raises(ValueError, match="dilation=True needs a ResNet"):
         Backbone("regnet_x_400mf", dilation=True)
+
+
+# --- the same numbers as before a refactoring -----------------------------------------
+
+@pytest.fixture(scope="module")
+def recorded():
+    return torch.load(recording.DATA / "model_outputs.pt")
+
+
+@pytest.mark.parametrize("preset", recording.PAPER_PRESETS)
+def test_paper_state_dict_keys_are_the_recorded_ones(recorded, preset):
+    """Same names, same order as recorded from the code before the restructuring."""
+    keys = list(build_model(get_config(preset))[0].state_dict())
+    assert keys == recorded["state_dict_keys"][preset]
+
+
+@pytest.mark.parametrize("variant", sorted(recording.VARIANTS))
+def test_outputs_match_recording(recorded, variant):
+    """A small seeded model of every variant computes what the code computed when
+    tests/data/model_outputs.pt was recorded: bit for bit on the machine and torch of
+    the recording (where float sums may be ordered differently, to rounding)."""
+    model = recording.small_model(variant)
+    assert list(model.state_dict()) == recorded["state_dict_keys"][variant]
+    images, masks = recording.small_inputs()
+    with torch.no_grad():
+        outputs = recording.flat_outputs(model(images, masks))
+    expected = recorded["outputs"][variant]
+    assert sorted(outputs) == sorted(expected)
+    same_platform = (recorded["torch"], recorded["machine"]) == (str(torch.__version__),
+                                                                  platform.machine())
+    for key, value in expected.items():
+        if same_platform:
+            assert torch.equal(outputs[key], value), key
+        else:
+            torch.testing.assert_close(outputs[key], value, rtol=1e-4, atol=1e-5)
