@@ -37,8 +37,9 @@ import math
 import torch
 from torch import nn
 
-from ..nn.deformable_transformer import (build_deformable_transformer, get_clones,
-                                         inverse_sigmoid)
+from ..nn.deformable_transformer import build_deformable_transformer
+from ..nn.geometry import inverse_sigmoid
+from ..nn.helpers import get_clones
 from .backbone import build_backbone, resize_mask
 from .detr import MLP, check_inputs
 

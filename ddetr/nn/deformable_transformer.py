@@ -26,49 +26,17 @@ Parameter names (``level_embed``, ``encoder.layers.{i}.self_attn``, ``norm1``,
 ``linear1``, ``decoder.layers.{i}.cross_attn``, ``reference_points``, ``enc_output``,
 ``pos_trans``...) follow the official implementation.
 """
-import copy
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.checks import level_start_index_of
 from .attention import MultiHeadAttention
+from .geometry import (inverse_sigmoid, pixel_centres, to_padded_levels, valid_ratio,
+                       valid_size)
+from .helpers import get_clones, with_pos
 from .ms_deform_attn import MSDeformAttn
-
-
-def inverse_sigmoid(x, eps=1e-5):
-    """log(x / (1 - x)), clamped so that 0 and 1 stay finite."""
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-def get_clones(module, n):
-    """n independent deep copies of module, in a ModuleList."""
-    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
-
-
-def with_pos(x, pos):
-    return x if pos is None else x + pos
-
-
-def box_sine_embed(boxes, num_pos_feats=128, temperature=10000):
-    """boxes (N, Lq, 4) (cx, cy, w, h) in [0, 1] -> (N, Lq, 4 * num_pos_feats) sine codes,
-    one block per coordinate (as DAB-DETR's positional queries)."""
-    scale = 2 * math.pi
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=boxes.device)
-    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-    pos = boxes[:, :, :, None] * scale / dim_t  # (N, Lq, 4, F)
-    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4)
-    return pos.flatten(2).to(boxes.dtype)
-
-
-def valid_ratio(mask):
-    """mask (N, H, W) bool (True = padding) -> (N, 2) float: (valid W / W, valid H / H)."""
-    _, H, W = mask.shape
-    valid_H = (~mask[:, :, 0]).sum(1)
-    valid_W = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_W.float() / W, valid_H.float() / H], -1)
+from .position_encoding import sine_embed
 
 
 # --- encoder -------------------------------------------------------------------------
@@ -115,18 +83,13 @@ class DeformableTransformerEncoder(nn.Module):
             (N, S, L, 2) points (x, y): token s's centre in [0, 1] of its valid image,
             times each level's valid ratio (i.e. in each padded map's frame).
         """
-        device = valid_ratios.device
         points = []
         for lvl, (H, W) in enumerate(spatial_shapes):
-            ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, H - 0.5, H, dtype=torch.float32, device=device),
-                torch.linspace(0.5, W - 0.5, W, dtype=torch.float32, device=device),
-                indexing="ij")
-            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)
-            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)
-            points.append(torch.stack((ref_x, ref_y), -1))  # (N, H*W, 2)
+            # the valid image's size in pixels of this map: (valid W, valid H)
+            size = valid_ratios[:, lvl] * valid_ratios.new_tensor([W, H])
+            points.append(pixel_centres(H, W, size[:, None], device=valid_ratios.device))
         points = torch.cat(points, 1)  # (N, S, 2) in the valid frame
-        return points[:, :, None] * valid_ratios[:, None]
+        return to_padded_levels(points, valid_ratios)
 
     def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos=None,
                 padding_mask=None):
@@ -188,7 +151,7 @@ class DeformableTransformerDecoder(nn.Module):
 
     With DAB-style anchor queries the transformer sets ``ref_point_head`` (an MLP
     2C -> C): every layer then makes its positional query from the current reference
-    box, ``query_pos = ref_point_head(box_sine_embed(box))``, so that the query's
+    box, ``query_pos = ref_point_head(sine_embed(box))``, so that the query's
     position follows the box as it is refined.
     """
 
@@ -218,14 +181,10 @@ class DeformableTransformerDecoder(nn.Module):
         out = tgt
         hs, references = [], []
         for lid, layer in enumerate(self.layers):
-            if reference_points.shape[-1] == 4:
-                ratios = torch.cat([valid_ratios, valid_ratios], -1)  # (N, L, 4)
-            else:
-                ratios = valid_ratios
-            reference_input = reference_points[:, :, None] * ratios[:, None]  # (N,Lq,L,.)
+            reference_input = to_padded_levels(reference_points, valid_ratios)
             if self.ref_point_head is not None:   # DAB: the position comes from the box
                 query_pos = self.ref_point_head(
-                    box_sine_embed(reference_points, out.shape[-1] // 2))
+                    sine_embed(reference_points, out.shape[-1] // 2))
             out = layer(out, query_pos, reference_input, src, spatial_shapes,
                         level_start_index, padding_mask)
             if self.refine_boxes:
@@ -306,16 +265,6 @@ class DeformableTransformer(nn.Module):
 
     # two-stage helpers ---------------------------------------------------------------
 
-    def get_proposal_pos_embed(self, proposals, num_pos_feats=128, temperature=10000):
-        """proposals (N, Lq, 4) in inverse-sigmoid space -> (N, Lq, 4 * num_pos_feats)
-        sine codes of (cx, cy, w, h) (num_pos_feats = C / 2, giving 2C channels)."""
-        scale = 2 * math.pi
-        dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
-        dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-        pos = proposals.sigmoid()[:, :, :, None] * scale / dim_t  # (N, Lq, 4, F)
-        pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4)
-        return pos.flatten(2)
-
     def gen_encoder_output_proposals(self, memory, padding_mask, spatial_shapes):
         """One proposal per encoder token: a box centred on its pixel, of size 0.05 * 2^l
         of the valid image on level l.
@@ -332,16 +281,10 @@ class DeformableTransformer(nn.Module):
         proposals, start = [], 0
         for lvl, (H, W) in enumerate(spatial_shapes):
             mask = padding_mask[:, start:start + H * W].view(N, H, W)
-            valid_H = (~mask[:, :, 0]).sum(1)
-            valid_W = (~mask[:, 0, :]).sum(1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.arange(H, dtype=torch.float32, device=memory.device),
-                torch.arange(W, dtype=torch.float32, device=memory.device), indexing="ij")
-            grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
-            size = torch.stack([valid_W, valid_H], -1).view(N, 1, 1, 2).float()
-            centres = (grid[None] + 0.5) / size  # (N, H, W, 2) in the valid frame
+            size = valid_size(mask).float()[:, None]  # (N, 1, 2) (valid W, valid H)
+            centres = pixel_centres(H, W, size, device=memory.device)  # (N, H*W, 2)
             wh = torch.full_like(centres, 0.05 * (2.0 ** lvl))
-            proposals.append(torch.cat([centres, wh], -1).view(N, -1, 4))
+            proposals.append(torch.cat([centres, wh], -1))
             start += H * W
         proposals = torch.cat(proposals, 1)
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
@@ -367,8 +310,7 @@ class DeformableTransformer(nn.Module):
             pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         device = srcs[0].device
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)),
-                                       spatial_shapes.prod(1).cumsum(0)[:-1]))
+        level_start_index = level_start_index_of(spatial_shapes)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         return (torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1),
                 spatial_shapes, level_start_index, valid_ratios)
@@ -411,7 +353,7 @@ class DeformableTransformer(nn.Module):
                 enc_coord_unact, 1, topk_index[..., None].expand(-1, -1, 4)).detach()
             reference_points = topk_coords_unact.sigmoid()
             pos_trans = self.pos_trans_norm(self.pos_trans(
-                self.get_proposal_pos_embed(topk_coords_unact, C // 2)))
+                sine_embed(topk_coords_unact.sigmoid(), C // 2)))
             query_pos, tgt = torch.split(pos_trans, C, dim=2)
         elif self.query_anchors == "dab":
             if anchors is None or anchors.shape != (query_embed.shape[0], 4):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiHeadAttention
-from .deformable_transformer import get_clones, with_pos
+from .helpers import get_clones, with_pos
 
 
 class TransformerEncoderLayer(nn.Module):

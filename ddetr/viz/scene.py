@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..nn.geometry import pixel_centres
+
 CLASS_COLOURS = {
     "red": (0.85, 0.15, 0.15),
     "green": (0.15, 0.65, 0.25),
@@ -96,9 +98,7 @@ def handmade_heads(features, colour_scale=30.0, position_scale=60.0):
         raise ValueError(f"features must be (h, w, 3), got {tuple(features.shape)}")
     f = features.reshape(h * w, 3)
     colour = colour_scale ** 0.5 * (f - f.mean(0))
-    ys = (torch.arange(h, dtype=f.dtype) + 0.5) / h
-    xs = (torch.arange(w, dtype=f.dtype) + 0.5) / w
-    p = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
+    p = pixel_centres(h, w, dtype=f.dtype)  # (h*w, 2) as (x, y) in [0, 1]
     s = position_scale ** 0.5
     q_pos = s * torch.cat([2 * p, torch.ones(h * w, 1)], 1)
     k_pos = s * torch.cat([p, -(p ** 2).sum(1, keepdim=True)], 1)
