@@ -12,7 +12,6 @@ from ddetr.models import (CheckpointMismatchError, build_model, count_parameters
                           load_official_checkpoint, load_state_dict_strict, record_sampling)
 from ddetr.models.detr import MLP
 from ddetr.nn import DeformableTransformer, PositionEmbeddingSine, Transformer
-from ddetr.nn.deformable_transformer import get_clones
 
 # (total, trainable) of the official release with ResNet-50, 91 classes, 300 queries
 PAPER_COUNTS = {
@@ -125,19 +124,20 @@ def test_deformable_transformer_ignores_padding(two_stage, refine):
     C, L = 32, 3
     tr = DeformableTransformer(C, 4, 2, 2, 64, 0.0, L, 2, 2, two_stage=two_stage,
                                two_stage_num_proposals=10).eval()
-    if two_stage or refine:
-        tr.decoder.bbox_embed = get_clones(MLP(C, C, 4, 3), 3)
-        tr.decoder.class_embed = get_clones(torch.nn.Linear(C, 5), 3)
-        tr.decoder.refine_boxes = refine
+    box_heads = [MLP(C, C, 4, 3) for _ in range(2)] if refine else None
+    proposal_heads = (torch.nn.Linear(C, 5), MLP(C, C, 4, 3)) if two_stage else None
+    heads = dict(box_heads=box_heads, proposal_heads=proposal_heads)
     pe = PositionEmbeddingSine(C // 2)
     shapes, padded_shapes = [(8, 6), (4, 3), (2, 2)], [(11, 9), (6, 5), (3, 3)]
     srcs = [torch.randn(1, C, h, w) for h, w in shapes]
     masks = [torch.zeros(1, h, w, dtype=torch.bool) for h, w in shapes]
     query_embed = None if two_stage else torch.randn(10, 2 * C)
     with torch.no_grad():
-        hs, init_ref, refs, _, _ = tr(srcs, masks, [pe(m) for m in masks], query_embed)
+        hs, init_ref, refs, _, _ = tr(srcs, masks, [pe(m) for m in masks], query_embed,
+                                      **heads)
         psrcs, pmasks = _pad(srcs, padded_shapes)
-        phs, pinit_ref, prefs, _, _ = tr(psrcs, pmasks, [pe(m) for m in pmasks], query_embed)
+        phs, pinit_ref, prefs, _, _ = tr(psrcs, pmasks, [pe(m) for m in pmasks], query_embed,
+                                         **heads)
     torch.testing.assert_close(phs, hs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pinit_ref, init_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(prefs, refs, atol=1e-5, rtol=1e-5)

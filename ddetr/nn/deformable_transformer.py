@@ -13,8 +13,10 @@ Decoder: Lq object queries. Each layer does dense self-attention among the queri
 (they are few), then MSDeformAttn cross-attention into the encoder output around the
 query's reference point, then a feed-forward network. The reference point is a linear
 layer + sigmoid of the query's positional embedding; with iterative box refinement the
-model's box heads update it after every layer (``decoder.bbox_embed``); in the
-two-stage variant the initial reference boxes are the top-scoring encoder proposals.
+model's box heads, passed in as ``box_heads``, update it after every layer; in the
+two-stage variant the initial reference boxes are the top-scoring encoder proposals,
+scored by the model's ``proposal_heads``. Heads go in, outputs come out: the
+transformer never reaches into the model that calls it.
 
 Coordinates. Reference points live in [0, 1] of the *valid* (unpadded) image, the frame
 the boxes are predicted in. Each map of a padded batch has ``valid_ratios`` (N, L, 2) =
@@ -32,8 +34,7 @@ from torch import nn
 
 from ..ops.checks import level_start_index_of
 from .attention import MultiHeadAttention
-from .geometry import (inverse_sigmoid, pixel_centres, to_padded_levels, valid_ratio,
-                       valid_size)
+from .geometry import decode_boxes, pixel_centres, to_padded_levels, valid_ratio, valid_size
 from .helpers import get_clones, with_pos
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import sine_embed
@@ -144,10 +145,10 @@ class DeformableTransformerDecoderLayer(nn.Module):
 class DeformableTransformerDecoder(nn.Module):
     """A stack of decoder layers that returns every layer's output.
 
-    The detector sets ``bbox_embed`` (a list of box heads, one per layer) and
-    ``refine_boxes``: when True, the reference points are refined with them after each
-    layer (iterative bounding box refinement). In the two-stage variant it also sets
-    ``class_embed``; the heads at index num_layers score the encoder proposals.
+    With iterative box refinement, ``forward`` is given ``box_heads`` (one per layer)
+    and moves the reference boxes with them after each layer. The decoder owns no head:
+    for the official state-dict names, a detector lists its heads under the decoder's
+    ``bbox_embed`` (and ``class_embed``), and passes them to every forward call.
 
     With DAB-style anchor queries the transformer sets ``ref_point_head`` (an MLP
     2C -> C): every layer then makes its positional query from the current reference
@@ -159,19 +160,19 @@ class DeformableTransformerDecoder(nn.Module):
         super().__init__()
         self.layers = get_clones(decoder_layer, num_layers)
         self.num_layers = num_layers
-        self.bbox_embed = None
-        self.class_embed = None
-        self.refine_boxes = False
         self.ref_point_head = None
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index,
-                valid_ratios, query_pos=None, padding_mask=None):
+                valid_ratios, query_pos=None, padding_mask=None, box_heads=None):
         """
         Args:
             tgt: (N, Lq, C) query contents. query_pos: (N, Lq, C) query positions.
             reference_points: (N, Lq, 2) points or (N, Lq, 4) boxes (cx, cy, w, h),
                 in [0, 1] of the valid image.
             src: (N, S, C) memory. valid_ratios: (N, L, 2). padding_mask: (N, S).
+            box_heads: None, or a box head per layer ((N, Lq, C) -> (N, Lq, 4) offsets
+                in inverse-sigmoid space, see ``decode_boxes``) to refine the
+                reference boxes with after each layer.
 
         Returns:
             hs (num_layers, N, Lq, C), the output of each layer, and references
@@ -187,15 +188,8 @@ class DeformableTransformerDecoder(nn.Module):
                     sine_embed(reference_points, out.shape[-1] // 2))
             out = layer(out, query_pos, reference_input, src, spatial_shapes,
                         level_start_index, padding_mask)
-            if self.refine_boxes:
-                delta = self.bbox_embed[lid](out)
-                if reference_points.shape[-1] == 4:
-                    new_reference = (delta + inverse_sigmoid(reference_points)).sigmoid()
-                else:
-                    new_reference = torch.cat(
-                        [delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]],
-                        -1).sigmoid()
-                reference_points = new_reference.detach()
+            if box_heads is not None:
+                reference_points = decode_boxes(box_heads[lid](out), reference_points).detach()
             hs.append(out)
             references.append(reference_points)
         return torch.stack(hs), torch.stack(references)
@@ -315,7 +309,8 @@ class DeformableTransformer(nn.Module):
         return (torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1),
                 spatial_shapes, level_start_index, valid_ratios)
 
-    def forward(self, srcs, masks, pos_embeds, query_embed=None, anchors=None):
+    def forward(self, srcs, masks, pos_embeds, query_embed=None, anchors=None,
+                box_heads=None, proposal_heads=None):
         """
         Args:
             srcs: list of L maps (N, C, H_l, W_l); masks: list of (N, H_l, W_l) bool;
@@ -323,6 +318,10 @@ class DeformableTransformer(nn.Module):
             (position, content) of the queries, None in the two-stage variant;
             with query_anchors="dab", (Lq, C) contents only, and anchors (Lq, 4) the
             learned boxes (cx, cy, w, h) in inverse-sigmoid space.
+            box_heads: iterative refinement: a box head per decoder layer (see
+                ``DeformableTransformerDecoder``); None: the references stay.
+            proposal_heads: two-stage only: (class head, box head) that score every
+                encoder token's proposal and regress its box.
 
         Returns:
             hs (num_dec_layers, N, Lq, C); init_reference (N, Lq, 2|4) in [0, 1];
@@ -332,6 +331,8 @@ class DeformableTransformer(nn.Module):
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed is required unless two_stage=True")
+        if self.two_stage and proposal_heads is None:
+            raise ValueError("two_stage=True needs proposal_heads (class head, box head)")
         src, mask, pos, spatial_shapes, level_start_index, valid_ratios = \
             self.flatten(srcs, masks, pos_embeds)
         memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, pos,
@@ -341,9 +342,9 @@ class DeformableTransformer(nn.Module):
         if self.two_stage:
             shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
             output_memory, proposals = self.gen_encoder_output_proposals(memory, mask, shapes)
-            head = self.decoder.num_layers  # the extra heads, after the decoder's
-            enc_class = self.decoder.class_embed[head](output_memory)
-            enc_coord_unact = self.decoder.bbox_embed[head](output_memory) + proposals
+            class_head, box_head = proposal_heads
+            enc_class = class_head(output_memory)
+            enc_coord_unact = box_head(output_memory) + proposals
             # top-k proposals by their foreground (first class) score. Unlike the
             # official code, padded tokens are excluded (their proposals are +inf).
             score = enc_class[..., 0].masked_fill(mask, float("-inf"))
@@ -370,7 +371,8 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).sigmoid()
         init_reference = reference_points
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes,
-                                            level_start_index, valid_ratios, query_pos, mask)
+                                            level_start_index, valid_ratios, query_pos, mask,
+                                            box_heads)
         return hs, init_reference, inter_references, enc_class, enc_coord_unact
 
 
