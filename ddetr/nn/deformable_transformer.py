@@ -34,10 +34,19 @@ from torch import nn
 
 from ..ops.checks import level_start_index_of
 from .attention import MultiHeadAttention
+from .checks import (check_heads, check_like, check_padding_mask, check_same,
+                     check_spatial_shapes, check_tensor, check_width, shape)
 from .geometry import decode_boxes, pixel_centres, to_padded_levels, valid_ratio, valid_size
 from .helpers import get_clones, with_pos
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import sine_embed
+
+
+def check_valid_ratios(valid_ratios, N, L):
+    check_tensor("valid_ratios", valid_ratios, "(N, L, 2)")
+    if shape(valid_ratios) != (N, L, 2):
+        raise ValueError(f"valid_ratios must be (N, L, 2) = {(N, L, 2)}, got shape "
+                         f"{shape(valid_ratios)}")
 
 
 # --- encoder -------------------------------------------------------------------------
@@ -96,6 +105,14 @@ class DeformableTransformerEncoder(nn.Module):
                 padding_mask=None):
         """src (N, S, C), spatial_shapes (L, 2) int64, level_start_index (L,),
         valid_ratios (N, L, 2), pos (N, S, C), padding_mask (N, S) -> memory (N, S, C)."""
+        check_tensor("src", src, "(N, S, C)")
+        N, S, C = src.shape
+        L = self.layers[0].self_attn.n_levels
+        check_width("src", src, self.layers[0].self_attn.d_model)
+        check_spatial_shapes("spatial_shapes", spatial_shapes, L, S)
+        check_valid_ratios(valid_ratios, N, L)
+        check_like("pos", pos, src, "src")
+        check_padding_mask("padding_mask", padding_mask, N, S)
         shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
         reference_points = self.get_reference_points(shapes, valid_ratios).to(src.dtype)
         out = src
@@ -179,6 +196,25 @@ class DeformableTransformerDecoder(nn.Module):
             (num_layers, N, Lq, 2|4), the reference points each layer's output is
             relative to for the *next* layer (detached, as in the paper).
         """
+        check_tensor("tgt", tgt, "(N, Lq, C)")
+        check_tensor("reference_points", reference_points, "(N, Lq, 2|4)")
+        check_tensor("src", src, "(N, S, C)")
+        N, Lq, C = tgt.shape
+        if reference_points.shape[:2] != (N, Lq) or reference_points.shape[-1] not in (2, 4):
+            raise ValueError(f"reference_points must be (N, Lq, 2 or 4) = ({N}, {Lq}, 2|4) "
+                             f"like tgt, got {shape(reference_points)}")
+        check_width("src", src, C)
+        check_same("batch size", tgt=tgt, reference_points=reference_points, src=src)
+        L = self.layers[0].cross_attn.n_levels
+        check_valid_ratios(valid_ratios, N, L)
+        if query_pos is None and self.ref_point_head is None:
+            raise ValueError("query_pos (N, Lq, C) is required (it is made from the "
+                             "reference boxes only with DAB anchors), got None")
+        check_like("query_pos", query_pos, tgt, "tgt")
+        check_padding_mask("padding_mask", padding_mask, N, src.shape[1])
+        if box_heads is not None and len(box_heads) < self.num_layers:
+            raise ValueError(f"box_heads must hold a head per decoder layer "
+                             f"({self.num_layers}), got {len(box_heads)}")
         out = tgt
         hs, references = [], []
         for lid, layer in enumerate(self.layers):
@@ -214,6 +250,12 @@ class DeformableTransformer(nn.Module):
                  enc_n_points=4, two_stage=False, two_stage_num_proposals=300,
                  backend="auto", query_anchors="none"):
         super().__init__()
+        check_heads(d_model, n_heads, num_encoder_layers=num_encoder_layers,
+                    num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
+                    num_feature_levels=num_feature_levels, dec_n_points=dec_n_points,
+                    enc_n_points=enc_n_points, two_stage_num_proposals=two_stage_num_proposals)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if query_anchors not in ("none", "dab"):
             raise ValueError(f"query_anchors must be 'none' or 'dab', got {query_anchors!r}")
         if query_anchors == "dab" and two_stage:
@@ -309,6 +351,40 @@ class DeformableTransformer(nn.Module):
         return (torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1),
                 spatial_shapes, level_start_index, valid_ratios)
 
+    def check_inputs(self, srcs, masks, pos_embeds, query_embed):
+        """Raise TypeError/ValueError unless the lists of maps, masks and position codes
+        and the query embedding fit the transformer (see ``forward``)."""
+        L = self.level_embed.shape[0]
+        for name, items in (("srcs", srcs), ("masks", masks), ("pos_embeds", pos_embeds)):
+            if not isinstance(items, (list, tuple)) or len(items) != L:
+                raise ValueError(f"{name} must be a list of num_feature_levels={L} tensors, "
+                                 f"got {type(items).__name__} of "
+                                 f"{len(items) if isinstance(items, (list, tuple)) else '?'}")
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            check_tensor(f"srcs[{lvl}]", src, "(N, C, H, W)")
+            if src.shape[1] != self.d_model:
+                raise ValueError(f"srcs[{lvl}] must be (N, C, H, W) with C = d_model = "
+                                 f"{self.d_model}, got shape {shape(src)}")
+            check_tensor(f"masks[{lvl}]", mask, "(N, H, W)", floating=False)
+            if mask.dtype != torch.bool or mask.shape != src.shape[:1] + src.shape[2:]:
+                raise ValueError(f"masks[{lvl}] must be a bool (N, H, W) = "
+                                 f"{shape(src)[:1] + shape(src)[2:]} tensor, got "
+                                 f"{mask.dtype} {shape(mask)}")
+            check_tensor(f"pos_embeds[{lvl}]", pos, "(N, C, H, W)")
+            if pos.shape != src.shape:
+                raise ValueError(f"pos_embeds[{lvl}] must have the shape of srcs[{lvl}] "
+                                 f"{shape(src)}, got {shape(pos)}")
+            check_same("batch size", **{"srcs[0]": srcs[0], f"srcs[{lvl}]": src})
+        if self.two_stage:
+            return
+        if query_embed is None:
+            raise ValueError("query_embed is required unless two_stage=True, got None")
+        width = self.d_model if self.query_anchors == "dab" else 2 * self.d_model
+        check_tensor("query_embed", query_embed, "(Lq, C)")
+        if query_embed.shape[1] != width:
+            raise ValueError(f"query_embed must be (Lq, {width}), got shape "
+                             f"{shape(query_embed)}")
+
     def forward(self, srcs, masks, pos_embeds, query_embed=None, anchors=None,
                 box_heads=None, proposal_heads=None):
         """
@@ -329,10 +405,10 @@ class DeformableTransformer(nn.Module):
             enc_outputs_class (N, S, num_classes) and enc_outputs_coord_unact
             (N, S, 4) (else None, None).
         """
-        if not self.two_stage and query_embed is None:
-            raise ValueError("query_embed is required unless two_stage=True")
+        self.check_inputs(srcs, masks, pos_embeds, query_embed)
         if self.two_stage and proposal_heads is None:
-            raise ValueError("two_stage=True needs proposal_heads (class head, box head)")
+            raise ValueError("two_stage=True needs proposal_heads (class head, box head), "
+                             "got None")
         src, mask, pos, spatial_shapes, level_start_index, valid_ratios = \
             self.flatten(srcs, masks, pos_embeds)
         memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, pos,
