@@ -3,15 +3,17 @@ padded batches, padding invariance, the sampling recorder, overfitting one batch
 strict checkpoint loading."""
 import platform
 
-import model_recording as recording  # tests/model_recording.py
 import pytest
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ddetr.config import get_config
-from ddetr.models import (CheckpointMismatchError, build_model, count_parameters,
+from ddetr.models import (Backbone, CheckpointMismatchError, build_model, count_parameters,
                           load_official_checkpoint, load_state_dict_strict, record_sampling)
 from ddetr.models.detr import MLP
 from ddetr.nn import DeformableTransformer, PositionEmbeddingSine, Transformer
+
+import model_recording as recording  # tests/model_recording.py
 
 # (total, trainable) of the official release with ResNet-50, 91 classes, 300 queries
 PAPER_COUNTS = {
@@ -221,12 +223,19 @@ def test_overfit_one_batch():
     assert history[-1] < 0.3 * history[0], history
 
 
+def to_float(outputs):
+    """The model's outputs (nested dicts and lists of tensors) cast to float32."""
+    if isinstance(outputs, dict):
+        return {k: to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, list):
+        return [to_float(v) for v in outputs]
+    return outputs.float()
+
+
 @pytest.mark.parametrize("variant", ["two_stage", "detr"])
 def test_whole_model_trains_under_bfloat16_autocast(variant):
     """Mixed precision (the engine's amp): every part accepts half-precision inputs
     next to float32 reference points, and the float32 losses have finite gradients."""
-    from ddetr.engine.train import _to_float
-
     torch.manual_seed(0)
     model, criterion, _ = build_model(get_config("cpu", {**PLAIN, **VARIANTS[variant]}))
     images, masks = padded_batch()
@@ -236,7 +245,7 @@ def test_whole_model_trains_under_bfloat16_autocast(variant):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(images, masks)
     assert outputs["pred_logits"].dtype == torch.bfloat16
-    losses = criterion(_to_float(outputs), targets)         # as the engine does
+    losses = criterion(to_float(outputs), targets)          # as the engine does
     loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
     loss.backward()
     assert torch.isfinite(loss)
@@ -284,9 +293,6 @@ def test_checkpoint_mismatch_lists_keys(tmp_path):
 
 
 def test_backbone_from_scratch_uses_group_norm_and_trains_every_stage():
-    from ddetr.models import Backbone
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
     paper = Backbone("resnet18", norm="frozen_bn")
     scratch = Backbone("resnet18", norm="group_norm")
     assert any(isinstance(m, FrozenBatchNorm2d) for m in paper.modules())
@@ -303,8 +309,6 @@ def test_backbone_from_scratch_uses_group_norm_and_trains_every_stage():
 @pytest.mark.parametrize("name, channels", [("resnet18", [128, 256, 512]),
                                             ("regnet_x_400mf", [64, 160, 400])])
 def test_backbone_families_give_strides_8_16_32_with_their_channels(name, channels):
-    from ddetr.models import Backbone
-
     net = Backbone(name, norm="batch_norm")
     images, mask = torch.randn(2, 3, 96, 64), torch.zeros(2, 96, 64, dtype=torch.bool)
     mask[1, :, 32:] = True
@@ -323,8 +327,6 @@ def test_backbone_families_give_strides_8_16_32_with_their_channels(name, channe
 
 
 def test_backbone_rejects_unknown_names_and_dilated_regnets():
-    from ddetr.models import Backbone
-
     with pytest.raises(ValueError, match="backbone must be one of .*got 'resnet19'"):
         Backbone("resnet19")
     with pytest.raises(ValueError, match="dilation=True needs a ResNet"):
