@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from ddetr.nn import DeformableAttention, MSDeformAttn, MultiHeadAttention
+from ddetr.nn import (DeformableAttention, DeformableTransformer, MSDeformAttn,
+                      MultiHeadAttention, Transformer)
 from ddetr.ops import (bilinear_sample, deform_attn, level_start_index_of,
                        ms_deform_attn_reference, scaled_dot_product_attention)
 
@@ -165,3 +166,332 @@ def test_deformable_attention_sampling_every_pixel_reproduces_dense_attention():
         v.transpose(1, 2).contiguous(), shapes, level_start_index_of(shapes),
         loc, weights.transpose(1, 2)[:, :, :, None])  # weights as (N, Lq, M, 1, K=HW)
     torch.testing.assert_close(deformable, dense.transpose(1, 2).reshape(N, Lq, M * D))
+
+
+# --- input checks: one line naming what was expected and what was given -------------
+
+def ms_inputs(N=2, Lq=3, C=16, shapes=((4, 4), (2, 2))):
+    """Valid arguments of MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)."""
+    spatial_shapes = torch.tensor(shapes)
+    S = int(spatial_shapes.prod(1).sum())
+    return dict(query=torch.randn(N, Lq, C), reference_points=torch.rand(N, Lq, 2, 2),
+                input_flatten=torch.randn(N, S, C), input_spatial_shapes=spatial_shapes,
+                input_level_start_index=level_start_index_of(spatial_shapes),
+                input_padding_mask=torch.zeros(N, S, dtype=torch.bool))
+
+
+MS_DEFORM_ATTN_BAD_INPUTS = {
+    "query not a tensor": ({"query": [[0.0] * 16]}, TypeError,
+                           r"query must be a torch.Tensor \(N, Lq, C\), got list"),
+    "query rank": ({"query": torch.randn(3, 16)}, ValueError,
+                   r"query must have 3 dimensions \(N, Lq, C\), got shape \(3, 16\)"),
+    "query width": ({"query": torch.randn(2, 3, 8)}, ValueError,
+                    r"query must have d_model=16 channels .*got shape \(2, 3, 8\)"),
+    "query dtype": ({"query": torch.ones(2, 3, 16, dtype=torch.int64)}, TypeError,
+                    r"query must be a floating-point tensor, got dtype torch.int64"),
+    "input_flatten width": ({"input_flatten": torch.randn(2, 20, 12)}, ValueError,
+                            r"input_flatten must have d_model=16 channels .*\(2, 20, 12\)"),
+    "input_flatten rank": ({"input_flatten": torch.randn(20, 16)}, ValueError,
+                           r"input_flatten must have 3 dimensions \(N, S, C\)"),
+    "batch sizes": ({"input_flatten": torch.randn(3, 20, 16)}, ValueError,
+                    r"query, reference_points, input_flatten must have one batch size, "
+                    r"got query 2, reference_points 2, input_flatten 3"),
+    "reference_points rank": ({"reference_points": torch.rand(2, 3, 2)}, ValueError,
+                              r"reference_points must have 4 dimensions \(N, Lq, L, 2\|4\)"),
+    "reference_points last dim": ({"reference_points": torch.rand(2, 3, 2, 3)}, ValueError,
+                                  r"reference_points must be \(N, Lq, L, 2 or 4\) = "
+                                  r"\(2, 3, 2, 2\|4\), got \(2, 3, 2, 3\)"),
+    "reference_points dtype": ({"reference_points": torch.ones(2, 3, 2, 2, dtype=torch.int64)},
+                               TypeError, r"reference_points must be a floating-point "
+                                          r"tensor, got dtype torch.int64"),
+    "spatial_shapes dtype": ({"input_spatial_shapes": torch.tensor([[4, 4], [2, 2]],
+                                                                   dtype=torch.int32)},
+                             TypeError, r"spatial_shapes must be int64, got dtype torch.int32"),
+    "spatial_shapes levels": ({"input_spatial_shapes": torch.tensor([[4, 5]])}, ValueError,
+                              r"spatial_shapes must be \(L, 2\) = \(2, 2\) for n_levels=2, "
+                              r"got shape \(1, 2\)"),
+    "spatial_shapes vs S": ({"input_spatial_shapes": torch.tensor([[4, 5], [2, 2]])},
+                            ValueError, r"spatial_shapes \[\[4, 5\], \[2, 2\]\] hold 24 "
+                                        r"positions, the flattened input has S=20"),
+    "mask dtype": ({"input_padding_mask": torch.zeros(2, 20)}, TypeError,
+                   r"input_padding_mask must be a bool tensor \(True = padding\), "
+                   r"got dtype torch.float32"),
+    "mask shape": ({"input_padding_mask": torch.zeros(2, 19, dtype=torch.bool)}, ValueError,
+                   r"input_padding_mask must be \(N, S\) = \(2, 20\), got shape \(2, 19\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MS_DEFORM_ATTN_BAD_INPUTS))
+def test_ms_deform_attn_checks_its_inputs(case):
+    change, error, message = MS_DEFORM_ATTN_BAD_INPUTS[case]
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    attn(**ms_inputs())                               # the valid inputs pass
+    with pytest.raises(error, match=message):
+        attn(**{**ms_inputs(), **change})
+
+
+MODULE_BAD_ARGS = {
+    "d_model divisible": (lambda: MSDeformAttn(d_model=30, n_heads=4), ValueError,
+                          r"d_model=30 must be divisible by n_heads=4"),
+    "n_levels >= 1": (lambda: MSDeformAttn(d_model=16, n_levels=0, n_heads=2), ValueError,
+                      r"n_levels must be >= 1, got 0"),
+    "n_points >= 1": (lambda: MSDeformAttn(d_model=16, n_heads=2, n_points=0), ValueError,
+                      r"n_points must be >= 1, got 0"),
+    "n_points int": (lambda: MSDeformAttn(d_model=16, n_heads=2, n_points=2.5), TypeError,
+                     r"n_points must be an int, got float 2.5"),
+    "n_heads >= 1": (lambda: MultiHeadAttention(d_model=16, n_heads=0), ValueError,
+                     r"n_heads must be >= 1, got 0"),
+    "dropout range": (lambda: MultiHeadAttention(d_model=16, n_heads=2, dropout=1.0),
+                      ValueError, r"dropout must be in \[0, 1\), got 1.0"),
+    "single-scale n_points": (lambda: DeformableAttention(d_model=16, n_heads=2, n_points=0),
+                              ValueError, r"n_points must be >= 1, got 0"),
+    "single-scale divisible": (lambda: DeformableAttention(d_model=18, n_heads=4),
+                               ValueError, r"d_model=18 must be divisible by n_heads=4"),
+    "transformer layers": (lambda: DeformableTransformer(16, 2, num_encoder_layers=0),
+                           ValueError, r"num_encoder_layers must be >= 1, got 0"),
+    "transformer levels": (lambda: DeformableTransformer(16, 2, num_feature_levels=0),
+                           ValueError, r"num_feature_levels must be >= 1, got 0"),
+    "transformer proposals": (lambda: DeformableTransformer(16, 2, two_stage=True,
+                                                            two_stage_num_proposals=0),
+                              ValueError, r"two_stage_num_proposals must be >= 1, got 0"),
+    "transformer dropout": (lambda: DeformableTransformer(16, 2, dropout=-0.1), ValueError,
+                            r"dropout must be in \[0, 1\), got -0.1"),
+    "dense transformer divisible": (lambda: Transformer(d_model=20, n_heads=8), ValueError,
+                                    r"d_model=20 must be divisible by n_heads=8"),
+    "dense transformer layers": (lambda: Transformer(16, 2, num_decoder_layers=0),
+                                 ValueError, r"num_decoder_layers must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODULE_BAD_ARGS))
+def test_modules_check_their_constructor_arguments(case):
+    build, error, message = MODULE_BAD_ARGS[case]
+    with pytest.raises(error, match=message):
+        build()
+
+
+def mha_inputs():
+    return dict(query=torch.randn(2, 3, 16), key=torch.randn(2, 5, 16),
+                value=torch.randn(2, 5, 16), key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+
+
+MHA_BAD_INPUTS = {
+    "query width": ({"query": torch.randn(2, 3, 8)}, ValueError,
+                    r"query must have d_model=16 channels .*got shape \(2, 3, 8\)"),
+    "key rank": ({"key": torch.randn(5, 16)}, ValueError,
+                 r"key must have 3 dimensions \(N, S, C\), got shape \(5, 16\)"),
+    "value dtype": ({"value": torch.ones(2, 5, 16, dtype=torch.int32)}, TypeError,
+                    r"value must be a floating-point tensor, got dtype torch.int32"),
+    "key and value": ({"value": torch.randn(2, 6, 16)}, ValueError,
+                      r"key and value must have the same \(N, S\), got key \(2, 5, 16\) "
+                      r"and value \(2, 6, 16\)"),
+    "batch sizes": ({"query": torch.randn(1, 3, 16)}, ValueError,
+                    r"query, key, value must have one batch size, got query 1, key 2"),
+    "mask dtype": ({"key_padding_mask": torch.zeros(2, 5, dtype=torch.uint8)}, TypeError,
+                   r"key_padding_mask must be a bool tensor \(True = padding\), "
+                   r"got dtype torch.uint8"),
+    "mask shape": ({"key_padding_mask": torch.zeros(2, 3, dtype=torch.bool)}, ValueError,
+                   r"key_padding_mask must be \(N, S\) = \(2, 5\), got shape \(2, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MHA_BAD_INPUTS))
+def test_multi_head_attention_checks_its_inputs(case):
+    change, error, message = MHA_BAD_INPUTS[case]
+    attn = MultiHeadAttention(d_model=16, n_heads=2)
+    attn(**mha_inputs())
+    with pytest.raises(error, match=message):
+        attn(**{**mha_inputs(), **change})
+
+
+def single_inputs():
+    return dict(query=torch.randn(2, 3, 16), reference_points=torch.rand(2, 3, 2),
+                input_flatten=torch.randn(2, 12, 16), spatial_shape=(3, 4),
+                input_padding_mask=torch.zeros(2, 12, dtype=torch.bool))
+
+
+SINGLE_BAD_INPUTS = {
+    "query width": ({"query": torch.randn(2, 3, 4)}, ValueError,
+                    r"query must have d_model=16 channels .*got shape \(2, 3, 4\)"),
+    "reference_points shape": ({"reference_points": torch.rand(2, 4, 2)}, ValueError,
+                               r"reference_points must be \(N, Lq, 2\) = \(2, 3, 2\), "
+                               r"got \(2, 4, 2\)"),
+    "reference_points dtype": ({"reference_points": torch.zeros(2, 3, 2, dtype=torch.int64)},
+                               TypeError, r"reference_points must be a floating-point tensor"),
+    "batch sizes": ({"input_flatten": torch.randn(1, 12, 16)}, ValueError,
+                    r"query, input_flatten must have one batch size, got query 2, "
+                    r"input_flatten 1"),
+    "spatial_shape ints": ({"spatial_shape": (3.0, 4)}, TypeError,
+                           r"H must be an int, got float 3.0"),
+    "spatial_shape vs S": ({"spatial_shape": (4, 4)}, ValueError,
+                           r"input_flatten has 12 positions, spatial_shape \(4, 4\) needs 16"),
+    "mask shape": ({"input_padding_mask": torch.zeros(2, 13, dtype=torch.bool)}, ValueError,
+                   r"input_padding_mask must be \(N, S\) = \(2, 12\), got shape \(2, 13\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SINGLE_BAD_INPUTS))
+def test_deformable_attention_checks_its_inputs(case):
+    change, error, message = SINGLE_BAD_INPUTS[case]
+    attn = DeformableAttention(d_model=16, n_heads=2, n_points=2)
+    attn(**single_inputs())
+    with pytest.raises(error, match=message):
+        attn(**{**single_inputs(), **change})
+
+
+def transformer_inputs(C=16, shapes=((6, 5), (3, 3))):
+    srcs = [torch.randn(2, C, h, w) for h, w in shapes]
+    masks = [torch.zeros(2, h, w, dtype=torch.bool) for h, w in shapes]
+    pos = [torch.randn(2, C, h, w) for h, w in shapes]
+    return dict(srcs=srcs, masks=masks, pos_embeds=pos, query_embed=torch.randn(4, 2 * C))
+
+
+def replace_level(key, lvl, value):
+    inputs = transformer_inputs()
+    inputs[key] = [value if i == lvl else t for i, t in enumerate(inputs[key])]
+    return inputs
+
+
+TRANSFORMER_BAD_INPUTS = {
+    "levels": (lambda: {**transformer_inputs(), "srcs": transformer_inputs()["srcs"][:1]},
+               ValueError, r"srcs must be a list of num_feature_levels=2 tensors, got list of 1"),
+    "src width": (lambda: replace_level("srcs", 1, torch.randn(2, 8, 3, 3)), ValueError,
+                  r"srcs\[1\] must be \(N, C, H, W\) with C = d_model = 16, got shape "
+                  r"\(2, 8, 3, 3\)"),
+    "src rank": (lambda: replace_level("srcs", 0, torch.randn(16, 6, 5)), ValueError,
+                 r"srcs\[0\] must have 4 dimensions \(N, C, H, W\), got shape \(16, 6, 5\)"),
+    "mask dtype": (lambda: replace_level("masks", 0, torch.zeros(2, 6, 5)), ValueError,
+                   r"masks\[0\] must be a bool \(N, H, W\) = \(2, 6, 5\) tensor, got "
+                   r"torch.float32 \(2, 6, 5\)"),
+    "mask shape": (lambda: replace_level("masks", 1, torch.zeros(2, 3, 4, dtype=torch.bool)),
+                   ValueError, r"masks\[1\] must be a bool \(N, H, W\) = \(2, 3, 3\) tensor"),
+    "pos shape": (lambda: replace_level("pos_embeds", 1, torch.randn(2, 16, 3, 4)),
+                  ValueError, r"pos_embeds\[1\] must have the shape of srcs\[1\] "
+                              r"\(2, 16, 3, 3\), got \(2, 16, 3, 4\)"),
+    "batch sizes": (lambda: {**replace_level("srcs", 1, torch.randn(1, 16, 3, 3)),
+                             "masks": transformer_inputs()["masks"][:1]
+                             + [torch.zeros(1, 3, 3, dtype=torch.bool)],
+                             "pos_embeds": transformer_inputs()["pos_embeds"][:1]
+                             + [torch.randn(1, 16, 3, 3)]},
+                    ValueError, r"srcs\[0\], srcs\[1\] must have one batch size, got "
+                                r"srcs\[0\] 2, srcs\[1\] 1"),
+    "query_embed missing": (lambda: {**transformer_inputs(), "query_embed": None}, ValueError,
+                            r"query_embed is required unless two_stage=True, got None"),
+    "query_embed width": (lambda: {**transformer_inputs(), "query_embed": torch.randn(4, 16)},
+                          ValueError, r"query_embed must be \(Lq, 32\), got shape \(4, 16\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRANSFORMER_BAD_INPUTS))
+def test_deformable_transformer_checks_its_inputs(case):
+    make, error, message = TRANSFORMER_BAD_INPUTS[case]
+    tr = DeformableTransformer(16, 2, 1, 1, 32, 0.0, 2, 2, 2).eval()
+    tr(**transformer_inputs())
+    with pytest.raises(error, match=message):
+        tr(**make())
+
+
+def test_two_stage_transformer_needs_proposal_heads():
+    tr = DeformableTransformer(16, 2, 1, 1, 32, 0.0, 2, 2, 2, two_stage=True,
+                               two_stage_num_proposals=4)
+    with pytest.raises(ValueError, match=r"two_stage=True needs proposal_heads \(class "
+                                         r"head, box head\), got None"):
+        tr(**{**transformer_inputs(), "query_embed": None})
+
+
+def encoder_decoder_inputs(C=16):
+    shapes = torch.tensor([[6, 5], [3, 3]])
+    return dict(src=torch.randn(2, 39, C), spatial_shapes=shapes,
+                level_start_index=level_start_index_of(shapes),
+                valid_ratios=torch.ones(2, 2, 2), pos=torch.randn(2, 39, C),
+                padding_mask=torch.zeros(2, 39, dtype=torch.bool))
+
+
+ENCODER_BAD_INPUTS = {
+    "src width": ({"src": torch.randn(2, 39, 8)}, ValueError,
+                  r"src must have d_model=16 channels .*got shape \(2, 39, 8\)"),
+    "spatial_shapes vs S": ({"src": torch.randn(2, 40, 16), "pos": None,
+                             "padding_mask": None}, ValueError,
+                            r"spatial_shapes \[\[6, 5\], \[3, 3\]\] hold 39 positions, "
+                            r"the flattened input has S=40"),
+    "valid_ratios shape": ({"valid_ratios": torch.ones(2, 3, 2)}, ValueError,
+                           r"valid_ratios must be \(N, L, 2\) = \(2, 2, 2\), got shape "
+                           r"\(2, 3, 2\)"),
+    "pos shape": ({"pos": torch.randn(2, 38, 16)}, ValueError,
+                  r"pos must be None or a tensor of the shape of src \(2, 39, 16\), "
+                  r"got \(2, 38, 16\)"),
+    "mask dtype": ({"padding_mask": torch.zeros(2, 39, dtype=torch.int64)}, TypeError,
+                   r"padding_mask must be a bool tensor \(True = padding\), "
+                   r"got dtype torch.int64"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENCODER_BAD_INPUTS))
+def test_deformable_encoder_checks_its_inputs(case):
+    change, error, message = ENCODER_BAD_INPUTS[case]
+    encoder = DeformableTransformer(16, 2, 1, 1, 32, 0.0, 2, 2, 2).encoder
+    encoder(**encoder_decoder_inputs())
+    with pytest.raises(error, match=message):
+        encoder(**{**encoder_decoder_inputs(), **change})
+
+
+def decoder_inputs(C=16):
+    inputs = encoder_decoder_inputs(C)
+    del inputs["pos"]
+    return dict(inputs, tgt=torch.randn(2, 4, C), reference_points=torch.rand(2, 4, 2),
+                query_pos=torch.randn(2, 4, C))
+
+
+DECODER_BAD_INPUTS = {
+    "reference_points shape": ({"reference_points": torch.rand(2, 4, 3)}, ValueError,
+                               r"reference_points must be \(N, Lq, 2 or 4\) = \(2, 4, 2\|4\) "
+                               r"like tgt, got \(2, 4, 3\)"),
+    "reference_points dtype": ({"reference_points": torch.ones(2, 4, 2, dtype=torch.int64)},
+                               TypeError, r"reference_points must be a floating-point tensor"),
+    "memory width": ({"src": torch.randn(2, 39, 8)}, ValueError,
+                     r"src must have d_model=16 channels .*got shape \(2, 39, 8\)"),
+    "batch sizes": ({"tgt": torch.randn(1, 4, 16), "reference_points": torch.rand(1, 4, 2),
+                     "query_pos": torch.randn(1, 4, 16)}, ValueError,
+                    r"tgt, reference_points, src must have one batch size, got tgt 1, "
+                    r"reference_points 1, src 2"),
+    "query_pos missing": ({"query_pos": None}, ValueError, r"query_pos \(N, Lq, C\) is required"),
+    "query_pos shape": ({"query_pos": torch.randn(2, 5, 16)}, ValueError,
+                        r"query_pos must be None or a tensor of the shape of tgt "
+                        r"\(2, 4, 16\), got \(2, 5, 16\)"),
+    "mask shape": ({"padding_mask": torch.zeros(2, 4, dtype=torch.bool)}, ValueError,
+                   r"padding_mask must be \(N, S\) = \(2, 39\), got shape \(2, 4\)"),
+    "box heads": ({"box_heads": [torch.nn.Linear(16, 4)]}, ValueError,
+                  r"box_heads must hold a head per decoder layer \(2\), got 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECODER_BAD_INPUTS))
+def test_deformable_decoder_checks_its_inputs(case):
+    change, error, message = DECODER_BAD_INPUTS[case]
+    decoder = DeformableTransformer(16, 2, 1, 2, 32, 0.0, 2, 2, 2).decoder
+    decoder(**decoder_inputs())
+    with pytest.raises(error, match=message):
+        decoder(**{**decoder_inputs(), **change})
+
+
+DENSE_BAD_INPUTS = {
+    "src width": ({"src": torch.randn(2, 8, 5, 6)}, ValueError,
+                  r"src must be \(N, C, H, W\) with C = d_model = 16, got shape \(2, 8, 5, 6\)"),
+    "mask dtype": ({"mask": torch.zeros(2, 5, 6)}, ValueError,
+                   r"mask must be a bool \(N, H, W\) = \(2, 5, 6\) tensor, got torch.float32"),
+    "query width": ({"query_embed": torch.randn(4, 32)}, ValueError,
+                    r"query_embed must be \(Lq, C\) with C = d_model = 16, got shape \(4, 32\)"),
+    "pos shape": ({"pos_embed": torch.randn(2, 16, 5, 5)}, ValueError,
+                  r"pos_embed must be None or a tensor of the shape of src \(2, 16, 5, 6\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DENSE_BAD_INPUTS))
+def test_dense_transformer_checks_its_inputs(case):
+    change, error, message = DENSE_BAD_INPUTS[case]
+    tr = Transformer(16, 2, 1, 1, 32, 0.0)
+    good = dict(src=torch.randn(2, 16, 5, 6), mask=torch.zeros(2, 5, 6, dtype=torch.bool),
+                query_embed=torch.randn(4, 16), pos_embed=torch.randn(2, 16, 5, 6))
+    tr(**good)
+    with pytest.raises(error, match=message):
+        tr(**{**good, **change})

@@ -1,10 +1,11 @@
 """The set criterion, the loss weights and the postprocessor."""
 import pytest
 import torch
+import torch.distributed as dist
 
 from ddetr.config import get_config
 from ddetr.models import PostProcess, build_model, build_weight_dict
-from ddetr.models.criterion import SetCriterion
+from ddetr.models.criterion import SetCriterion, num_boxes_across_processes
 from ddetr.models.matcher import HungarianMatcher
 
 # the cpu preset made plain (whatever it sets)
@@ -120,9 +121,6 @@ def test_postprocess_topk_and_scaling():
 def test_num_boxes_with_torch_distributed(tmp_path):
     """With a process group, the box count is summed over processes and divided by the
     world size (here a group of one)."""
-    import torch.distributed as dist
-
-    from ddetr.models.criterion import num_boxes_across_processes
     targets = [{"labels": torch.tensor([1, 2])}, {"labels": torch.tensor([3])}]
     assert num_boxes_across_processes(targets, "cpu") == 3
     assert num_boxes_across_processes([{"labels": torch.zeros(0)}], "cpu") == 1

@@ -1,16 +1,20 @@
 """The detectors: structure (parameter counts, official names), forward shapes on
 padded batches, padding invariance, the sampling recorder, overfitting one batch, and
 strict checkpoint loading."""
+import platform
+
 import pytest
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ddetr.config import get_config
 from ddetr.engine.checkpoint import (CheckpointMismatchError, load_official_checkpoint,
                                     load_state_dict_strict)
-from ddetr.models import build_model, count_parameters, record_sampling
+from ddetr.models import Backbone, build_model, count_parameters, record_sampling
 from ddetr.models.detr import MLP
 from ddetr.nn import DeformableTransformer, PositionEmbeddingSine, Transformer
-from ddetr.nn.deformable_transformer import get_clones
+
+import model_recording as recording  # tests/model_recording.py
 
 # (total, trainable) of the official release with ResNet-50, 91 classes, 300 queries
 PAPER_COUNTS = {
@@ -123,19 +127,20 @@ def test_deformable_transformer_ignores_padding(two_stage, refine):
     C, L = 32, 3
     tr = DeformableTransformer(C, 4, 2, 2, 64, 0.0, L, 2, 2, two_stage=two_stage,
                                two_stage_num_proposals=10).eval()
-    if two_stage or refine:
-        tr.decoder.bbox_embed = get_clones(MLP(C, C, 4, 3), 3)
-        tr.decoder.class_embed = get_clones(torch.nn.Linear(C, 5), 3)
-        tr.decoder.refine_boxes = refine
+    box_heads = [MLP(C, C, 4, 3) for _ in range(2)] if refine else None
+    proposal_heads = (torch.nn.Linear(C, 5), MLP(C, C, 4, 3)) if two_stage else None
+    heads = dict(box_heads=box_heads, proposal_heads=proposal_heads)
     pe = PositionEmbeddingSine(C // 2)
     shapes, padded_shapes = [(8, 6), (4, 3), (2, 2)], [(11, 9), (6, 5), (3, 3)]
     srcs = [torch.randn(1, C, h, w) for h, w in shapes]
     masks = [torch.zeros(1, h, w, dtype=torch.bool) for h, w in shapes]
     query_embed = None if two_stage else torch.randn(10, 2 * C)
     with torch.no_grad():
-        hs, init_ref, refs, _, _ = tr(srcs, masks, [pe(m) for m in masks], query_embed)
+        hs, init_ref, refs, _, _ = tr(srcs, masks, [pe(m) for m in masks], query_embed,
+                                      **heads)
         psrcs, pmasks = _pad(srcs, padded_shapes)
-        phs, pinit_ref, prefs, _, _ = tr(psrcs, pmasks, [pe(m) for m in pmasks], query_embed)
+        phs, pinit_ref, prefs, _, _ = tr(psrcs, pmasks, [pe(m) for m in pmasks], query_embed,
+                                         **heads)
     torch.testing.assert_close(phs, hs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pinit_ref, init_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(prefs, refs, atol=1e-5, rtol=1e-5)
@@ -219,12 +224,19 @@ def test_overfit_one_batch():
     assert history[-1] < 0.3 * history[0], history
 
 
+def to_float(outputs):
+    """The model's outputs (nested dicts and lists of tensors) cast to float32."""
+    if isinstance(outputs, dict):
+        return {k: to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, list):
+        return [to_float(v) for v in outputs]
+    return outputs.float()
+
+
 @pytest.mark.parametrize("variant", ["two_stage", "detr"])
 def test_whole_model_trains_under_bfloat16_autocast(variant):
     """Mixed precision (the engine's amp): every part accepts half-precision inputs
     next to float32 reference points, and the float32 losses have finite gradients."""
-    from ddetr.engine.train import _to_float
-
     torch.manual_seed(0)
     model, criterion, _ = build_model(get_config("cpu", {**PLAIN, **VARIANTS[variant]}))
     images, masks = padded_batch()
@@ -234,7 +246,7 @@ def test_whole_model_trains_under_bfloat16_autocast(variant):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(images, masks)
     assert outputs["pred_logits"].dtype == torch.bfloat16
-    losses = criterion(_to_float(outputs), targets)         # as the engine does
+    losses = criterion(to_float(outputs), targets)          # as the engine does
     loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
     loss.backward()
     assert torch.isfinite(loss)
@@ -282,9 +294,6 @@ def test_checkpoint_mismatch_lists_keys(tmp_path):
 
 
 def test_backbone_from_scratch_uses_group_norm_and_trains_every_stage():
-    from ddetr.models import Backbone
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
     paper = Backbone("resnet18", norm="frozen_bn")
     scratch = Backbone("resnet18", norm="group_norm")
     assert any(isinstance(m, FrozenBatchNorm2d) for m in paper.modules())
@@ -301,8 +310,6 @@ def test_backbone_from_scratch_uses_group_norm_and_trains_every_stage():
 @pytest.mark.parametrize("name, channels", [("resnet18", [128, 256, 512]),
                                             ("regnet_x_400mf", [64, 160, 400])])
 def test_backbone_families_give_strides_8_16_32_with_their_channels(name, channels):
-    from ddetr.models import Backbone
-
     net = Backbone(name, norm="batch_norm")
     images, mask = torch.randn(2, 3, 96, 64), torch.zeros(2, 96, 64, dtype=torch.bool)
     mask[1, :, 32:] = True
@@ -321,9 +328,42 @@ def test_backbone_families_give_strides_8_16_32_with_their_channels(name, channe
 
 
 def test_backbone_rejects_unknown_names_and_dilated_regnets():
-    from ddetr.models import Backbone
-
     with pytest.raises(ValueError, match="backbone must be one of .*got 'resnet19'"):
         Backbone("resnet19")
     with pytest.raises(ValueError, match="dilation=True needs a ResNet"):
         Backbone("regnet_x_400mf", dilation=True)
+
+
+# --- the same numbers as before a refactoring -----------------------------------------
+
+@pytest.fixture(scope="module")
+def recorded():
+    return torch.load(recording.DATA / "model_outputs.pt")
+
+
+@pytest.mark.parametrize("preset", recording.PAPER_PRESETS)
+def test_paper_state_dict_keys_are_the_recorded_ones(recorded, preset):
+    """Same names, same order as recorded from the code before the restructuring."""
+    keys = list(build_model(get_config(preset))[0].state_dict())
+    assert keys == recorded["state_dict_keys"][preset]
+
+
+@pytest.mark.parametrize("variant", sorted(recording.VARIANTS))
+def test_outputs_match_recording(recorded, variant):
+    """A small seeded model of every variant computes what the code computed when
+    tests/data/model_outputs.pt was recorded: bit for bit on the machine and torch of
+    the recording (where float sums may be ordered differently, to rounding)."""
+    model = recording.small_model(variant)
+    assert list(model.state_dict()) == recorded["state_dict_keys"][variant]
+    images, masks = recording.small_inputs()
+    with torch.no_grad():
+        outputs = recording.flat_outputs(model(images, masks))
+    expected = recorded["outputs"][variant]
+    assert sorted(outputs) == sorted(expected)
+    same_platform = (recorded["torch"], recorded["machine"]) == (str(torch.__version__),
+                                                                  platform.machine())
+    for key, value in expected.items():
+        if same_platform:
+            assert torch.equal(outputs[key], value), key
+        else:
+            torch.testing.assert_close(outputs[key], value, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ and measured), the peak memory of the tensors it creates and the time it takes.
 import torch
 
 from ..nn import DeformableAttention, MultiHeadAttention
+from ..nn.geometry import pixel_centres
 from .flops import deformable_attention_flops, dense_attention_flops, measure_flops
 from .measure import peak_memory, time_fn
 
@@ -14,10 +15,7 @@ from .measure import peak_memory, time_fn
 def pixel_reference_points(H, W, batch=1, dtype=torch.float32):
     """(batch, H*W, 2) the centres ((j + 0.5) / W, (i + 0.5) / H) of all pixels,
     row-major: the reference points of encoder queries."""
-    ys = (torch.arange(H, dtype=dtype) + 0.5) / H
-    xs = (torch.arange(W, dtype=dtype) + 0.5) / W
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # (H, W, 2) as (x, y)
-    return grid.reshape(1, H * W, 2).expand(batch, -1, -1)
+    return pixel_centres(H, W, dtype=dtype)[None].expand(batch, -1, -1)
 
 
 def dense_encoder_attention(module, x):

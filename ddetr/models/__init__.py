@@ -8,7 +8,7 @@
 cfg.architecture picks Deformable DETR ("deformable_detr", with the switches
 num_feature_levels, with_box_refine, two_stage) or the dense baseline ("detr").
 """
-from .attention_maps import record_sampling
+from .sampling_recorder import record_sampling
 from .backbone import Backbone, Joiner, build_backbone
 from .criterion import SetCriterion, build_criterion, build_weight_dict
 from .deformable_detr import DeformableDETR, build_deformable_detr

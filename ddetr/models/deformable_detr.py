@@ -27,18 +27,21 @@ Outputs, for the criterion and the postprocessor:
     of the unpadded image, "aux_outputs" (one dict per earlier decoder layer) when
     aux_loss, "enc_outputs" (the encoder proposals) when two_stage.
 
-Parameter names follow the official release: as there, with refinement or two-stage
-the decoder holds the same head modules as the model (``transformer.decoder.bbox_embed``
-and, two-stage, ``transformer.decoder.class_embed``), so they are listed twice in
-state_dict() (and once in parameters()).
+The heads belong to the model, which passes them to the transformer at every call
+(``box_heads`` to refine, ``proposal_heads`` for two-stage); the transformer never
+reaches back. Parameter names follow the official release: as there, with refinement
+or two-stage the decoder lists the same head modules under its own name
+(``transformer.decoder.bbox_embed`` and, two-stage, ``transformer.decoder.class_embed``),
+so they appear twice in state_dict() (and once in parameters()).
 """
 import math
 
 import torch
 from torch import nn
 
-from ..nn.deformable_transformer import (build_deformable_transformer, get_clones,
-                                         inverse_sigmoid)
+from ..nn.deformable_transformer import build_deformable_transformer
+from ..nn.geometry import decode_boxes, inverse_sigmoid
+from ..nn.helpers import get_clones
 from .backbone import build_backbone, resize_mask
 from .detr import MLP, check_inputs
 
@@ -127,8 +130,6 @@ class DeformableDETR(nn.Module):
             self.bbox_embed = get_clones(bbox_embed, num_pred)
             # initial box size sigmoid(-2) ~ 0.12 for the first layer's prediction
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
-            self.transformer.decoder.bbox_embed = self.bbox_embed
-            self.transformer.decoder.refine_boxes = True
         else:
             nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
             self.class_embed = nn.ModuleList([class_embed] * num_pred)  # shared
@@ -138,12 +139,16 @@ class DeformableDETR(nn.Module):
                 # reference boxes already carry a size: offsets start at zero
                 nn.init.zeros_(box_embed.layers[-1].bias[2:])
         if two_stage:
-            # the transformer scores its proposals with the heads at index dec_layers
-            self.transformer.decoder.class_embed = self.class_embed
-            self.transformer.decoder.bbox_embed = self.bbox_embed
             for box_embed in self.bbox_embed:
                 # reference boxes already carry a size: offsets start at zero
                 nn.init.zeros_(box_embed.layers[-1].bias[2:])
+        # the official state-dict names only: the decoder lists the heads it is given
+        # (the transformer itself uses only what forward passes it)
+        if with_box_refine:
+            transformer.decoder.add_module("bbox_embed", self.bbox_embed)
+        if two_stage:
+            transformer.decoder.add_module("class_embed", self.class_embed)
+            transformer.decoder.add_module("bbox_embed", self.bbox_embed)
 
     def features(self, images, masks):
         """The transformer's inputs: lists of L maps (N, C, H_l, W_l), masks (N, H_l, W_l)
@@ -169,20 +174,17 @@ class DeformableDETR(nn.Module):
         srcs, level_masks, pos = self.features(images, masks)
         query_embed = None if self.two_stage else self.query_embed.weight
         anchors = self.refpoint_embed.weight if self.query_anchors == "dab" else None
-        hs, init_reference, inter_references, enc_class, enc_coord_unact = \
-            self.transformer(srcs, level_masks, pos, query_embed, anchors)
+        box_heads = self.bbox_embed if self.with_box_refine else None
+        # two-stage: the heads after the decoder's (index dec_layers) score the proposals
+        proposal_heads = (self.class_embed[-1], self.bbox_embed[-1]) if self.two_stage else None
+        hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
+            srcs, level_masks, pos, query_embed, anchors, box_heads, proposal_heads)
 
         logits, boxes = [], []
         for lvl in range(hs.shape[0]):
             reference = init_reference if lvl == 0 else inter_references[lvl - 1]
-            reference = inverse_sigmoid(reference)
-            delta = self.bbox_embed[lvl](hs[lvl])
-            if reference.shape[-1] == 4:
-                coord = delta + reference
-            else:
-                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            boxes.append(decode_boxes(self.bbox_embed[lvl](hs[lvl]), reference))
             logits.append(self.class_embed[lvl](hs[lvl]))
-            boxes.append(coord.sigmoid())
 
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:

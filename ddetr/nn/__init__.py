@@ -1,7 +1,8 @@
 """Modules: dense and deformable attention, position encoding, the transformers."""
 from .attention import MultiHeadAttention
 from .deformable_attention import DeformableAttention
-from .deformable_transformer import DeformableTransformer, inverse_sigmoid
+from .deformable_transformer import DeformableTransformer
+from .geometry import inverse_sigmoid
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import PositionEmbeddingSine
 from .transformer import Transformer

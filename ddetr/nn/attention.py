@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..ops.dense_attention import multi_head_attention
+from .checks import check_heads, check_padding_mask, check_same, check_tensor, check_width
 
 
 class MultiHeadAttention(nn.Module):
@@ -21,8 +22,9 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model=256, n_heads=8, dropout=0.0):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        check_heads(d_model, n_heads)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.d_model, self.n_heads, self.dropout = d_model, n_heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))
@@ -39,6 +41,16 @@ class MultiHeadAttention(nn.Module):
 
         Returns out (N, Lq, C) and the attention weights (N, M, Lq, S).
         """
+        for name, t, layout in (("query", query, "(N, Lq, C)"), ("key", key, "(N, S, C)"),
+                                ("value", value, "(N, S, C)")):
+            check_tensor(name, t, layout)
+            check_width(name, t, self.d_model)
+        if key.shape[:2] != value.shape[:2]:
+            raise ValueError(f"key and value must have the same (N, S), got key "
+                             f"{tuple(key.shape)} and value {tuple(value.shape)}")
+        check_same("batch size", query=query, key=key, value=value)
+        check_same("device", query=query, key=key, value=value)
+        check_padding_mask("key_padding_mask", key_padding_mask, *key.shape[:2])
         return multi_head_attention(
             query, key, value, self.in_proj_weight, self.in_proj_bias,
             self.out_proj.weight, self.out_proj.bias, self.n_heads, key_padding_mask,

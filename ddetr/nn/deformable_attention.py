@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from ..ops.deform_attn import deform_attn
+from .checks import (check_heads, check_padding_mask, check_positive_ints, check_same,
+                     check_tensor, check_width, shape)
 
 
 def init_deformable_attention(module, n_heads, n_levels, n_points):
@@ -47,8 +49,7 @@ class DeformableAttention(nn.Module):
 
     def __init__(self, d_model=256, n_heads=8, n_points=4):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        check_heads(d_model, n_heads, n_points=n_points)
         self.d_model, self.n_heads, self.n_points = d_model, n_heads, n_points
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_points)
@@ -79,11 +80,26 @@ class DeformableAttention(nn.Module):
                 input_padding_mask=None):
         """query (N, Lq, C), reference_points (N, Lq, 2), input_flatten (N, H*W, C),
         spatial_shape (H, W), input_padding_mask (N, H*W) bool or None -> (N, Lq, C)."""
-        N, S, C = input_flatten.shape
+        check_tensor("query", query, "(N, Lq, C)")
+        check_width("query", query, self.d_model)
+        check_tensor("input_flatten", input_flatten, "(N, S, C)")
+        check_width("input_flatten", input_flatten, self.d_model)
+        check_tensor("reference_points", reference_points, "(N, Lq, 2)")
+        if shape(reference_points) != shape(query)[:2] + (2,):
+            raise ValueError(f"reference_points must be (N, Lq, 2) = "
+                             f"{shape(query)[:2] + (2,)}, got {shape(reference_points)}")
+        check_same("batch size", query=query, input_flatten=input_flatten)
+        check_same("device", query=query, reference_points=reference_points,
+                   input_flatten=input_flatten)
+        if len(spatial_shape) != 2:
+            raise ValueError(f"spatial_shape must be (H, W), got {spatial_shape!r}")
         H, W = spatial_shape
+        check_positive_ints(H=H, W=W)
+        N, S, C = input_flatten.shape
         if S != H * W:
             raise ValueError(f"input_flatten has {S} positions, spatial_shape {(H, W)} "
                              f"needs {H * W}")
+        check_padding_mask("input_padding_mask", input_padding_mask, N, S)
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)

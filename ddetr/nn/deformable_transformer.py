@@ -13,8 +13,10 @@ Decoder: Lq object queries. Each layer does dense self-attention among the queri
 (they are few), then MSDeformAttn cross-attention into the encoder output around the
 query's reference point, then a feed-forward network. The reference point is a linear
 layer + sigmoid of the query's positional embedding; with iterative box refinement the
-model's box heads update it after every layer (``decoder.bbox_embed``); in the
-two-stage variant the initial reference boxes are the top-scoring encoder proposals.
+model's box heads, passed in as ``box_heads``, update it after every layer; in the
+two-stage variant the initial reference boxes are the top-scoring encoder proposals,
+scored by the model's ``proposal_heads``. Heads go in, outputs come out: the
+transformer never reaches into the model that calls it.
 
 Coordinates. Reference points live in [0, 1] of the *valid* (unpadded) image, the frame
 the boxes are predicted in. Each map of a padded batch has ``valid_ratios`` (N, L, 2) =
@@ -26,49 +28,25 @@ Parameter names (``level_embed``, ``encoder.layers.{i}.self_attn``, ``norm1``,
 ``linear1``, ``decoder.layers.{i}.cross_attn``, ``reference_points``, ``enc_output``,
 ``pos_trans``...) follow the official implementation.
 """
-import copy
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.checks import level_start_index_of
 from .attention import MultiHeadAttention
+from .checks import (check_heads, check_like, check_padding_mask, check_same,
+                     check_spatial_shapes, check_tensor, check_width, shape)
+from .geometry import decode_boxes, pixel_centres, to_padded_levels, valid_ratio, valid_size
+from .helpers import get_clones, with_pos
 from .ms_deform_attn import MSDeformAttn
+from .position_encoding import sine_embed
 
 
-def inverse_sigmoid(x, eps=1e-5):
-    """log(x / (1 - x)), clamped so that 0 and 1 stay finite."""
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-def get_clones(module, n):
-    """n independent deep copies of module, in a ModuleList."""
-    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
-
-
-def with_pos(x, pos):
-    return x if pos is None else x + pos
-
-
-def box_sine_embed(boxes, num_pos_feats=128, temperature=10000):
-    """boxes (N, Lq, 4) (cx, cy, w, h) in [0, 1] -> (N, Lq, 4 * num_pos_feats) sine codes,
-    one block per coordinate (as DAB-DETR's positional queries)."""
-    scale = 2 * math.pi
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=boxes.device)
-    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-    pos = boxes[:, :, :, None] * scale / dim_t  # (N, Lq, 4, F)
-    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4)
-    return pos.flatten(2).to(boxes.dtype)
-
-
-def valid_ratio(mask):
-    """mask (N, H, W) bool (True = padding) -> (N, 2) float: (valid W / W, valid H / H)."""
-    _, H, W = mask.shape
-    valid_H = (~mask[:, :, 0]).sum(1)
-    valid_W = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_W.float() / W, valid_H.float() / H], -1)
+def check_valid_ratios(valid_ratios, N, L):
+    check_tensor("valid_ratios", valid_ratios, "(N, L, 2)")
+    if shape(valid_ratios) != (N, L, 2):
+        raise ValueError(f"valid_ratios must be (N, L, 2) = {(N, L, 2)}, got shape "
+                         f"{shape(valid_ratios)}")
 
 
 # --- encoder -------------------------------------------------------------------------
@@ -115,23 +93,26 @@ class DeformableTransformerEncoder(nn.Module):
             (N, S, L, 2) points (x, y): token s's centre in [0, 1] of its valid image,
             times each level's valid ratio (i.e. in each padded map's frame).
         """
-        device = valid_ratios.device
         points = []
         for lvl, (H, W) in enumerate(spatial_shapes):
-            ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, H - 0.5, H, dtype=torch.float32, device=device),
-                torch.linspace(0.5, W - 0.5, W, dtype=torch.float32, device=device),
-                indexing="ij")
-            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)
-            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)
-            points.append(torch.stack((ref_x, ref_y), -1))  # (N, H*W, 2)
+            # the valid image's size in pixels of this map: (valid W, valid H)
+            size = valid_ratios[:, lvl] * valid_ratios.new_tensor([W, H])
+            points.append(pixel_centres(H, W, size[:, None], device=valid_ratios.device))
         points = torch.cat(points, 1)  # (N, S, 2) in the valid frame
-        return points[:, :, None] * valid_ratios[:, None]
+        return to_padded_levels(points, valid_ratios)
 
     def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos=None,
                 padding_mask=None):
         """src (N, S, C), spatial_shapes (L, 2) int64, level_start_index (L,),
         valid_ratios (N, L, 2), pos (N, S, C), padding_mask (N, S) -> memory (N, S, C)."""
+        check_tensor("src", src, "(N, S, C)")
+        N, S, C = src.shape
+        L = self.layers[0].self_attn.n_levels
+        check_width("src", src, self.layers[0].self_attn.d_model)
+        check_spatial_shapes("spatial_shapes", spatial_shapes, L, S)
+        check_valid_ratios(valid_ratios, N, L)
+        check_like("pos", pos, src, "src")
+        check_padding_mask("padding_mask", padding_mask, N, S)
         shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
         reference_points = self.get_reference_points(shapes, valid_ratios).to(src.dtype)
         out = src
@@ -181,14 +162,14 @@ class DeformableTransformerDecoderLayer(nn.Module):
 class DeformableTransformerDecoder(nn.Module):
     """A stack of decoder layers that returns every layer's output.
 
-    The detector sets ``bbox_embed`` (a list of box heads, one per layer) and
-    ``refine_boxes``: when True, the reference points are refined with them after each
-    layer (iterative bounding box refinement). In the two-stage variant it also sets
-    ``class_embed``; the heads at index num_layers score the encoder proposals.
+    With iterative box refinement, ``forward`` is given ``box_heads`` (one per layer)
+    and moves the reference boxes with them after each layer. The decoder owns no head:
+    for the official state-dict names, a detector lists its heads under the decoder's
+    ``bbox_embed`` (and ``class_embed``), and passes them to every forward call.
 
     With DAB-style anchor queries the transformer sets ``ref_point_head`` (an MLP
     2C -> C): every layer then makes its positional query from the current reference
-    box, ``query_pos = ref_point_head(box_sine_embed(box))``, so that the query's
+    box, ``query_pos = ref_point_head(sine_embed(box))``, so that the query's
     position follows the box as it is refined.
     """
 
@@ -196,47 +177,55 @@ class DeformableTransformerDecoder(nn.Module):
         super().__init__()
         self.layers = get_clones(decoder_layer, num_layers)
         self.num_layers = num_layers
-        self.bbox_embed = None
-        self.class_embed = None
-        self.refine_boxes = False
         self.ref_point_head = None
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index,
-                valid_ratios, query_pos=None, padding_mask=None):
+                valid_ratios, query_pos=None, padding_mask=None, box_heads=None):
         """
         Args:
             tgt: (N, Lq, C) query contents. query_pos: (N, Lq, C) query positions.
             reference_points: (N, Lq, 2) points or (N, Lq, 4) boxes (cx, cy, w, h),
                 in [0, 1] of the valid image.
             src: (N, S, C) memory. valid_ratios: (N, L, 2). padding_mask: (N, S).
+            box_heads: None, or a box head per layer ((N, Lq, C) -> (N, Lq, 4) offsets
+                in inverse-sigmoid space, see ``decode_boxes``) to refine the
+                reference boxes with after each layer.
 
         Returns:
             hs (num_layers, N, Lq, C), the output of each layer, and references
             (num_layers, N, Lq, 2|4), the reference points each layer's output is
             relative to for the *next* layer (detached, as in the paper).
         """
+        check_tensor("tgt", tgt, "(N, Lq, C)")
+        check_tensor("reference_points", reference_points, "(N, Lq, 2|4)")
+        check_tensor("src", src, "(N, S, C)")
+        N, Lq, C = tgt.shape
+        if reference_points.shape[:2] != (N, Lq) or reference_points.shape[-1] not in (2, 4):
+            raise ValueError(f"reference_points must be (N, Lq, 2 or 4) = ({N}, {Lq}, 2|4) "
+                             f"like tgt, got {shape(reference_points)}")
+        check_width("src", src, C)
+        check_same("batch size", tgt=tgt, reference_points=reference_points, src=src)
+        L = self.layers[0].cross_attn.n_levels
+        check_valid_ratios(valid_ratios, N, L)
+        if query_pos is None and self.ref_point_head is None:
+            raise ValueError("query_pos (N, Lq, C) is required (it is made from the "
+                             "reference boxes only with DAB anchors), got None")
+        check_like("query_pos", query_pos, tgt, "tgt")
+        check_padding_mask("padding_mask", padding_mask, N, src.shape[1])
+        if box_heads is not None and len(box_heads) < self.num_layers:
+            raise ValueError(f"box_heads must hold a head per decoder layer "
+                             f"({self.num_layers}), got {len(box_heads)}")
         out = tgt
         hs, references = [], []
         for lid, layer in enumerate(self.layers):
-            if reference_points.shape[-1] == 4:
-                ratios = torch.cat([valid_ratios, valid_ratios], -1)  # (N, L, 4)
-            else:
-                ratios = valid_ratios
-            reference_input = reference_points[:, :, None] * ratios[:, None]  # (N,Lq,L,.)
+            reference_input = to_padded_levels(reference_points, valid_ratios)
             if self.ref_point_head is not None:   # DAB: the position comes from the box
                 query_pos = self.ref_point_head(
-                    box_sine_embed(reference_points, out.shape[-1] // 2))
+                    sine_embed(reference_points, out.shape[-1] // 2))
             out = layer(out, query_pos, reference_input, src, spatial_shapes,
                         level_start_index, padding_mask)
-            if self.refine_boxes:
-                delta = self.bbox_embed[lid](out)
-                if reference_points.shape[-1] == 4:
-                    new_reference = (delta + inverse_sigmoid(reference_points)).sigmoid()
-                else:
-                    new_reference = torch.cat(
-                        [delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]],
-                        -1).sigmoid()
-                reference_points = new_reference.detach()
+            if box_heads is not None:
+                reference_points = decode_boxes(box_heads[lid](out), reference_points).detach()
             hs.append(out)
             references.append(reference_points)
         return torch.stack(hs), torch.stack(references)
@@ -261,6 +250,12 @@ class DeformableTransformer(nn.Module):
                  enc_n_points=4, two_stage=False, two_stage_num_proposals=300,
                  backend="auto", query_anchors="none"):
         super().__init__()
+        check_heads(d_model, n_heads, num_encoder_layers=num_encoder_layers,
+                    num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
+                    num_feature_levels=num_feature_levels, dec_n_points=dec_n_points,
+                    enc_n_points=enc_n_points, two_stage_num_proposals=two_stage_num_proposals)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if query_anchors not in ("none", "dab"):
             raise ValueError(f"query_anchors must be 'none' or 'dab', got {query_anchors!r}")
         if query_anchors == "dab" and two_stage:
@@ -306,16 +301,6 @@ class DeformableTransformer(nn.Module):
 
     # two-stage helpers ---------------------------------------------------------------
 
-    def get_proposal_pos_embed(self, proposals, num_pos_feats=128, temperature=10000):
-        """proposals (N, Lq, 4) in inverse-sigmoid space -> (N, Lq, 4 * num_pos_feats)
-        sine codes of (cx, cy, w, h) (num_pos_feats = C / 2, giving 2C channels)."""
-        scale = 2 * math.pi
-        dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
-        dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-        pos = proposals.sigmoid()[:, :, :, None] * scale / dim_t  # (N, Lq, 4, F)
-        pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4)
-        return pos.flatten(2)
-
     def gen_encoder_output_proposals(self, memory, padding_mask, spatial_shapes):
         """One proposal per encoder token: a box centred on its pixel, of size 0.05 * 2^l
         of the valid image on level l.
@@ -332,16 +317,10 @@ class DeformableTransformer(nn.Module):
         proposals, start = [], 0
         for lvl, (H, W) in enumerate(spatial_shapes):
             mask = padding_mask[:, start:start + H * W].view(N, H, W)
-            valid_H = (~mask[:, :, 0]).sum(1)
-            valid_W = (~mask[:, 0, :]).sum(1)
-            grid_y, grid_x = torch.meshgrid(
-                torch.arange(H, dtype=torch.float32, device=memory.device),
-                torch.arange(W, dtype=torch.float32, device=memory.device), indexing="ij")
-            grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
-            size = torch.stack([valid_W, valid_H], -1).view(N, 1, 1, 2).float()
-            centres = (grid[None] + 0.5) / size  # (N, H, W, 2) in the valid frame
+            size = valid_size(mask).float()[:, None]  # (N, 1, 2) (valid W, valid H)
+            centres = pixel_centres(H, W, size, device=memory.device)  # (N, H*W, 2)
             wh = torch.full_like(centres, 0.05 * (2.0 ** lvl))
-            proposals.append(torch.cat([centres, wh], -1).view(N, -1, 4))
+            proposals.append(torch.cat([centres, wh], -1))
             start += H * W
         proposals = torch.cat(proposals, 1)
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
@@ -367,13 +346,47 @@ class DeformableTransformer(nn.Module):
             pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         device = srcs[0].device
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)),
-                                       spatial_shapes.prod(1).cumsum(0)[:-1]))
+        level_start_index = level_start_index_of(spatial_shapes)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         return (torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1),
                 spatial_shapes, level_start_index, valid_ratios)
 
-    def forward(self, srcs, masks, pos_embeds, query_embed=None, anchors=None):
+    def check_inputs(self, srcs, masks, pos_embeds, query_embed):
+        """Raise TypeError/ValueError unless the lists of maps, masks and position codes
+        and the query embedding fit the transformer (see ``forward``)."""
+        L = self.level_embed.shape[0]
+        for name, items in (("srcs", srcs), ("masks", masks), ("pos_embeds", pos_embeds)):
+            if not isinstance(items, (list, tuple)) or len(items) != L:
+                raise ValueError(f"{name} must be a list of num_feature_levels={L} tensors, "
+                                 f"got {type(items).__name__} of "
+                                 f"{len(items) if isinstance(items, (list, tuple)) else '?'}")
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            check_tensor(f"srcs[{lvl}]", src, "(N, C, H, W)")
+            if src.shape[1] != self.d_model:
+                raise ValueError(f"srcs[{lvl}] must be (N, C, H, W) with C = d_model = "
+                                 f"{self.d_model}, got shape {shape(src)}")
+            check_tensor(f"masks[{lvl}]", mask, "(N, H, W)", floating=False)
+            if mask.dtype != torch.bool or mask.shape != src.shape[:1] + src.shape[2:]:
+                raise ValueError(f"masks[{lvl}] must be a bool (N, H, W) = "
+                                 f"{shape(src)[:1] + shape(src)[2:]} tensor, got "
+                                 f"{mask.dtype} {shape(mask)}")
+            check_tensor(f"pos_embeds[{lvl}]", pos, "(N, C, H, W)")
+            if pos.shape != src.shape:
+                raise ValueError(f"pos_embeds[{lvl}] must have the shape of srcs[{lvl}] "
+                                 f"{shape(src)}, got {shape(pos)}")
+            check_same("batch size", **{"srcs[0]": srcs[0], f"srcs[{lvl}]": src})
+        if self.two_stage:
+            return
+        if query_embed is None:
+            raise ValueError("query_embed is required unless two_stage=True, got None")
+        width = self.d_model if self.query_anchors == "dab" else 2 * self.d_model
+        check_tensor("query_embed", query_embed, "(Lq, C)")
+        if query_embed.shape[1] != width:
+            raise ValueError(f"query_embed must be (Lq, {width}), got shape "
+                             f"{shape(query_embed)}")
+
+    def forward(self, srcs, masks, pos_embeds, query_embed=None, anchors=None,
+                box_heads=None, proposal_heads=None):
         """
         Args:
             srcs: list of L maps (N, C, H_l, W_l); masks: list of (N, H_l, W_l) bool;
@@ -381,6 +394,10 @@ class DeformableTransformer(nn.Module):
             (position, content) of the queries, None in the two-stage variant;
             with query_anchors="dab", (Lq, C) contents only, and anchors (Lq, 4) the
             learned boxes (cx, cy, w, h) in inverse-sigmoid space.
+            box_heads: iterative refinement: a box head per decoder layer (see
+                ``DeformableTransformerDecoder``); None: the references stay.
+            proposal_heads: two-stage only: (class head, box head) that score every
+                encoder token's proposal and regress its box.
 
         Returns:
             hs (num_dec_layers, N, Lq, C); init_reference (N, Lq, 2|4) in [0, 1];
@@ -388,8 +405,10 @@ class DeformableTransformer(nn.Module):
             enc_outputs_class (N, S, num_classes) and enc_outputs_coord_unact
             (N, S, 4) (else None, None).
         """
-        if not self.two_stage and query_embed is None:
-            raise ValueError("query_embed is required unless two_stage=True")
+        self.check_inputs(srcs, masks, pos_embeds, query_embed)
+        if self.two_stage and proposal_heads is None:
+            raise ValueError("two_stage=True needs proposal_heads (class head, box head), "
+                             "got None")
         src, mask, pos, spatial_shapes, level_start_index, valid_ratios = \
             self.flatten(srcs, masks, pos_embeds)
         memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, pos,
@@ -399,9 +418,9 @@ class DeformableTransformer(nn.Module):
         if self.two_stage:
             shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
             output_memory, proposals = self.gen_encoder_output_proposals(memory, mask, shapes)
-            head = self.decoder.num_layers  # the extra heads, after the decoder's
-            enc_class = self.decoder.class_embed[head](output_memory)
-            enc_coord_unact = self.decoder.bbox_embed[head](output_memory) + proposals
+            class_head, box_head = proposal_heads
+            enc_class = class_head(output_memory)
+            enc_coord_unact = box_head(output_memory) + proposals
             # top-k proposals by their foreground (first class) score. Unlike the
             # official code, padded tokens are excluded (their proposals are +inf).
             score = enc_class[..., 0].masked_fill(mask, float("-inf"))
@@ -411,7 +430,7 @@ class DeformableTransformer(nn.Module):
                 enc_coord_unact, 1, topk_index[..., None].expand(-1, -1, 4)).detach()
             reference_points = topk_coords_unact.sigmoid()
             pos_trans = self.pos_trans_norm(self.pos_trans(
-                self.get_proposal_pos_embed(topk_coords_unact, C // 2)))
+                sine_embed(topk_coords_unact.sigmoid(), C // 2)))
             query_pos, tgt = torch.split(pos_trans, C, dim=2)
         elif self.query_anchors == "dab":
             if anchors is None or anchors.shape != (query_embed.shape[0], 4):
@@ -428,7 +447,8 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).sigmoid()
         init_reference = reference_points
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes,
-                                            level_start_index, valid_ratios, query_pos, mask)
+                                            level_start_index, valid_ratios, query_pos, mask,
+                                            box_heads)
         return hs, init_reference, inter_references, enc_class, enc_coord_unact
 
 

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from ..ops.ms_deform_attn import ms_deform_attn
+from .checks import (check_heads, check_padding_mask, check_same, check_spatial_shapes,
+                     check_tensor, check_width, shape)
 from .deformable_attention import init_deformable_attention
 
 
@@ -21,8 +23,7 @@ class MSDeformAttn(nn.Module):
 
     def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, backend="auto"):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        check_heads(d_model, n_heads, n_levels=n_levels, n_points=n_points)
         self.d_model, self.n_levels = d_model, n_levels
         self.n_heads, self.n_points = n_heads, n_points
         self.backend = backend
@@ -49,15 +50,9 @@ class MSDeformAttn(nn.Module):
             sampling_locations (N, Lq, M, L, K, 2) and attention_weights
             (N, Lq, M, L, K), the softmax taken jointly over the L*K samples of a head.
         """
+        self.check_sampling_inputs(query, reference_points, spatial_shapes)
         N, Lq, _ = query.shape
         M, L, K = self.n_heads, self.n_levels, self.n_points
-        if spatial_shapes.shape[0] != L:
-            raise ValueError(f"module has n_levels={L}, spatial_shapes has "
-                             f"{spatial_shapes.shape[0]} levels")
-        if reference_points.dim() != 4 or reference_points.shape[:3] != (N, Lq, L) \
-                or reference_points.shape[-1] not in (2, 4):
-            raise ValueError(f"reference_points must be (N, Lq, L, 2 or 4) = "
-                             f"({N}, {Lq}, {L}, 2|4), got {tuple(reference_points.shape)}")
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, K, 2)
         weights = self.attention_weights(query).view(N, Lq, M, L * K).softmax(-1)
         weights = weights.view(N, Lq, M, L, K)
@@ -71,12 +66,36 @@ class MSDeformAttn(nn.Module):
                          + offsets / K * reference_points[:, :, None, :, None, 2:] * 0.5)
         return locations, weights
 
+    def check_sampling_inputs(self, query, reference_points, spatial_shapes, S=None):
+        """Raise TypeError/ValueError unless query (N, Lq, C), reference_points
+        (N, Lq, L, 2|4) floating point and spatial_shapes (L, 2) int64 fit the module
+        (and, with S, hold S positions)."""
+        check_tensor("query", query, "(N, Lq, C)")
+        check_width("query", query, self.d_model)
+        check_tensor("reference_points", reference_points, "(N, Lq, L, 2|4)")
+        N, Lq, _ = query.shape
+        L = self.n_levels
+        if reference_points.shape[:3] != (N, Lq, L) or reference_points.shape[-1] not in (2, 4):
+            raise ValueError(f"reference_points must be (N, Lq, L, 2 or 4) = "
+                             f"({N}, {Lq}, {L}, 2|4), got {shape(reference_points)}")
+        check_spatial_shapes("spatial_shapes", spatial_shapes, L, S)
+
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
                 input_level_start_index, input_padding_mask=None):
         """query (N, Lq, C), reference_points (N, Lq, L, 2|4), input_flatten (N, S, C),
         input_spatial_shapes (L, 2), input_level_start_index (L,),
         input_padding_mask (N, S) bool (True = padding) or None -> (N, Lq, C)."""
+        check_tensor("input_flatten", input_flatten, "(N, S, C)")
+        check_width("input_flatten", input_flatten, self.d_model)
+        check_tensor("query", query, "(N, Lq, C)")
+        check_tensor("reference_points", reference_points, "(N, Lq, L, 2|4)")
+        check_same("batch size", query=query, reference_points=reference_points,
+                   input_flatten=input_flatten)
+        check_same("device", query=query, reference_points=reference_points,
+                   input_flatten=input_flatten)
         N, S, C = input_flatten.shape
+        self.check_sampling_inputs(query, reference_points, input_spatial_shapes, S)
+        check_padding_mask("input_padding_mask", input_padding_mask, N, S)
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)

@@ -11,11 +11,35 @@ not-padding mask) and are normalised by the image's own valid height and width, 
 image gets the same codes whether or not it is padded, and the code tells a pixel where
 it is *in its image*, not in the padded canvas. Pixel centres sit at (i + 0.5) / H,
 the convention of the official Deformable DETR (DETR itself uses (i + 1) / H).
+
+``sine_embed`` is the bank of sines itself, for any coordinates: the decoder uses it
+for the boxes of two-stage proposals and of DAB-style anchor queries.
 """
 import math
 
 import torch
 from torch import nn
+
+
+def sine_embed(coords, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
+    """Sine codes of coordinates, num_pos_feats channels per coordinate.
+
+    Args:
+        coords: (..., k), e.g. (N, H, W, 2) pixel coordinates (y, x) or (N, Lq, 4) boxes
+            (cx, cy, w, h), usually in [0, 1].
+        num_pos_feats: F, channels per coordinate; channel pair (2i, 2i + 1) holds
+            sin and cos of coords * scale / temperature^(2i / F).
+
+    Returns:
+        (..., k * F): one block of F channels per coordinate, in the order given;
+        float32 for float32 or half-precision coordinates.
+    """
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=coords.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+    pos = coords[..., None] * scale / dim_t  # (..., k, F)
+    # interleave: sin on even channels, cos on odd channels
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+    return pos.flatten(-2)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -43,18 +67,15 @@ class PositionEmbeddingSine(nn.Module):
         not_mask = ~mask
         y_embed = not_mask.cumsum(1, dtype=torch.float32)  # 1..H_valid down each column
         x_embed = not_mask.cumsum(2, dtype=torch.float32)  # 1..W_valid along each row
+        scale = 1.0
         if self.normalize:
             eps = 1e-6
-            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
-        pos_x = x_embed[:, :, :, None] / dim_t  # (N, H, W, F)
-        pos_y = y_embed[:, :, :, None] / dim_t
-        # interleave: sin on even channels, cos on odd channels
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps)
+            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps)
+            scale = self.scale
+        coords = torch.stack((y_embed, x_embed), -1)  # (N, H, W, 2): y codes, then x
+        pos = sine_embed(coords, self.num_pos_feats, self.temperature, scale)
+        return pos.permute(0, 3, 1, 2)
 
 
 def build_position_encoding(cfg):

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiHeadAttention
-from .deformable_transformer import get_clones, with_pos
+from .checks import check_heads, check_like, check_tensor, shape
+from .helpers import get_clones, with_pos
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -110,6 +111,8 @@ class Transformer(nn.Module):
     def __init__(self, d_model=256, n_heads=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=2048, dropout=0.1):
         super().__init__()
+        check_heads(d_model, n_heads, num_encoder_layers=num_encoder_layers,
+                    num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward)
         self.d_model, self.n_heads = d_model, n_heads
         self.encoder = TransformerEncoder(
             TransformerEncoderLayer(d_model, n_heads, dim_feedforward, dropout),
@@ -130,6 +133,20 @@ class Transformer(nn.Module):
         Returns:
             hs (num_decoder_layers, N, Lq, C) and memory (N, S, C), S = H W.
         """
+        check_tensor("src", src, "(N, C, H, W)")
+        if src.shape[1] != self.d_model:
+            raise ValueError(f"src must be (N, C, H, W) with C = d_model = {self.d_model}, "
+                             f"got shape {shape(src)}")
+        check_tensor("mask", mask, "(N, H, W)", floating=False)
+        if mask.dtype != torch.bool or mask.shape != src.shape[:1] + src.shape[2:]:
+            raise ValueError(f"mask must be a bool (N, H, W) = {shape(src)[:1] + shape(src)[2:]} "
+                             f"tensor, got {mask.dtype} {shape(mask)}")
+        check_tensor("query_embed", query_embed, "(Lq, C)")
+        if query_embed.shape[1] != self.d_model:
+            raise ValueError(f"query_embed must be (Lq, C) with C = d_model = {self.d_model}, "
+                             f"got shape {shape(query_embed)}")
+        check_tensor("pos_embed", pos_embed, "(N, C, H, W)")
+        check_like("pos_embed", pos_embed, src, "src")
         N = src.shape[0]
         src = src.flatten(2).transpose(1, 2)
         pos = pos_embed.flatten(2).transpose(1, 2)

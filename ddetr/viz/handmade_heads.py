@@ -3,7 +3,7 @@ attends by colour, one by position (chapter 1 shows dense attention with them).
 """
 import torch
 
-from ..analysis import pixel_reference_points
+from ..nn.geometry import pixel_centres
 
 
 def handmade_heads(features, colour_scale=30.0, position_scale=60.0):
@@ -30,7 +30,7 @@ def handmade_heads(features, colour_scale=30.0, position_scale=60.0):
         raise ValueError(f"features must be (h, w, 3), got {tuple(features.shape)}")
     f = features.reshape(h * w, 3)
     colour = colour_scale ** 0.5 * (f - f.mean(0))
-    p = pixel_reference_points(h, w, dtype=f.dtype)[0]      # (h*w, 2) pixel centres
+    p = pixel_centres(h, w, dtype=f.dtype)  # (h*w, 2) as (x, y) in [0, 1]
     s = position_scale ** 0.5
     q_pos = s * torch.cat([2 * p, torch.ones(h * w, 1)], 1)
     k_pos = s * torch.cat([p, -(p ** 2).sum(1, keepdim=True)], 1)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 CLASS_COLOURS = {
     "red": (0.85, 0.15, 0.15),
     "green": (0.15, 0.65, 0.25),

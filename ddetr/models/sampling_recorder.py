@@ -1,4 +1,5 @@
-"""Looking inside: where the deformable attention samples, for the book's figures.
+"""Recording where the deformable attention samples (points and weights, not maps), for the
+book's figures.
 
     with record_sampling(model) as records:
         model(images, masks)
