@@ -73,7 +73,8 @@ METRIC_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 # (model name, label for plots, config overrides on top of the "cpu" preset)
 RUNS = [
-    ("detr", "DETR (dense)", {"architecture": "detr", "with_box_refine": False}),
+    ("detr", "DETR (dense)", {"architecture": "detr", "num_feature_levels": 1,
+                               "with_box_refine": False}),
     ("deformable_single_scale", "Deformable, single scale",
      {"num_feature_levels": 1, "with_box_refine": False}),
     ("deformable_multi_scale", "Deformable, multi-scale",
@@ -420,11 +421,9 @@ def run_experiment(out_dir="benchmarks", quick=False, models=None, seeds=None, s
     order = [(r, settings["seeds"][0]) for r in first]
     order += [(r, s) for s in settings["seeds"][1:] for r in first if r[0] not in late]
     order += [(r, s) for s in settings["seeds"][1:] for r in first if r[0] in late]
-    from .data import generate_synthetic   # once, before the workers read it
+    from .data import ensure_data   # once, before the workers read it
     cfg0 = run_config("detr", {}, 0, settings, runs_dir)
-    generate_synthetic(cfg0.data_path, cfg0.synthetic_train_images,
-                       cfg0.synthetic_val_images, cfg0.synthetic_image_size,
-                       cfg0.synthetic_seed, verbose=True)
+    ensure_data(cfg0)
 
     result = {"schema": SCHEMA,
               "command": command or "python -m ddetr experiment convergence"
@@ -554,28 +553,6 @@ def markdown_summary(result):
 
 
 # --- the command line ------------------------------------------------------------------
-def add_parser(subparsers):
-    p = subparsers.add_parser("experiment", help="reproduce the paper's claims in miniature")
-    p.add_argument("name", choices=["convergence"],
-                   help="convergence: DETR vs Deformable DETR (single/multi-scale, ...)")
-    p.add_argument("--quick", action="store_true",
-                   help="a few steps on a tiny set (CI); also DDETR_QUICK=1")
-    p.add_argument("--out", default="benchmarks", help="results folder (default benchmarks)")
-    p.add_argument("--runs-dir", default="runs/convergence",
-                   help="the engine's checkpoints and logs (default runs/convergence)")
-    p.add_argument("--models", nargs="+", default=None, help=f"some of {[r[0] for r in RUNS]}")
-    p.add_argument("--seeds", nargs="+", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--jobs", type=int, default=None, help="runs at a time (processes)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
-    p.add_argument("--time-limit-min", type=float, default=None, help="wall cap per run")
-    p.add_argument("--start-within-min", type=float, default=None,
-                   help="start no run later than this many minutes in (the rest stay "
-                        "pending)")
-    p.set_defaults(func=run_command)
-
-
 def run_command(args):
     quick = args.quick or os.environ.get("DDETR_QUICK", "") not in ("", "0")
     try:
@@ -590,7 +567,7 @@ def run_command(args):
 
 
 def main(argv=None):
-    from .__main__ import main as cli_main
+    from .cli import main as cli_main
     return cli_main(["experiment", *(argv or sys.argv[1:])])
 
 
