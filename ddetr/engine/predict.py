@@ -50,7 +50,7 @@ def evaluate_checkpoint(checkpoint, device="cpu", overrides=None, split="val",
                         progress=True):
     """COCO metrics of a checkpoint on a split of its config's data."""
     model, postprocessor, cfg, _ = load_trained(checkpoint, device, overrides)
-    dataset = build_dataset(split, cfg)
+    dataset = build_dataset(split, cfg, generate=False)     # a saved config: no new data
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
                         num_workers=cfg.num_workers)
     return evaluate(model, postprocessor, loader, dataset.coco, next(model.parameters()).device,
