@@ -60,31 +60,7 @@ DESCRIPTIONS = {
 IMPLS = ("reference", "kernel")
 
 
-# ---- command line ----------------------------------------------------------------------
-
-def add_parser(subparsers):
-    """Add ``bench`` with its targets (build, kernels) to the CLI's sub-commands."""
-    bench = subparsers.add_parser("bench", help="build the fused operator, run benchmarks")
-    targets = bench.add_subparsers(dest="target", required=True)
-
-    build = targets.add_parser("build", help="compile (or find cached) the fused kernel")
-    build.add_argument("--cuda", action="store_true",
-                       help="build the CUDA part even without a GPU (needs nvcc)")
-    build.add_argument("--verbose", action="store_true", help="show compiler output")
-    build.set_defaults(func=run_build)
-
-    kernels = targets.add_parser("kernels", help="reference vs fused ms_deform_attn")
-    kernels.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                         help="default: cuda if available, else cpu")
-    kernels.add_argument("--shapes", default="book,decoder,encoder",
-                         help=f"comma-separated subset of {','.join(SHAPES)}")
-    kernels.add_argument("--repeat", type=int, default=5, help="timed runs per case")
-    kernels.add_argument("--out", default="benchmarks", help="folder for JSON and table")
-    kernels.add_argument("--no-memory", action="store_true",
-                         help="skip the peak-memory measurements")
-    kernels.set_defaults(func=run_kernels)
-    return bench
-
+# ---- what the command line runs (ddetr/cli.py builds the parser) --------------------
 
 def run_build(args):
     from .ops import kernel

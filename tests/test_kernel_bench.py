@@ -1,15 +1,14 @@
 """The benchmark command runs and writes its JSON and table (a quick, small run)."""
-import argparse
 import json
 
 from ddetr import bench
+from ddetr.cli import build_parser
 
 
 def test_bench_kernels_cli_writes_json_and_table(tmp_path):
-    parser = argparse.ArgumentParser()
-    bench.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", "kernels", "--device", "cpu", "--shapes", "book",
-                              "--repeat", "1", "--no-memory", "--out", str(tmp_path)])
+    args = build_parser().parse_args(["bench", "kernels", "--device", "cpu", "--shapes",
+                                      "book", "--repeat", "1", "--no-memory", "--out",
+                                      str(tmp_path)])
     assert args.func(args) == 0
     result = json.loads((tmp_path / "kernels_cpu.json").read_text())
     entry = result["shapes"]["book"]
