@@ -124,8 +124,8 @@ def parse_args(argv):
         overrides = [a for a in rest if OVERRIDE.match(a)]
         argv = argv[:verb + 1] + [a for a in rest if not OVERRIDE.match(a)]
     args = build_parser().parse_args(argv)
-    if hasattr(args, "overrides"):
-        args.overrides = overrides
+    if hasattr(args, "overrides"):          # what argparse got there is no key=value:
+        args.overrides = overrides + args.overrides     # get_config names it
     return args
 
 

@@ -74,6 +74,8 @@ def test_a_mistake_is_one_line_with_status_2(tmp_path, case):
     (["train", "--config", "nope"], "unknown preset 'nope'"),
     (["train", "architecture=detr"], "config keys 'architecture', 'num_feature_levels'"),
     (["train", "dropout=1"], "config key 'dropout' expects a value in [0, 1), got 1.0"),
+    (["train", "epochs"], "override must look like key=value, got 'epochs'"),
+    (["train", "--config", "cpu", "epochs=2", "3"], "override must look like key=value, got '3'"),
 ])
 def test_main_in_process_gives_the_same_line(capsys, args, message):
     from ddetr.cli import main
