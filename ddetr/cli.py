@@ -130,11 +130,13 @@ def parse_args(argv):
 
 
 # --- errors ------------------------------------------------------------------------
-def _library_errors():
-    """What the library raises for a mistake of the user's (config, data, checkpoint,
-    device): reported in one line. Anything else is a bug and keeps its traceback."""
-    from .models import CheckpointMismatchError
-    return (ValueError, TypeError, OSError, FloatingPointError, CheckpointMismatchError)
+# What the library raises for a mistake in the config, the data, a checkpoint or the
+# device (ValueError, TypeError; FileNotFoundError and the other OSErrors; RuntimeError:
+# an unreadable checkpoint, CheckpointMismatchError, a kernel that cannot be built;
+# FloatingPointError: a diverging run; ImportError: an optional package that is missing):
+# reported in one line. Anything else keeps its traceback.
+LIBRARY_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError,
+                  ImportError)
 
 
 def one_line(error):
@@ -153,7 +155,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return args.func(args)
-    except _library_errors() as e:
+    except LIBRARY_ERRORS as e:
         if debug:
             raise
         print(f"python -m ddetr {args.command}: error: {one_line(e)}", file=sys.stderr)

@@ -247,7 +247,8 @@ def _check_type(f, value):
             return int(value)
         except ValueError:
             pass
-    raise TypeError(f"config key {f.name!r} expects a {kind.__name__} "
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise TypeError(f"config key {f.name!r} expects {article} {kind.__name__} "
                     f"(like {default!r}), got {value!r} ({type(value).__name__})")
 
 
@@ -312,7 +313,8 @@ def _check_combinations(cfg):
     from .models.backbone import RESNETS
 
     def fail(keys, text):
-        raise ValueError(f"config keys {', '.join(map(repr, keys))}: {text}")
+        raise ValueError(f"config key{'s' if len(keys) > 1 else ''} "
+                         f"{', '.join(map(repr, keys))}: {text}")
 
     if cfg.d_model % cfg.n_heads:
         fail(["d_model", "n_heads"], f"d_model={cfg.d_model} must be divisible by "

@@ -119,3 +119,12 @@ def test_one_parser_for_every_verb():
     args = parser.parse_args(["experiment", "convergence", "--quick", "--seeds", "0", "1"])
     assert args.func is experiment.run_command and args.seeds == [0, 1]
     assert not (ROOT / "ddetr" / "engine" / "cli.py").exists()
+
+
+def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    from ddetr.cli import main
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "junk.pth"), "--device",
+                 "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "junk.pth" in err and "Traceback" not in err

@@ -25,7 +25,7 @@ def test_yaml_file_with_base_preset(tmp_path):
 
 
 @pytest.mark.parametrize("preset, overrides, error, pattern", [
-    ("cpu", ["epochs=abc"], TypeError, "'epochs' expects a int .* got 'abc'"),
+    ("cpu", ["epochs=abc"], TypeError, "'epochs' expects an int .* got 'abc'"),
     ("cpu", ["amp=3"], TypeError, "'amp' expects a bool"),
     ("cpu", ["learning_rate=1"], ValueError, r"unknown config key\(s\) \['learning_rate'\]"),
     ("cpu", ["epochs"], ValueError, "key=value"),
@@ -73,7 +73,7 @@ BAD = [
     (["synthetic_image_size=8"], "'synthetic_image_size' expects >= 32"),
     (["d_model=100"], "'d_model', 'n_heads': d_model=100 must be divisible by n_heads=8"),
     (["n_heads=3"], "'d_model', 'n_heads'"),
-    (["d_model=48", "n_heads=4"], "'d_model': d_model=48 must be divisible by 32"),
+    (["d_model=48", "n_heads=4"], "key 'd_model': d_model=48 must be divisible by 32"),
     (["query_anchors=dab", "two_stage=false", "with_box_refine=false"],
      "'query_anchors', 'with_box_refine'"),
     (["query_anchors=dab"], "'query_anchors', 'two_stage'"),
