@@ -56,7 +56,6 @@ Schema of convergence.json (version "ddetr.convergence/1")::
 
 Metrics are COCOeval's, in [0, 1].
 """
-import argparse
 import json
 import os
 import subprocess
