@@ -1,13 +1,28 @@
-"""One flat configuration for model, loss, data and training, and its presets.
+"""One flat configuration for model, loss, data and training, its presets and its checks.
 
-A preset is a name for a set of values; a run is a preset plus overrides, given as a
-dict, as ``key=value`` strings (the CLI), or as a YAML file of keys. A key that does
-not exist is an error that names it, so a typo never silently trains the wrong model.
+Defaults, one story: the fields of ``Config`` hold the paper's Deformable DETR
+(ResNet-50, 6+6 layers, 300 queries, 4 levels, COCO's 91 classes), so ``Config()``,
+``get_config()`` and ``get_config("paper")`` are the same config. A preset is a name for
+a set of changes to those values; the book and the command line use the small "cpu"
+preset (``python -m ddetr train`` trains it unless ``--config`` names another).
+
+A run is a preset plus overrides, given as a dict, as ``key=value`` strings (the CLI),
+or as a YAML file of keys. A key that does not exist is an error that names it, so a
+typo never silently trains the wrong model.
 
     cfg = get_config("cpu", {"epochs": 2})
     cfg = get_config("paper", ["two_stage=true", "with_box_refine=true"])
+
+Every Config is checked when it is made, before any data is generated or any step
+trained: the type and range of every key, the keys that must agree (d_model and
+n_heads, DAB anchors and refinement, the switches the dense DETR does not have), and
+the names of architectures, backbones, backends and devices. A mistake is a ValueError
+or TypeError that names the key, what was expected and what was given. Whether this
+machine has the device is checked when a run starts (``engine.train.resolve_device``).
 """
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +94,11 @@ class Config:
     tensorboard: bool = False              # also log to output_dir (needs tensorboard)
     find_unused_parameters: bool = False   # DDP option, for model variants with unused parts
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_type(f, getattr(self, f.name)))
+        check_config(self)
+
 
 PRESETS = {
     # Deformable DETR as in the paper: ResNet-50, 6+6 layers, 300 queries, 4 levels.
@@ -108,80 +128,226 @@ PRESETS = {
 }
 
 
-def _parse_value(text):
+# --- reading presets, YAML files and overrides -------------------------------------
+def _parse_value(text, item):
     """'3' -> 3, 'true' -> True, '[1, 2]' -> [1, 2], 'abc' -> 'abc' (YAML scalars)."""
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: {text!r} is not a YAML value "
+                         f"({getattr(e, 'problem', None) or e})") from None
 
 
-def get_config(preset="cpu", overrides=None):
-    """Build a Config from a preset name or a YAML file, then apply overrides.
+def parse_overrides(overrides):
+    """None, a dict, or a list of "key=value" strings (values read as YAML) -> a dict."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    if isinstance(overrides, str) or not isinstance(overrides, (list, tuple)):
+        raise TypeError(f"overrides must be a dict or a list of 'key=value' strings, "
+                        f"got {type(overrides).__name__} {overrides!r}")
+    parsed = {}
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"override must look like key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        parsed[key.strip()] = _parse_value(text, item)
+    return parsed
+
+
+def _read_yaml(path):
+    """The mapping of keys in a YAML config file; errors name the file and the line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"config file {path}{where}: {getattr(e, 'problem', None) or e} "
+                         f"(expected a YAML mapping of key: value lines)") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not a text file ({e.reason})") from None
+    loaded = {} if loaded is None else loaded
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys, "
+                         f"got a {type(loaded).__name__}")
+    bad = [k for k in loaded if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"config file {path}: keys must be names, got {bad}")
+    return loaded
+
+
+def get_config(preset="paper", overrides=None):
+    """Build a checked Config from a preset name or a YAML file, then apply overrides.
 
     Args:
         preset: a key of PRESETS, or a path to a YAML file with a mapping of keys (it may
             name its own base preset under the key ``preset``).
         overrides: None, a dict, or a list of "key=value" strings.
     """
-    values = {}
-    if preset in PRESETS:
+    values, source = {}, f"preset {preset!r}"
+    if isinstance(preset, str) and preset in PRESETS:
         values.update(PRESETS[preset])
     elif str(preset).endswith((".yaml", ".yml")):
-        path = Path(preset)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of keys, "
-                             f"got {type(loaded).__name__}")
+        path, source = Path(preset), f"config file {preset}"
+        loaded = _read_yaml(path)
         base = loaded.pop("preset", None)
         if base is not None:
             if base not in PRESETS:
                 raise ValueError(f"config file {path} names preset {base!r}; "
                                  f"expected one of {sorted(PRESETS)}")
             values.update(PRESETS[base])
+        _check_known(loaded, source)
         values.update(loaded)
     else:
         raise ValueError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)} "
                          f"or a .yaml file")
-    if isinstance(overrides, (list, tuple)):
-        parsed = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ValueError(f"override must look like key=value, got {item!r}")
-            key, text = item.split("=", 1)
-            parsed[key.strip()] = _parse_value(text)
-        overrides = parsed
-    values.update(overrides or {})
+    overrides = parse_overrides(overrides)
+    _check_known(overrides, "overrides")
+    values.update(overrides)
+    return Config(**values)
+
+
+def _check_known(values, source):
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; known keys are {sorted(known)}")
-    return Config(**{key: _check_type(key, value) for key, value in values.items()})
+        raise ValueError(f"unknown config key(s) {unknown} in {source}; known keys are "
+                         f"{sorted(known)}")
 
 
-def _check_type(key, value):
-    """The value in the type of the field's default; a clear error if it does not fit.
+def _check_type(f, value):
+    """The value of field f in the type of its default; a clear error if it does not fit.
 
     YAML reads '2e-4' as a string (its floats need a dot), so numbers given as strings
     are converted; an int is accepted where a float is expected.
     """
-    default = getattr(Config(), key)
-    if default is None or value is None:
-        return value
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if default is None:                               # optional paths
+        if value is None or isinstance(value, str):
+            return value
+        raise TypeError(f"config key {f.name!r} expects a path (str) or null, "
+                        f"got {value!r} ({type(value).__name__})")
     kind = type(default)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"config key {f.name!r} expects a finite number, got {value!r}")
         return value
     if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+        else:
+            return _check_type(f, value)
     if kind is int and isinstance(value, str):
         try:
             return int(value)
         except ValueError:
             pass
-    raise TypeError(f"config key {key!r} expects a {kind.__name__} "
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise TypeError(f"config key {f.name!r} expects {article} {kind.__name__} "
                     f"(like {default!r}), got {value!r} ({type(value).__name__})")
+
+
+# --- checks: ranges, choices, keys that must agree -------------------------------------
+INPUT_PROJ_GROUPS = 32   # DeformableDETR.input_proj: nn.GroupNorm(32, d_model) per level
+MAX_FEATURE_LEVELS = 4   # the paper's C3, C4, C5 and one extra stride-2 level
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+# key: (what is expected, test of the value)
+RANGES = {
+    "num_feature_levels": (f"1 (C5 only) or 3..{MAX_FEATURE_LEVELS} (C3-C5, then extra "
+                           f"stride-2 levels)", lambda v: v == 1 or 3 <= v <= MAX_FEATURE_LEVELS),
+    "dropout": ("a value in [0, 1)", lambda v: 0 <= v < 1),
+    "focal_alpha": ("a value in [0, 1]", lambda v: 0 <= v <= 1),
+    "lr": ("> 0", lambda v: v > 0),
+    "synthetic_image_size": (">= 32 (pixels)", lambda v: v >= 32),
+    "train_scales": ("a non-empty list of sizes >= 1 (pixels)",
+                     lambda v: len(v) > 0 and all(type(s) is int and s >= 1 for s in v)),
+    "device": ("'auto', 'cpu', 'cuda' or 'cuda:N'", lambda v: DEVICE.fullmatch(v)),
+    "data_path": ("a folder (a non-empty path)", lambda v: v.strip() != ""),
+    "output_dir": ("a folder (a non-empty path)", lambda v: v.strip() != ""),
+}
+RANGES.update({k: (">= 1", lambda v: v >= 1) for k in (
+    "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward", "enc_n_points",
+    "dec_n_points", "num_queries", "num_classes", "max_size", "val_scale", "batch_size",
+    "epochs", "lr_drop", "synthetic_train_images", "synthetic_val_images")})
+RANGES.update({k: (">= 0", lambda v: v >= 0) for k in (
+    "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm", "num_workers",
+    "eval_every", "iters_per_epoch", "time_limit_min", "synthetic_seed", "set_cost_class",
+    "set_cost_bbox", "set_cost_giou", "cls_loss_coef", "bbox_loss_coef",
+    "giou_loss_coef")})
+RANGES["eval_every"] = (">= 0 (epochs between evaluations; 0: only at the end)",
+                        lambda v: v >= 0)
+
+
+def _choices():
+    """The names the model code accepts, from the modules that define them."""
+    from .data import DATASETS
+    from .models import ARCHITECTURES
+    from .models.backbone import BACKBONES, NORMS
+    from .ops.ms_deform_attn import BACKENDS
+    return {"architecture": ARCHITECTURES, "backbone": BACKBONES, "backbone_norm": NORMS,
+            "attention_backend": BACKENDS, "dataset": DATASETS,
+            "query_anchors": ("none", "dab")}
+
+
+def check_config(cfg):
+    """Raise a ValueError naming the first key of cfg that is out of range, not one of
+    its choices, or at odds with another key. (Types are checked by Config itself.)"""
+    for key, choices in _choices().items():
+        if getattr(cfg, key) not in choices:
+            raise ValueError(f"config key {key!r} expects one of {list(choices)}, "
+                             f"got {getattr(cfg, key)!r}")
+    for key, (expected, test) in RANGES.items():
+        value = getattr(cfg, key)
+        if not test(value):
+            raise ValueError(f"config key {key!r} expects {expected}, got {value!r}")
+    _check_combinations(cfg)
+
+
+def _check_combinations(cfg):
+    from .models.backbone import RESNETS
+
+    def fail(keys, text):
+        raise ValueError(f"config key{'s' if len(keys) > 1 else ''} "
+                         f"{', '.join(map(repr, keys))}: {text}")
+
+    if cfg.d_model % cfg.n_heads:
+        fail(["d_model", "n_heads"], f"d_model={cfg.d_model} must be divisible by "
+                                     f"n_heads={cfg.n_heads}")
+    if cfg.d_model % 2:
+        fail(["d_model"], f"d_model={cfg.d_model} must be even (the sine position code "
+                          f"gives d_model / 2 channels to each axis)")
+    if cfg.architecture == "deformable_detr" and cfg.d_model % INPUT_PROJ_GROUPS:
+        fail(["d_model"], f"d_model={cfg.d_model} must be divisible by "
+                          f"{INPUT_PROJ_GROUPS}, the groups of the input projections' "
+                          f"GroupNorm")
+    if cfg.query_anchors == "dab" and not cfg.with_box_refine:
+        fail(["query_anchors", "with_box_refine"], "query_anchors='dab' refines its anchor "
+             "boxes layer by layer: it needs with_box_refine=true")
+    if cfg.query_anchors == "dab" and cfg.two_stage:
+        fail(["query_anchors", "two_stage"], "query_anchors='dab' and two_stage=true both "
+             "make the decoder's queries; choose one")
+    if cfg.architecture == "detr":
+        unused = {"num_feature_levels": cfg.num_feature_levels != 1,
+                  "with_box_refine": cfg.with_box_refine, "two_stage": cfg.two_stage,
+                  "query_anchors": cfg.query_anchors != "none"}
+        unused = [k for k, on in unused.items() if on]
+        if unused:
+            fail(["architecture", *unused], "the dense DETR (architecture='detr') has no "
+                 "multi-scale levels, refinement, two-stage proposals or anchor queries: "
+                 "set num_feature_levels=1, with_box_refine=false, two_stage=false, "
+                 "query_anchors=none")
+    if cfg.dilation and cfg.backbone not in RESNETS:
+        fail(["dilation", "backbone"], f"dilation=true needs a ResNet backbone "
+                                       f"{list(RESNETS)}, got {cfg.backbone!r}")
+    if cfg.set_cost_class == cfg.set_cost_bbox == cfg.set_cost_giou == 0:
+        fail(["set_cost_class", "set_cost_bbox", "set_cost_giou"],
+             "all matching costs are 0: the matcher needs at least one > 0")
 
 
 def config_to_dict(cfg):

@@ -26,7 +26,7 @@ VARIANTS = {
     "box_refine": {"with_box_refine": True},
     "two_stage": {"with_box_refine": True, "two_stage": True},
     "dab": {"with_box_refine": True, "query_anchors": "dab"},
-    "detr": {"architecture": "detr"},
+    "detr": {"architecture": "detr", "num_feature_levels": 1},
 }
 
 

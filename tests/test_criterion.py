@@ -56,7 +56,7 @@ def test_losses_finite_with_empty_targets(overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"with_box_refine": True, "two_stage": True},
-                                       {"architecture": "detr"},
+                                       {"architecture": "detr", "num_feature_levels": 1},
                                        {"backbone": "resnet18", "backbone_norm": "frozen_bn"}])
 def test_gradients_reach_every_trainable_parameter(overrides):
     cfg = get_config("cpu", {**PLAIN, **overrides})

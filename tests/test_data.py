@@ -1,6 +1,12 @@
 """The synthetic set, the COCO loader, transforms and collate."""
+import contextlib
+import io
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +17,13 @@ from torchvision import tv_tensors
 
 from ddetr.config import get_config
 from ddetr.data import (CATEGORIES, CocoDetection, build_dataset, collate, draw_image,
-                        generate_synthetic, make_transforms)
+                        ensure_data, generate_synthetic, make_transforms)
+from ddetr.data.synthetic import MARKER
 from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 ANN = "annotations/instances_{}2017.json"
+ROOT = Path(__file__).resolve().parents[1]
+CLI_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}          # this worktree's ddetr
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +126,24 @@ def test_loader_drops_crowd_and_degenerate_boxes(tmp_path, caplog):
     assert torch.allclose(t["boxes"], torch.tensor([[7 / 40, 7 / 30, 10 / 40, 8 / 30]]))
 
 
-def test_missing_and_corrupt_images_are_named(tmp_path):
+def test_missing_images_are_named_at_open_corrupt_ones_when_read(tmp_path):
     (tmp_path / "train2017").mkdir()
     (tmp_path / "train2017" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     _write_coco(tmp_path, [{"id": 1, "file_name": "gone.jpg", "width": 8, "height": 8},
                            {"id": 2, "file_name": "bad.jpg", "width": 8, "height": 8}], [])
+    with pytest.raises(FileNotFoundError, match="image id 1: file .*gone.jpg does not exist"):
+        CocoDetection(tmp_path / "train2017", tmp_path / ANN.format("train"))
+    _write_coco(tmp_path, [{"id": 2, "file_name": "bad.jpg", "width": 8, "height": 8}], [])
     ds = CocoDetection(tmp_path / "train2017", tmp_path / ANN.format("train"))
-    with pytest.raises(FileNotFoundError, match="gone.jpg"):
+    with pytest.raises(OSError, match="cannot read image .*bad.jpg .image_id 2"):
         ds[0]
-    with pytest.raises(OSError, match="bad.jpg"):
-        ds[1]
+    # through a DataLoader worker, the CLI's one line is still the image's
+    from ddetr.cli import one_line
+    loader = torch.utils.data.DataLoader(ds, num_workers=1, collate_fn=collate)
+    with pytest.raises(OSError) as info:
+        next(iter(loader))
+    assert one_line(info.value).startswith("OSError: cannot read image")
+    assert "bad.jpg" in one_line(info.value) and "\n" not in one_line(info.value)
 
 
 def test_wrong_data_path_is_a_clear_error(tmp_path):
@@ -216,3 +233,235 @@ def test_collate_pads_with_masks():
     assert (images[~masks.unsqueeze(1).expand_as(images)] == 1).all()
     assert (images[masks.unsqueeze(1).expand_as(images)] == 0).all()
     assert [t["id"] for t in targets] == [0, 1]
+
+
+# --- the generator writes only in its own folders -------------------------------------
+def _coco_folder(root):
+    """A real-looking COCO folder: images, annotation files and an unrelated file."""
+    for split in ("train", "val"):
+        (root / f"{split}2017").mkdir(parents=True)
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(root / f"{split}2017" / "a.jpg")
+    _write_coco(root, [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+                [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 8],
+                  "area": 80, "iscrowd": 0}], "train")
+    _write_coco(root, [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}], [],
+                "val")
+    (root / "README.txt").write_text("my notes, not a dataset file")
+    return root
+
+
+def _snapshot(root):
+    """Every file under root and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_generator_refuses_a_folder_it_did_not_make(tmp_path):
+    coco = _coco_folder(tmp_path / "coco")
+    before = _snapshot(coco)
+    with pytest.raises(FileExistsError, match=r"data_path .*coco holds files the synthetic "
+                                              r"generator did not write \(README.txt, "
+                                              r"annotations, train2017, val2017; no "
+                                              r"\.ddetr-synthetic marker\)"):
+        generate_synthetic(coco, 2, 1, 64, verbose=False)
+    cfg = get_config("cpu", {"data_path": str(coco)})            # dataset=synthetic
+    with pytest.raises(FileExistsError, match="refusing to generate"):
+        ensure_data(cfg)
+    with pytest.raises(FileExistsError, match="refusing to generate"):
+        build_dataset("val", cfg)
+    assert _snapshot(coco) == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        generate_synthetic(tmp_path / "file", 2, 1, 64, verbose=False)
+
+
+def test_generator_marks_its_folders_and_completes_a_killed_generation(tmp_path):
+    (tmp_path / "empty").mkdir()                                  # nothing to lose here
+    root = generate_synthetic(tmp_path / "empty", 3, 2, 64, verbose=False)
+    assert (root / MARKER).is_file()
+    stamp = (root / ANN.format("train")).stat().st_mtime_ns
+    # what a generation killed while drawing the val images leaves behind
+    (root / ANN.format("val")).unlink()
+    (root / "val2017" / "000000000001.jpg").unlink()
+    (root / ".val2017.abc123").mkdir()
+    (root / ".val2017.abc123" / "000000000001.jpg").write_bytes(b"half")
+    generate_synthetic(root, 3, 2, 64, verbose=False)
+    assert not list(root.glob(".val2017.*"))
+    assert len(COCO(str(root / ANN.format("val"))).imgs) == 2
+    assert sorted(p.name for p in (root / "val2017").iterdir()) == \
+        ["000000000001.jpg", "000000000002.jpg"]
+    assert (root / ANN.format("train")).stat().st_mtime_ns == stamp   # untouched
+    # a set written before the marker existed is still recognised as the generator's
+    (root / MARKER).unlink()
+    generate_synthetic(root, 3, 2, 64, verbose=False)
+    assert (root / MARKER).is_file()
+    assert (root / ANN.format("train")).stat().st_mtime_ns == stamp
+
+
+def test_a_saved_config_never_generates(tmp_path):
+    cfg = get_config("cpu", {"data_path": str(tmp_path / "gone"), "synthetic_train_images": 3,
+                             "synthetic_val_images": 2, "synthetic_image_size": 64})
+    with pytest.raises(FileNotFoundError, match=r"data_path .*gone does not exist "
+                                                r"\(dataset=synthetic"):
+        ensure_data(cfg, generate=False)
+    with pytest.raises(FileNotFoundError, match="gone does not exist"):
+        build_dataset("val", cfg, generate=False)
+    assert not (tmp_path / "gone").exists()
+    coco = _coco_folder(tmp_path / "coco")
+    before = _snapshot(coco)
+    cfg = get_config("cpu", {"data_path": str(coco)})
+    with pytest.raises(FileNotFoundError, match=r"coco does not hold the synthetic train "
+                                                r"set of this config"):
+        ensure_data(cfg, generate=False)
+    assert _snapshot(coco) == before
+    generate_synthetic(tmp_path / "s", 3, 2, 64, verbose=False)
+    cfg = get_config("cpu", {"data_path": str(tmp_path / "s"), "synthetic_train_images": 3,
+                             "synthetic_val_images": 2, "synthetic_image_size": 64})
+    assert ensure_data(cfg, generate=False) == tmp_path / "s"
+    assert len(build_dataset("val", cfg, generate=False)) == 2
+
+
+def _tiny_cli_config(data_path, run_dir):
+    return ["d_model=32", "n_heads=2", "enc_layers=1", "dec_layers=1", "dim_feedforward=64",
+            "num_queries=10", "num_feature_levels=1", "two_stage=false",
+            "with_box_refine=false", "attention_backend=reference", "device=cpu",
+            "synthetic_train_images=4", "synthetic_val_images=2", "synthetic_image_size=64",
+            "train_scales=[64]", "max_size=64", "val_scale=64", "batch_size=2",
+            "epochs=1", f"data_path={data_path}", f"output_dir={run_dir}"]
+
+
+def test_train_and_evaluate_cli_leave_a_coco_folder_untouched(tmp_path):
+    """The cpu preset is dataset=synthetic; pointed at a real COCO folder, neither train
+    nor evaluate may delete or rewrite a byte of it."""
+    from ddetr.config import config_to_dict
+    from ddetr.models import build_model
+
+    coco = _coco_folder(tmp_path / "coco")
+    before = _snapshot(coco)
+    overrides = _tiny_cli_config(coco, tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "ddetr", "train", *overrides], cwd=tmp_path,
+                       env=CLI_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "refusing to generate the synthetic set" in r.stderr and str(coco) in r.stderr
+    assert _snapshot(coco) == before
+    # a checkpoint whose config says synthetic data, evaluated on the COCO folder
+    cfg = get_config("cpu", [o for o in overrides if not o.startswith("data_path")])
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"model": build_model(cfg)[0].state_dict(), "config": config_to_dict(cfg)},
+               ckpt)
+    r = subprocess.run([sys.executable, "-m", "ddetr", "evaluate", "--checkpoint", str(ckpt),
+                        f"data_path={coco}", "--device", "cpu"], cwd=tmp_path, env=CLI_ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "does not hold the synthetic train set of this config" in r.stderr
+    assert _snapshot(coco) == before
+    assert not (tmp_path / "data").exists()          # nothing generated in the cwd either
+
+
+# --- COCO files are checked when opened --------------------------------------------------
+GOOD_IMAGE = {"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}
+GOOD_ANN = {"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "area": 12,
+            "iscrowd": 0}
+
+
+def _with(**changes):
+    data = {"images": [dict(GOOD_IMAGE)], "annotations": [dict(GOOD_ANN)],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    for path, value in changes.items():
+        key, _, field = path.partition("__")
+        if field:
+            data[key][0][field] = value
+        else:
+            data[key] = value
+    return json.dumps(data)
+
+
+MALFORMED = [
+    ("not json", '{"images": [,]}', ValueError,
+     r"instances_train2017.json, line 1, column 13: not valid JSON"),
+    ("a list", "[]", ValueError, r"instances_train2017.json holds a JSON list; expected a "
+                                 r"COCO instances object"),
+    ("no annotations", json.dumps({"images": [], "categories": []}), ValueError,
+     r"instances_train2017.json has no \['annotations'\]"),
+    ("images not a list", _with(images={}), ValueError, "'images' must be a list"),
+    ("image without file", _with(images__file_name=None), ValueError,
+     "image id 1 needs 'file_name'"),
+    ("image without size", _with(images__width=0), ValueError,
+     "image id 1 has width 0 and height 30"),
+    ("image missing", _with(images__file_name="b.jpg"), FileNotFoundError,
+     r"image id 1: file .*b.jpg does not exist"),
+    ("bbox arity", _with(annotations__bbox=[1, 2, 3]), ValueError,
+     r"annotation id 7 \(image id 1\): bbox must be \[x, y, width, height\] \(4 numbers\), "
+     r"got \[1, 2, 3\]"),
+    ("bbox negative", _with(annotations__bbox=[1, 2, -3, 4]), ValueError,
+     r"annotation id 7 \(image id 1\): bbox \[1, 2, -3, 4\] has a negative width"),
+    ("unknown image", _with(annotations__image_id=9), ValueError,
+     r"annotation id 7 \(image id 9\) is for an image that is not in 'images'"),
+    ("category outside", _with(annotations__category_id=5), ValueError,
+     r"annotation id 7 \(image id 1\) has category_id 5, outside the model's classes 0..2 "
+     r"\(num_classes=3"),
+    ("annotation without category", _with(annotations__category_id="a"), ValueError,
+     "annotation id 7 needs 'category_id'"),
+]
+
+
+@pytest.mark.parametrize("text, error, pattern", [m[1:] for m in MALFORMED],
+                         ids=[m[0] for m in MALFORMED])
+def test_malformed_annotations_are_named_at_open(tmp_path, text, error, pattern):
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "annotations").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "train2017" / "a.jpg")
+    (tmp_path / ANN.format("train")).write_text(text)
+    with pytest.raises(error, match=pattern):
+        CocoDetection(tmp_path / "train2017", tmp_path / ANN.format("train"), num_classes=3)
+
+
+def test_missing_annotation_file_and_unreadable_image_are_named(tmp_path):
+    (tmp_path / "train2017").mkdir()
+    with pytest.raises(FileNotFoundError, match="instances_train2017.json does not exist"):
+        CocoDetection(tmp_path / "train2017", tmp_path / ANN.format("train"))
+    if os.geteuid() == 0:
+        return                              # root reads every file whatever its mode
+    Image.new("RGB", (40, 30)).save(tmp_path / "train2017" / "a.jpg")
+    (tmp_path / "train2017" / "a.jpg").chmod(0)
+    _write_coco(tmp_path, [GOOD_IMAGE], [])
+    with pytest.raises(PermissionError, match=r"image id 1: file .*a.jpg cannot be read"):
+        CocoDetection(tmp_path / "train2017", tmp_path / ANN.format("train"))
+
+
+def test_coco_run_data_checked_by_ensure_data(tmp_path):
+    coco = _coco_folder(tmp_path / "coco")
+    cfg = get_config("cpu", {"dataset": "coco", "data_path": str(coco), "num_classes": 3})
+    assert ensure_data(cfg) == coco
+    _write_coco(coco, [], [], "val")                            # an empty split
+    with pytest.raises(ValueError, match=r"instances_val2017.json lists no images: the val "
+                                         r"split of data_path .*coco is empty"):
+        ensure_data(cfg)
+    cfg = get_config("cpu", {"dataset": "coco", "data_path": str(coco), "num_classes": 1})
+    with pytest.raises(ValueError, match=r"category_id 1, outside the model's classes 0..0"):
+        build_dataset("train", cfg)
+
+
+# --- evaluation says what it could not measure -------------------------------------------
+def test_unmeasured_metrics_are_none_and_print_na(tmp_path):
+    from ddetr.engine.evaluate import check_categories, coco_eval, format_table
+
+    # one large object only: APs and APm have nothing to be measured on
+    _write_coco(tmp_path, [{"id": 1, "file_name": "a.jpg", "width": 300, "height": 300}],
+                [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 200, 200],
+                  "area": 40000, "iscrowd": 0}], "val")
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(tmp_path / ANN.format("val")))
+    hit = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 200, 200], "score": 0.9}]
+    for results in (hit, []):
+        stats, _ = coco_eval(gt, results)
+        assert stats["APs"] is None and stats["APm"] is None, stats
+        assert stats["APl"] == pytest.approx(1.0 if results else 0.0)
+        assert stats["AP"] == pytest.approx(1.0 if results else 0.0)
+    table = format_table(stats)
+    assert table.split("\n")[1].split() == ["0.000", "0.000", "0.000", "n/a", "n/a", "0.000"]
+    with pytest.raises(ValueError, match="no images to evaluate"):
+        coco_eval(gt, hit, image_ids=[])
+    with pytest.raises(ValueError, match=r"category ids \[1\] that the model does not know "
+                                         r"\(num_classes=1"):
+        check_categories(gt, 1)

@@ -87,7 +87,8 @@ def test_coco_eval_scores_perfect_detections_one(tmp_path):
     assert list(stats) == METRICS
     assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0)
     assert "Average Precision" in summary
-    assert coco_eval(gt, [])[0] == {k: 0.0 for k in METRICS}
+    # no detections: 0 wherever there is something to measure, None (n/a) elsewhere
+    assert coco_eval(gt, [])[0] == {k: None if stats[k] is None else 0.0 for k in METRICS}
 
 
 def test_cli_rejects_unknown_config_key():

@@ -32,7 +32,7 @@ VARIANTS = {
     "single_scale": {"num_feature_levels": 1},
     "box_refine": {"with_box_refine": True},
     "two_stage": {"with_box_refine": True, "two_stage": True},
-    "detr": {"architecture": "detr"},
+    "detr": {"architecture": "detr", "num_feature_levels": 1},
 }
 
 

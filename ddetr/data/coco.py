@@ -7,11 +7,21 @@ Any folder laid out as COCO 2017 works -- the synthetic set and real COCO alike:
 
 Crowd annotations are left out of the training targets (COCOeval still uses them as
 "ignore" regions, as in COCO and DETR); boxes with no width or height are dropped and
-counted in the log; a missing or unreadable image raises an error that names it.
+counted in the log.
+
+The annotation file is checked when the dataset is opened, not mid-epoch: JSON errors
+(with their line), the layout (a dict of "images", "annotations", "categories"), every
+image's record and file (a cheap stat), every annotation's image id, bbox and category
+id (inside the model's classes when num_classes is given). Each error is one line that
+names the file and the image or annotation id. An image that turns out to be corrupt
+when it is decoded during training is reported with its file name.
 """
 import contextlib
 import io
+import json
 import logging
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -30,8 +40,124 @@ def coco_paths(root, split):
     return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
 
 
+def load_annotations(ann_file, img_folder, num_classes=None):
+    """The dict of a COCO instances file, checked (see the module docstring).
+
+    Raises FileNotFoundError (the file or an image is missing), PermissionError (an
+    image cannot be read), ValueError (anything malformed); each names ann_file.
+    """
+    ann_file, img_folder = Path(ann_file), Path(img_folder)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"annotation file {ann_file} does not exist "
+                                f"(expected a COCO-format folder: root/{{split}}2017/ "
+                                f"and root/annotations/instances_{{split}}2017.json)")
+    if not img_folder.is_dir():
+        raise FileNotFoundError(f"image folder {img_folder} does not exist "
+                                f"(the images of {ann_file})")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ann_file}, line {e.lineno}, column {e.colno}: not valid JSON "
+                         f"({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{ann_file} is not a JSON text file ({e.reason})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file} holds a JSON {type(data).__name__}; expected a COCO "
+                         f"instances object with keys 'images', 'annotations', 'categories'")
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise ValueError(f"{ann_file} has no {missing} (a COCO instances file has "
+                         f"'images', 'annotations' and 'categories')")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise ValueError(f"{ann_file}: '{key}' must be a list, got a "
+                             f"{type(data[key]).__name__}")
+    image_ids = _check_images(data["images"], ann_file, img_folder)
+    _check_categories(data["categories"], ann_file)
+    _check_annotations(data["annotations"], ann_file, image_ids, num_classes)
+    return data
+
+
+def _record(kind, i, item, ann_file, fields):
+    """item must be a dict with these fields (name: types); says which one is wrong."""
+    name = f"{kind} id {item['id']}" if isinstance(item, dict) and "id" in item \
+        else f"{kind} #{i} of the list"
+    if not isinstance(item, dict):
+        raise ValueError(f"{ann_file}: {name} must be an object, got {item!r}")
+    for field, types in fields.items():
+        value = item.get(field)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ValueError(f"{ann_file}: {name} needs '{field}' "
+                             f"({' or '.join(t.__name__ for t in types)}), got {value!r}")
+    return name
+
+
+def _check_images(images, ann_file, img_folder):
+    ids, missing = set(), []
+    for i, img in enumerate(images):
+        name = _record("image", i, img, ann_file, {"id": (int,), "file_name": (str,),
+                                                   "width": (int, float),
+                                                   "height": (int, float)})
+        if img["id"] in ids:
+            raise ValueError(f"{ann_file}: {name} appears twice in 'images'")
+        ids.add(img["id"])
+        if not (img["width"] > 0 and img["height"] > 0):
+            raise ValueError(f"{ann_file}: {name} has width {img['width']} and height "
+                             f"{img['height']}; expected sizes > 0")
+        path = img_folder / img["file_name"]
+        if not path.is_file():
+            missing.append((img["id"], path))
+        elif not os.access(path, os.R_OK):
+            raise PermissionError(f"{ann_file}: image id {img['id']}: file {path} cannot "
+                                  f"be read (permissions)")
+    if missing:
+        more = f" (and {len(missing) - 1} more images are missing)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{ann_file}: image id {missing[0][0]}: file "
+                                f"{missing[0][1]} does not exist{more}")
+    return ids
+
+
+def _check_categories(categories, ann_file):
+    for i, cat in enumerate(categories):
+        _record("category", i, cat, ann_file, {"id": (int,), "name": (str,)})
+
+
+def _check_annotations(annotations, ann_file, image_ids, num_classes):
+    ids, outside = set(), []
+    for i, ann in enumerate(annotations):
+        name = _record("annotation", i, ann, ann_file, {"id": (int,), "image_id": (int,),
+                                                        "category_id": (int,),
+                                                        "bbox": (list,)})
+        if ann["id"] in ids:
+            raise ValueError(f"{ann_file}: {name} appears twice in 'annotations'")
+        ids.add(ann["id"])
+        name += f" (image id {ann['image_id']})"
+        if ann["image_id"] not in image_ids:
+            raise ValueError(f"{ann_file}: {name} is for an image that is not in 'images'")
+        bbox = ann["bbox"]
+        if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     and math.isfinite(v) for v in bbox):
+            raise ValueError(f"{ann_file}: {name}: bbox must be [x, y, width, height] "
+                             f"(4 numbers), got {bbox!r}")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise ValueError(f"{ann_file}: {name}: bbox {bbox!r} has a negative width or "
+                             f"height")
+        if num_classes is not None and not 0 <= ann["category_id"] < num_classes:
+            outside.append(ann)
+    if outside:
+        top = max(a["category_id"] for a in outside)
+        raise ValueError(f"{ann_file}: annotation id {outside[0]['id']} (image id "
+                         f"{outside[0]['image_id']}) has category_id "
+                         f"{outside[0]['category_id']}, outside the model's classes "
+                         f"0..{num_classes - 1} (num_classes={num_classes}; "
+                         f"{len(outside)} such annotations, ids up to {top}): set "
+                         f"num_classes={top + 1} or more")
+
+
 class CocoDetection(torch.utils.data.Dataset):
-    """Images and targets of a COCO-format split.
+    """Images and targets of a COCO-format split, checked as it opens
+    (``load_annotations``; num_classes: category ids must lie in [0, num_classes)).
 
     Item i is (image, target): image as the transform returns it (a float tensor
     (3, H, W) with the standard transforms), target a dict with "boxes" (T, 4) as
@@ -39,20 +165,13 @@ class CocoDetection(torch.utils.data.Dataset):
     category ids, "image_id" int, "orig_size" and "size" (2,) int64 as (h, w).
     """
 
-    def __init__(self, img_folder, ann_file, transforms=None):
+    def __init__(self, img_folder, ann_file, transforms=None, num_classes=None):
         self.img_folder, self.ann_file = Path(img_folder), Path(ann_file)
-        if not self.ann_file.is_file():
-            raise FileNotFoundError(f"annotation file {self.ann_file} does not exist "
-                                    f"(expected a COCO-format folder: root/{{split}}2017/ "
-                                    f"and root/annotations/instances_{{split}}2017.json)")
-        if not self.img_folder.is_dir():
-            raise FileNotFoundError(f"image folder {self.img_folder} does not exist")
+        data = load_annotations(self.ann_file, self.img_folder, num_classes)
+        self.coco = COCO()
+        self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints timings
-            try:
-                self.coco = COCO(str(self.ann_file))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.ann_file} is not a valid COCO instances file: "
-                                 f"{e}") from e
+            self.coco.createIndex()
         self.ids = sorted(self.coco.imgs)
         self.transforms = transforms
         self.num_degenerate = sum(not self._valid(a, self.coco.imgs[a["image_id"]])
@@ -80,7 +199,8 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(f"image {path} (image_id {image_id}, listed in "
                                     f"{self.ann_file}) does not exist") from None
         except (OSError, SyntaxError, ValueError) as e:
-            raise OSError(f"cannot read image {path} (image_id {image_id}): {e}") from e
+            raise OSError(f"cannot read image {path} (image_id {image_id}, listed in "
+                          f"{self.ann_file}): {e}") from e
 
     def load_target(self, image_id, width, height):
         anns = self.coco.imgToAnns.get(image_id, [])

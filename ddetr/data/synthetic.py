@@ -12,9 +12,16 @@ generator seeded with (seed, split, i), so a set is the same on every machine, a
 
 Layout (the same as COCO 2017, so ``ddetr.data.coco`` reads both the same way)::
 
+    root/.ddetr-synthetic                   the marker: this folder is the generator's
     root/train2017/000000000001.jpg ...
     root/val2017/...
     root/annotations/instances_train2017.json, instances_val2017.json
+
+The generator deletes and rewrites only what it generated itself. It writes the marker
+into a folder before anything else (so a generation killed half-way is still its own,
+and the next call completes it), works only in a new or empty folder or one that
+carries the marker, and refuses any other folder -- a real COCO folder given as
+data_path with dataset=synthetic -- naming it and what it found there.
 """
 import json
 import math
@@ -31,6 +38,8 @@ from PIL import Image, ImageDraw, ImageFilter
 CATEGORIES = ["circle", "square", "triangle", "cross", "star", "ring"]
 VERSION = 1              # bump when the drawing changes, so old sets are regenerated
 SPLITS = {"train": 0, "val": 1}
+MARKER = ".ddetr-synthetic"
+DESCRIPTION = "ddetr synthetic shapes"
 
 
 # --- shapes: each returns polygons (lists of (x, y)) in a unit frame centred at 0 ----
@@ -227,6 +236,9 @@ def _write_split(root, split, seed, num_images, image_size, workers=1):
     folder = root / f"{split}2017"
     ann_file = root / "annotations" / f"instances_{split}2017.json"
     images, annotations = [], []
+    ann_file.unlink(missing_ok=True)    # from here on the split is incomplete
+    for stale in root.glob(f".{split}2017.*"):             # left by a killed generation
+        shutil.rmtree(stale)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{split}2017.", dir=root))
     jobs = [(seed, split, i, image_size, str(tmp_dir)) for i in range(num_images)]
     for record, objects in _map(_draw_one, jobs, workers):
@@ -234,7 +246,7 @@ def _write_split(root, split, seed, num_images, image_size, workers=1):
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": record["id"], **obj})
     coco = {
-        "info": {"description": "ddetr synthetic shapes", **_split_meta(
+        "info": {"description": DESCRIPTION, **_split_meta(
             seed, num_images, image_size)},
         "licenses": [],
         "images": images,
@@ -251,16 +263,72 @@ def _write_split(root, split, seed, num_images, image_size, workers=1):
     os.replace(tmp_ann, ann_file)       # written last: its presence means "complete"
 
 
-def _is_complete(root, split, meta):
-    ann_file = root / "annotations" / f"instances_{split}2017.json"
-    if not ann_file.is_file():
-        return False
+def _info(ann_file):
+    """The "info" dict of an annotation file, {} when it cannot be read."""
     try:
         with open(ann_file) as f:
             info = json.load(f).get("info", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _is_complete(root, split, meta):
+    ann_file = root / "annotations" / f"instances_{split}2017.json"
+    info = _info(ann_file) if ann_file.is_file() else {}
+    return (root / f"{split}2017").is_dir() and all(info.get(k) == v for k, v in meta.items())
+
+
+def _written_before_the_marker(root, entries):
+    """Whether root is a set of an older ddetr (no marker yet): only the generator's own
+    names in it, and every annotation file says it is the synthetic set."""
+    own = ("train2017", "val2017", "annotations", ".train2017.", ".val2017.")
+    if not all(name.startswith(own) for name in entries):
         return False
-    return all(info.get(k) == v for k, v in meta.items())
+    anns = sorted((root / "annotations").glob("*")) if "annotations" in entries else []
+    return bool(anns) and all(
+        a.name in ("instances_train2017.json", "instances_val2017.json")
+        and _info(a).get("description") == DESCRIPTION for a in anns)
+
+
+def claim_folder(root):
+    """Make root a folder of the generator's (marked), or refuse: a FileExistsError
+    when it exists, is not empty and carries no marker (it is not ours to overwrite)."""
+    root = Path(root)
+    if (root / MARKER).is_file():
+        return
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"data_path {root} is a file; the synthetic set needs a "
+                              f"folder of its own")
+    entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    if entries and not _written_before_the_marker(root, entries):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if
+                                          len(entries) > 5 else "")
+        raise FileExistsError(
+            f"data_path {root} holds files the synthetic generator did not write ({shown}; "
+            f"no {MARKER} marker): refusing to generate the synthetic set there. "
+            f"Use dataset=coco to read it, or give the synthetic set a data_path of its own")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("Written by ddetr's synthetic data generator "
+                               "(ddetr.data.generate_synthetic), which may delete and "
+                               "rewrite what is in this folder.\n")
+
+
+def check_synthetic(root, num_train=2000, num_val=200, image_size=256, seed=0):
+    """Raise FileNotFoundError unless root holds exactly this synthetic set (read-only:
+    for a config read from a checkpoint, whose data is not regenerated)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data_path {root} does not exist (dataset=synthetic, "
+                                f"from a saved config: its data is not regenerated here; "
+                                f"give data_path=<the folder of the set>)")
+    for split, n in (("train", num_train), ("val", num_val)):
+        meta = _split_meta(seed, n, image_size)
+        if not _is_complete(root, split, meta):
+            raise FileNotFoundError(
+                f"data_path {root} does not hold the synthetic {split} set of this config "
+                f"({', '.join(f'{k}={v}' for k, v in meta.items())}); its data is not "
+                f"regenerated from a saved config: give data_path=<the folder of the set>")
 
 
 def default_workers():
@@ -277,7 +345,8 @@ def generate_synthetic(root, num_train=2000, num_val=200, image_size=256, seed=0
     """Write the synthetic set under ``root`` unless an identical one is already there.
 
     Args:
-        root: output folder (created).
+        root: output folder: new, empty, or one the generator marked as its own (any
+            other folder is refused with a FileExistsError, see ``claim_folder``).
         num_train, num_val: images per split.
         image_size: side of the square images in pixels.
         seed: everything is a function of it.
@@ -287,7 +356,7 @@ def generate_synthetic(root, num_train=2000, num_val=200, image_size=256, seed=0
         Path of root.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    claim_folder(root)
     workers = default_workers() if workers is None else int(workers)
     for split, n in (("train", num_train), ("val", num_val)):
         meta = _split_meta(seed, n, image_size)

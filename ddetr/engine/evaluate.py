@@ -2,9 +2,15 @@
 
 Every process predicts its share of the validation images; the detections are gathered
 on rank 0, which runs COCOeval, and the numbers are sent back to every process.
+
+A number is reported only when it was measured: a metric with no ground-truth objects
+(COCOeval's -1, e.g. APs on a split without small objects) is None and prints "n/a";
+a split with no images, or with categories the model cannot predict, is an error that
+says what is missing.
 """
 import contextlib
 import io
+import math
 import sys
 
 import torch
@@ -30,20 +36,45 @@ def to_coco_results(detections, image_ids):
     return results
 
 
+AREAS = {"APs": (0, 32 ** 2), "APm": (32 ** 2, 96 ** 2), "APl": (96 ** 2, math.inf)}
+
+
 def coco_eval(coco_gt, results, image_ids=None):
-    """COCOeval (bbox) of result dicts. Returns (dict of the six numbers, summary text)."""
-    if not results:
-        return {k: 0.0 for k in METRICS}, "no detections"
+    """COCOeval (bbox) of result dicts.
+
+    Returns (dict of the six numbers, summary text); a number is None where the images
+    hold no ground-truth object to measure it on (COCOeval's -1).
+    """
+    image_ids = sorted(coco_gt.imgs if image_ids is None else image_ids)
+    if not image_ids:
+        raise ValueError("no images to evaluate: the split is empty")
+    if not results:               # COCOeval cannot load no results: AP 0 where measured
+        anns = [a for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_ids))
+                if not a.get("iscrowd")]
+        stats = {k: 0.0 if anns else None for k in METRICS}
+        for k, (lo, hi) in AREAS.items():
+            stats[k] = 0.0 if any(lo <= a["area"] < hi for a in anns) else None
+        return stats, "no detections"
     with contextlib.redirect_stdout(io.StringIO()) as text:
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
-        if image_ids is not None:
-            ev.params.imgIds = sorted(image_ids)
+        ev.params.imgIds = image_ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = {k: max(float(v), 0.0) for k, v in zip(METRICS, ev.stats[:6])}
+    stats = {k: float(v) if v >= 0 else None for k, v in zip(METRICS, ev.stats[:6])}
     return stats, text.getvalue()
+
+
+def check_categories(coco_gt, num_classes):
+    """Raise a ValueError when the ground truth uses category ids that a model with
+    num_classes logits cannot predict (it would score 0 AP on them, unmeasured)."""
+    used = {a["category_id"] for a in coco_gt.anns.values()}
+    unknown = sorted(c for c in used if not 0 <= c < num_classes)
+    if unknown:
+        raise ValueError(f"the ground truth has category ids {unknown[:10]} that the model "
+                         f"does not know (num_classes={num_classes}: ids 0.."
+                         f"{num_classes - 1}); evaluate it on data of its own classes")
 
 
 @torch.no_grad()
@@ -59,6 +90,10 @@ def evaluate(model, postprocessor, loader, coco_gt, device, progress=True, amp=F
         dict with AP, AP50, AP75, APs, APm, APl (floats in [0, 1]) and "summary", the
         text that COCOeval prints. The same on every process.
     """
+    if len(loader.dataset) == 0:
+        raise ValueError("no images to evaluate: the split is empty")
+    if hasattr(model, "num_classes"):
+        check_categories(coco_gt, model.num_classes)
     model.eval()
     results, image_ids = [], []
     bar = tqdm(loader, desc="eval", disable=not progress or not dist.is_main_process(),
@@ -83,7 +118,8 @@ def evaluate(model, postprocessor, loader, coco_gt, device, progress=True, amp=F
 
 
 def format_table(stats):
-    """The six numbers as a two-line text table."""
+    """The six numbers as a two-line text table ("n/a": nothing to measure it on)."""
     head = " ".join(f"{k:>6}" for k in METRICS)
-    vals = " ".join(f"{stats[k]:6.3f}" for k in METRICS)
+    vals = " ".join(f"{'n/a':>6}" if stats[k] is None else f"{stats[k]:6.3f}"
+                    for k in METRICS)
     return f"{head}\n{vals}"

@@ -33,7 +33,7 @@ def evaluate_checkpoint(checkpoint, device="cpu", overrides=None, split="val",
     data_path that does not exist here is refused unless overrides name one)."""
     model, postprocessor, cfg, _ = load_trained(checkpoint, device, overrides, config)
     require_data(cfg, checkpoint, overrides)
-    dataset = build_dataset(split, cfg)
+    dataset = build_dataset(split, cfg, generate=False)     # a saved config: no new data
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
                         num_workers=cfg.num_workers)
     return evaluate(model, postprocessor, loader, dataset.coco, next(model.parameters()).device,

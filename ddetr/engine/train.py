@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..data import build_dataset, collate, generate_synthetic
+from ..data import build_dataset, collate, ensure_data
 from ..models import build_model
 from . import distributed as dist
 from .checkpoint import (CheckpointError, config_record, get_rng_state, load_checkpoint,
@@ -103,12 +103,9 @@ class ShardSampler(torch.utils.data.Sampler):
 def build_loaders(cfg, rank=0, world=1):
     """(train dataset, train loader, val dataset, val loader). The training order is
     a function of (cfg.seed, epoch) only -- call loader.batch_sampler.sampler.set_epoch."""
-    if cfg.dataset == "synthetic":        # one process draws the set, the others wait
-        if dist.is_main_process():
-            generate_synthetic(cfg.data_path, cfg.synthetic_train_images,
-                               cfg.synthetic_val_images, cfg.synthetic_image_size,
-                               cfg.synthetic_seed)
-        dist.barrier()
+    if dist.is_main_process():            # one process prepares the data, the others wait
+        ensure_data(cfg)
+    dist.barrier()
     train_set, val_set = build_dataset("train", cfg), build_dataset("val", cfg)
     if len(train_set) < cfg.batch_size * world:
         raise ValueError(f"{len(train_set)} training images are fewer than one batch "
@@ -523,5 +520,6 @@ def _log_tensorboard(writer, record):
         if k.startswith("train_") and isinstance(v, (int, float)):
             writer.add_scalar(f"train/{k[6:]}", v, step)
     for k, v in (record.get("coco") or {}).items():
-        writer.add_scalar(f"val/{k}", v, step)
+        if v is not None:                        # None: not measured (no such objects)
+            writer.add_scalar(f"val/{k}", v, step)
     writer.add_scalar("lr", record["lr"], step)

@@ -47,7 +47,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import get_config
-from ..data import build_dataset, collate, generate_synthetic
+from ..data import build_dataset, collate, ensure_data
 from ..engine import evaluate, train
 from ..models import count_parameters
 from ..engine.checkpoint import load_compact, save_compact
@@ -57,7 +57,8 @@ from .runner import run_jobs
 
 # (model name, label for plots, config overrides on top of the "cpu" preset)
 RUNS = [
-    ("detr", "DETR (dense)", {"architecture": "detr", "with_box_refine": False}),
+    ("detr", "DETR (dense)", {"architecture": "detr", "with_box_refine": False,
+                              "num_feature_levels": 1}),
     ("deformable_single_scale", "Deformable, single scale",
      {"num_feature_levels": 1, "with_box_refine": False}),
     ("deformable_multi_scale", "Deformable, multi-scale",
@@ -219,9 +220,7 @@ def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
     order += [(r, s) for s in settings["seeds"][1:] for r in first if r[0] not in late]
     order += [(r, s) for s in settings["seeds"][1:] for r in first if r[0] in late]
     cfg0 = run_config("detr", {}, 0, settings, runs_dir)
-    generate_synthetic(cfg0.data_path, cfg0.synthetic_train_images,   # once, before
-                       cfg0.synthetic_val_images, cfg0.synthetic_image_size,  # the workers
-                       cfg0.synthetic_seed, verbose=True)                     # read it
+    ensure_data(cfg0)                       # once, before the worker processes read it
 
     commit, dirty = git_commit()
     result = {"schema": SCHEMA,

@@ -1,0 +1,244 @@
+"""The command line: python -m ddetr [--debug] train | evaluate | demo | bench | experiment
+
+    python -m ddetr train --config cpu epochs=20 lr=1e-4
+    python -m ddetr train --config runs/cpu/my.yaml --resume epochs=30
+    python -m ddetr evaluate --checkpoint runs/cpu/checkpoint.pth
+    python -m ddetr evaluate --checkpoint r50_deformable_detr-checkpoint.pth --config paper
+    python -m ddetr demo --checkpoint runs/cpu/checkpoint.pth --image img.jpg --output out.png
+    python -m ddetr bench kernels --device cpu
+    python -m ddetr experiment convergence --quick
+
+Config overrides (``key=value``) may stand anywhere after the verb, also right after
+``--resume``. A mistake in the config, the data, a checkpoint or the device is printed
+as one line on stderr, with exit status 2; ``--debug`` (before or after the verb) shows
+the traceback instead. The whole config is checked before any data is generated or any
+step trained (``ddetr.config``).
+"""
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from .config import get_config
+from .engine.distributed import cleanup, is_main_process
+from .engine.evaluate import format_table
+from .engine.predict import evaluate_checkpoint, load_trained, predict_image
+from .engine.train import resolve_device, train
+from .experiments.convergence import RUNS, run_convergence
+from .experiments.kernel_inputs import SHAPES
+from .experiments.kernels import bench_kernels, build_kernel
+
+VERBS_WITH_OVERRIDES = ("train", "evaluate", "demo")
+OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")   # key=value, key a config name
+
+
+def _overrides_arg(p, example):
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"config values to change, anywhere on the line, e.g. {example}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m ddetr",
+                                     description="Deformable DETR: train, evaluate, "
+                                                 "demo and benchmarks")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also after the verb)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    # --- train, evaluate, demo -------------------------------------------------------
+    p = sub.add_parser("train", help="train a model (torchrun for several processes)")
+    p.add_argument("--config", default="cpu", help="preset name or YAML file (default cpu)")
+    _overrides_arg(p, "epochs=2 lr=1e-4")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue a run (default: <output_dir>/checkpoint.pth)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("evaluate", help="COCO AP of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--config", default=None, metavar="PRESET_OR_YAML",
+                   help="the config of a checkpoint that carries none (official releases)")
+    _overrides_arg(p, "data_path=/data/coco")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--split", default="val")
+    p.set_defaults(func=run_evaluate)
+
+    p = sub.add_parser("demo", help="draw a checkpoint's detections on an image")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--config", default=None, metavar="PRESET_OR_YAML",
+                   help="the config of a checkpoint that carries none (official releases)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--output", default=None, help="output image (default: <image>_det.png)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--device", default="auto")
+    _overrides_arg(p, "num_queries=100")
+    p.set_defaults(func=run_demo)
+
+    # --- bench -------------------------------------------------------------------------
+    p = sub.add_parser("bench", help="build the fused operator, run benchmarks")
+    targets = p.add_subparsers(dest="target", required=True)
+
+    build = targets.add_parser("build", help="compile (or find cached) the fused kernel")
+    build.add_argument("--cuda", action="store_true",
+                       help="build the CUDA part even without a GPU (needs nvcc)")
+    build.add_argument("--verbose", action="store_true", help="show compiler output")
+    build.set_defaults(func=run_bench_build)
+
+    kernels = targets.add_parser("kernels", help="reference vs fused ms_deform_attn")
+    kernels.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                         help="default: cuda if available, else cpu")
+    kernels.add_argument("--shapes", default=",".join(SHAPES),
+                         help=f"comma-separated subset of {','.join(SHAPES)}")
+    kernels.add_argument("--repeat", type=int, default=5, help="timed runs per case")
+    kernels.add_argument("--out", default="benchmarks", help="folder for JSON and table")
+    kernels.add_argument("--no-memory", action="store_true",
+                         help="skip the peak-memory measurements")
+    kernels.set_defaults(func=run_bench_kernels)
+
+    # --- experiment --------------------------------------------------------------------
+    p = sub.add_parser("experiment", help="reproduce the paper's claims in miniature")
+    p.add_argument("name", choices=["convergence"],
+                   help="convergence: DETR vs Deformable DETR (single/multi-scale, ...)")
+    p.add_argument("--quick", action="store_true",
+                   default=os.environ.get("DDETR_QUICK", "") not in ("", "0"),
+                   help="a few steps on a tiny set (CI); also DDETR_QUICK=1")
+    p.add_argument("--out", default="benchmarks", help="results folder (default benchmarks)")
+    p.add_argument("--runs-dir", default="runs/convergence",
+                   help="the engine's checkpoints and logs (default runs/convergence)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"some of {[r[0] for r in RUNS]}")
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time (processes)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    p.add_argument("--time-limit-min", type=float, default=None, help="wall cap per run")
+    p.add_argument("--start-within-min", type=float, default=None,
+                   help="start no run later than this many minutes in (the rest stay "
+                        "pending)")
+    p.set_defaults(func=run_experiment)
+    return parser
+
+
+def parse_args(argv):
+    """argparse, with the config overrides taken out first: a ``key=value`` word after
+    a verb that has overrides is one wherever it stands (``--resume epochs=3`` resumes
+    the default checkpoint with epochs=3)."""
+    argv = [a for a in argv if a != "--debug"]
+    verb = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    overrides = []
+    if verb < len(argv) and argv[verb] in VERBS_WITH_OVERRIDES:
+        rest = argv[verb + 1:]
+        overrides = [a for a in rest if OVERRIDE.match(a)]
+        argv = argv[:verb + 1] + [a for a in rest if not OVERRIDE.match(a)]
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "overrides"):          # what argparse got there is no key=value:
+        args.overrides = overrides + args.overrides     # get_config names it
+    return args
+
+
+# --- errors ------------------------------------------------------------------------
+# What the library raises for a mistake in the config, the data, a checkpoint or the
+# device (ValueError, TypeError; FileNotFoundError and the other OSErrors; RuntimeError:
+# an unreadable checkpoint, CheckpointMismatchError, a kernel that cannot be built;
+# FloatingPointError: a diverging run; ImportError: an optional package that is missing):
+# reported in one line. Anything else keeps its traceback.
+LIBRARY_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError,
+                  ImportError)
+
+
+def one_line(error):
+    """The message of an error on one line (a DataLoader worker's error: its last line,
+    the original message, without the worker's traceback)."""
+    text = str(error).strip() or type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Original Traceback" in text:
+        lines = lines[-1:]
+    return " ".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = parse_args(argv)
+    try:
+        return args.func(args)
+    except LIBRARY_ERRORS as e:
+        if debug:
+            raise
+        print(f"python -m ddetr {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+# --- the verbs ---------------------------------------------------------------------
+def _setup_logging():
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_train(args):
+    _setup_logging()
+    cfg = get_config(args.config, args.overrides)   # checked whole, before any work
+    resolve_device(cfg.device)                      # a device this machine has
+    run = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if is_main_process():
+        print(f"checkpoint: {run['checkpoint']}")
+        if run["stats"]:
+            print(format_table(run["stats"]))
+    cleanup()
+    return 0
+
+
+def run_evaluate(args):
+    _setup_logging()
+    resolve_device(args.device)
+    stats = evaluate_checkpoint(args.checkpoint, args.device, args.overrides, args.split,
+                                config=args.config)
+    print(format_table(stats))
+    return 0
+
+
+def run_demo(args):
+    import matplotlib                     # the file backend, chosen before pyplot loads
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .viz.detections import draw_detections     # pyplot: only for this verb
+
+    resolve_device(args.device)
+    model, post, cfg, categories = load_trained(args.checkpoint, args.device,
+                                                args.overrides, config=args.config)
+    det = predict_image(model, post, cfg, args.image, args.threshold)
+    ax = draw_detections(det["image"], det["boxes"], det["labels"], det["scores"],
+                         categories, title=f"{len(det['boxes'])} detections >= "
+                                           f"{args.threshold}")
+    out = Path(args.output or Path(args.image).with_name(Path(args.image).stem + "_det.png"))
+    ax.figure.savefig(out, dpi=150, bbox_inches="tight")
+    plt.close(ax.figure)
+    for box, label, score in zip(det["boxes"].tolist(), det["labels"].tolist(),
+                                 det["scores"].tolist()):
+        name = categories.get(label, str(label))
+        print(f"{name:>10} {score:.2f} [{', '.join(f'{v:.1f}' for v in box)}]")
+    print(f"wrote {out}")
+    return 0
+
+
+def run_bench_build(args):
+    return 0 if build_kernel(cuda=args.cuda, verbose=args.verbose) else 1
+
+
+def run_bench_kernels(args):
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    bench_kernels(args.out, args.device, shapes, repeat=args.repeat,
+                  memory=not args.no_memory)
+    return 0
+
+
+def run_experiment(args):
+    run_convergence(args.out, args.quick, args.models, args.seeds, args.steps,
+                    args.eval_every, args.jobs, args.threads, args.time_limit_min,
+                    args.runs_dir, command="python -m ddetr " + " ".join(sys.argv[1:]),
+                    start_within_min=args.start_within_min)
+    print((Path(args.out) / "convergence.md").read_text())
+    return 0

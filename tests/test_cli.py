@@ -1,0 +1,130 @@
+"""The command line, run for real in a subprocess: every mistake is one line on stderr
+with exit status 2, --debug shows the traceback, overrides stand anywhere."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddetr.cli import build_parser, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["d_model=32", "n_heads=2", "enc_layers=1", "dec_layers=1", "dim_feedforward=64",
+        "num_queries=10", "num_feature_levels=1", "two_stage=false", "with_box_refine=false",
+        "attention_backend=reference", "device=cpu", "train_scales=[64]", "max_size=64",
+        "val_scale=64", "batch_size=1", "epochs=1"]
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}          # this worktree's ddetr
+    return subprocess.run([sys.executable, "-m", "ddetr", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _bad_coco(root):
+    """A COCO folder whose one annotation has a 3-number bbox."""
+    from PIL import Image
+    for split in ("train", "val"):
+        (root / f"{split}2017").mkdir(parents=True)
+        Image.new("RGB", (64, 64)).save(root / f"{split}2017" / "a.jpg")
+    (root / "annotations").mkdir()
+    for split in ("train", "val"):
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps({
+            "images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}],
+            "annotations": [{"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}],
+            "categories": [{"id": 1, "name": "a"}]}))
+    return root
+
+
+CASES = {
+    "bad value": (["train", "lr=-1"], "config key 'lr' expects > 0, got -1.0"),
+    "yaml line": (["train", "--config", "{tmp}/bad.yaml"], "bad.yaml, line 3, column 5: "),
+    "override after options": (["train", "epochs=2", "--no-progress", "--config", "cpu",
+                                "batch_size=0"], "config key 'batch_size' expects >= 1"),
+    "override after --resume": (["train", "--resume", "lr=-1"], "config key 'lr' expects > 0"),
+    "missing checkpoint": (["evaluate", "--checkpoint", "{tmp}/none.pth", "--device", "cpu"],
+                           "none.pth does not exist"),
+    "bad annotation": (["train", "dataset=coco", "data_path={tmp}/coco", *TINY,
+                        "output_dir={tmp}/run"],
+                       "instances_train2017.json: annotation id 3 (image id 1): bbox must be "
+                       "[x, y, width, height] (4 numbers), got [1, 2, 3]"),
+}
+if not torch.cuda.is_available():
+    CASES["no cuda"] = (["train", "device=cuda"], "CUDA is not available")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_mistake_is_one_line_with_status_2(tmp_path, case):
+    args, message = CASES[case]
+    (tmp_path / "bad.yaml").write_text("preset: cpu\nepochs: 3\n  lr: 1e-4\n")
+    _bad_coco(tmp_path / "coco")
+    r = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"python -m ddetr {args[0]}: error: ") and message in lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "learning_rate=1"], "unknown config key(s) ['learning_rate'] in overrides"),
+    (["train", "--config", "nope"], "unknown preset 'nope'"),
+    (["train", "architecture=detr"], "config keys 'architecture', 'num_feature_levels'"),
+    (["train", "dropout=1"], "config key 'dropout' expects a value in [0, 1), got 1.0"),
+    (["train", "epochs"], "override must look like key=value, got 'epochs'"),
+    (["train", "--config", "cpu", "epochs=2", "3"], "override must look like key=value, got '3'"),
+])
+def test_main_in_process_gives_the_same_line(capsys, args, message):
+    from ddetr.cli import main
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(tmp_path, where):
+    args = ["--debug", "train", "lr=-1"] if where == "before" else ["train", "lr=-1", "--debug"]
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 1
+    assert "Traceback (most recent call last)" in r.stderr
+    assert r.stderr.strip().endswith("ValueError: config key 'lr' expects > 0, got -1.0")
+
+
+def test_overrides_stand_anywhere_and_resume_does_not_take_one():
+    args = parse_args(["train", "epochs=3", "--config", "paper", "lr=1e-4", "--no-progress",
+                       "batch_size=1"])
+    assert args.config == "paper" and args.no_progress
+    assert args.overrides == ["epochs=3", "lr=1e-4", "batch_size=1"]
+    args = parse_args(["train", "--resume", "epochs=3"])
+    assert args.resume is True and args.overrides == ["epochs=3"]
+    args = parse_args(["--debug", "train", "--resume", "runs/a/checkpoint.pth", "epochs=3"])
+    assert args.resume == "runs/a/checkpoint.pth" and args.overrides == ["epochs=3"]
+    args = parse_args(["evaluate", "data_path=/data/coco", "--checkpoint", "c.pth",
+                       "--config", "paper_two_stage", "num_classes=91"])
+    assert args.checkpoint == "c.pth" and args.config == "paper_two_stage"
+    assert args.overrides == ["data_path=/data/coco", "num_classes=91"]
+    args = parse_args(["demo", "--checkpoint", "c.pth", "--image", "x.jpg", "--config",
+                       "paper"])
+    assert args.config == "paper" and args.overrides == []
+
+
+def test_one_parser_for_every_verb():
+    from ddetr import bench, experiment
+    parser = build_parser()
+    assert parser.parse_args(["bench", "build"]).func is bench.run_build
+    assert parser.parse_args(["bench", "kernels", "--device", "cpu"]).func is bench.run_kernels
+    args = parser.parse_args(["experiment", "convergence", "--quick", "--seeds", "0", "1"])
+    assert args.func is experiment.run_command and args.seeds == [0, 1]
+    assert not (ROOT / "ddetr" / "engine" / "cli.py").exists()
+
+
+def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    from ddetr.cli import main
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "junk.pth"), "--device",
+                 "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "junk.pth" in err and "Traceback" not in err
