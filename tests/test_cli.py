@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddetr import cli
+from ddetr import cli as cli_module
 from ddetr.cli import build_parser, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,10 +114,10 @@ def test_overrides_stand_anywhere_and_resume_does_not_take_one():
 
 def test_one_parser_for_every_verb():
     parser = build_parser()
-    assert parser.parse_args(["bench", "build"]).func is cli.run_bench_build
-    assert parser.parse_args(["bench", "kernels", "--device", "cpu"]).func is cli.run_bench_kernels
+    assert parser.parse_args(["bench", "build"]).func is cli_module.run_bench_build
+    assert parser.parse_args(["bench", "kernels", "--device", "cpu"]).func is cli_module.run_bench_kernels
     args = parser.parse_args(["experiment", "convergence", "--quick", "--seeds", "0", "1"])
-    assert args.func is cli.run_experiment and args.seeds == [0, 1]
+    assert args.func is cli_module.run_experiment and args.seeds == [0, 1]
     assert not (ROOT / "ddetr" / "engine" / "cli.py").exists()
 
 
