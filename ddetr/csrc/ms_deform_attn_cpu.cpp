@@ -36,26 +36,6 @@ Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
           sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
 }
 
-// The CPU kernel reads spatial_shapes and level_start_index anyway, so it can afford
-// to check that they describe `value` exactly (a wrong start index would read out of
-// bounds).
-void check_levels(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                  const at::Tensor& level_start_index) {
-  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
-  const int64_t* starts = level_start_index.data_ptr<int64_t>();
-  int64_t total = 0;
-  for (int64_t l = 0; l < spatial_shapes.size(0); ++l) {
-    TORCH_CHECK_VALUE(shapes[2 * l] > 0 && shapes[2 * l + 1] > 0,
-                "ddetr::ms_deform_attn: spatial_shapes must hold positive (H, W), level ", l,
-                " is (", shapes[2 * l], ", ", shapes[2 * l + 1], ")");
-    TORCH_CHECK_VALUE(starts[l] == total, "ddetr::ms_deform_attn: level_start_index[", l,
-                "] must be ", total, " (the sum of H*W of the levels before), got ", starts[l]);
-    total += shapes[2 * l] * shapes[2 * l + 1];
-  }
-  TORCH_CHECK_VALUE(total == value.size(1), "ddetr::ms_deform_attn: value has S=", value.size(1),
-              " keys but spatial_shapes sum to ", total);
-}
-
 template <typename scalar_t>
 void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                     const scalar_t* locations, const scalar_t* weights, scalar_t* output,
@@ -75,14 +55,22 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t l = 0; l < s.L; ++l) {
         const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+        if (!level_in_bounds<int64_t>(starts[l], H, W, s.S)) continue;  // never, once checked
+        const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
         // value[n, starts[l] + pixel, m, :] is at level_value + pixel * M * D
         const scalar_t* level_value = value + ((n * s.S + starts[l]) * s.M + m) * s.D;
         for (int64_t k = 0; k < s.K; ++k) {
           const int64_t p = l * s.K + k;
-          const auto c = bilinear_corners<acc_t>(loc[2 * p], loc[2 * p + 1], H, W);
+          const auto c = bilinear_corners<acc_t, int64_t>(loc[2 * p], loc[2 * p + 1], H, W, Hf, Wf);
           const acc_t a = w[p];
+          if (!(c.finite && a - a == acc_t(0))) {  // NaN/Inf point or weight: as the reference
+            const scalar_t* corner[4];
+            for (int j = 0; j < 4; ++j) corner[j] = level_value + c.pixel[j] * s.M * s.D;
+            exact_point_forward(c, corner, a, acc.data(), static_cast<int>(s.D));
+            continue;
+          }
           for (int corner = 0; corner < 4; ++corner) {
-            if (c.pixel[corner] < 0) continue;  // outside the map: reads zero
+            if (!c.inside[corner]) continue;  // outside the map: reads zero
             const acc_t aw = a * c.weight[corner];
             const scalar_t* v = level_value + c.pixel[corner] * s.M * s.D;
             acc_t* sum = acc.data();
@@ -120,14 +108,38 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
         const scalar_t* w = weights + i * points;
         for (int64_t l = 0; l < s.L; ++l) {
           const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+          if (!level_in_bounds<int64_t>(starts[l], H, W, s.S)) {  // never, once checked
+            for (int64_t p = l * s.K; p < (l + 1) * s.K; ++p) {
+              grad_weights[i * points + p] = 0;
+              grad_locations[(i * points + p) * 2] = grad_locations[(i * points + p) * 2 + 1] = 0;
+            }
+            continue;
+          }
+          const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
           const int64_t level_offset = ((n * s.S + starts[l]) * s.M + m) * s.D;
           for (int64_t k = 0; k < s.K; ++k) {
             const int64_t p = l * s.K + k;
-            const auto c = bilinear_corners<acc_t>(loc[2 * p], loc[2 * p + 1], H, W);
+            const auto c = bilinear_corners<acc_t, int64_t>(loc[2 * p], loc[2 * p + 1], H, W, Hf, Wf);
             const acc_t a = w[p];
             acc_t g_weight = 0, g_x = 0, g_y = 0;
+            if (!(c.finite && a - a == acc_t(0))) {  // NaN/Inf point or weight: as the reference
+              const scalar_t* corner[4];
+              scalar_t* grad_corner[4];
+              for (int j = 0; j < 4; ++j) {
+                corner[j] = value + level_offset + c.pixel[j] * s.M * s.D;
+                grad_corner[j] = grad_value + level_offset + c.pixel[j] * s.M * s.D;
+              }
+              exact_point_backward(c, corner, go, a, static_cast<int>(s.D), g_weight, g_x, g_y,
+                                   [&](int j, int d, acc_t x) {
+                                     grad_corner[j][d] += static_cast<scalar_t>(x);
+                                   });
+              grad_weights[i * points + p] = static_cast<scalar_t>(g_weight);
+              grad_locations[(i * points + p) * 2] = static_cast<scalar_t>(Wf * g_x);
+              grad_locations[(i * points + p) * 2 + 1] = static_cast<scalar_t>(Hf * g_y);
+              continue;
+            }
             for (int corner = 0; corner < 4; ++corner) {
-              if (c.pixel[corner] < 0) continue;
+              if (!c.inside[corner]) continue;
               const int64_t offset = level_offset + c.pixel[corner] * s.M * s.D;
               const scalar_t* v = value + offset;
               scalar_t* gv = grad_value + offset;
@@ -147,8 +159,8 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
               g_y += c.dweight_dy[corner] * dot;
             }
             grad_weights[i * points + p] = static_cast<scalar_t>(g_weight);
-            grad_locations[(i * points + p) * 2] = static_cast<scalar_t>(a * W * g_x);
-            grad_locations[(i * points + p) * 2 + 1] = static_cast<scalar_t>(a * H * g_y);
+            grad_locations[(i * points + p) * 2] = static_cast<scalar_t>(a * Wf * g_x);
+            grad_locations[(i * points + p) * 2 + 1] = static_cast<scalar_t>(a * Hf * g_y);
           }
         }
       }
@@ -163,7 +175,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   const char* op = "ddetr::ms_deform_attn (CPU)";
   check_inputs(op, value, spatial_shapes, level_start_index, sampling_locations,
                attention_weights);
-  check_levels(value, spatial_shapes, level_start_index);
+  check_levels(op, spatial_shapes, level_start_index, value.size(1));
   const Sizes s = sizes_of(value, sampling_locations);
   auto output = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
@@ -183,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const char* op = "ddetr::ms_deform_attn_backward (CPU)";
   check_inputs(op, value, spatial_shapes, level_start_index, sampling_locations,
                attention_weights, &grad_output);
-  check_levels(value, spatial_shapes, level_start_index);
+  check_levels(op, spatial_shapes, level_start_index, value.size(1));
   const Sizes s = sizes_of(value, sampling_locations);
   auto grad_value = at::zeros_like(value);  // a scatter target: must start at zero
   auto grad_locations = at::empty_like(sampling_locations);  // every entry is written

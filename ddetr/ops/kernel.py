@@ -8,8 +8,12 @@ The build is cached (by default under torch's extensions folder, or under
 Two shared libraries, loaded into the process with ``is_python_module=False``, so that
 their ``TORCH_LIBRARY`` registrations land in ``torch.ops.ddetr``:
 
-    ddetr_msda_cpu    ddetr/csrc/ms_deform_attn_ops.cpp (the schema) + ms_deform_attn_cpu.cpp
-    ddetr_msda_cuda   ddetr/csrc/ms_deform_attn_cuda.cu (the CUDA implementation only)
+    ddetr_msda_cpu           ddetr/csrc/ms_deform_attn_ops.cpp (the schema) + ms_deform_attn_cpu.cpp
+    ddetr_msda_cuda_<archs>  ddetr/csrc/ms_deform_attn_cuda.cu (the CUDA implementation only)
+
+The CUDA library's name carries the architectures it is compiled for (e.g.
+``ddetr_msda_cuda_80_90ptx`` for ``TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"``), so a cached
+build for one GPU is never loaded on a GPU of another architecture.
 
 The CPU library is always built. The CUDA library is built when a GPU is present or
 when asked for (``load_kernel(with_cuda=True)``, e.g. to check that it compiles on a
@@ -24,13 +28,14 @@ Once loaded, Python tells PyTorch the two things C++ did not:
 """
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from .checks import check_ms_deform_attn_inputs
+from .checks import check_ms_deform_attn_inputs, checked_levels
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"  # shipped inside the package
 CPU_SOURCES = ("ms_deform_attn_ops.cpp", "ms_deform_attn_cpu.cpp")
@@ -59,6 +64,39 @@ def build_directory():
     if path:
         Path(path).mkdir(parents=True, exist_ok=True)
     return path
+
+
+def cuda_arch_list():
+    """The architectures the CUDA part is compiled for, as TORCH_CUDA_ARCH_LIST spells them.
+
+    $TORCH_CUDA_ARCH_LIST if set; else, as torch decides it, the compute capabilities
+    of the visible GPUs (capped at the newest one this torch supports) with +PTX on the
+    last; without a GPU, DEFAULT_CUDA_ARCH_LIST.
+    """
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env and env != "native":
+        return env
+    if not torch.cuda.is_available():
+        return DEFAULT_CUDA_ARCH_LIST
+    supported = [tuple(divmod(int(re.sub(r"\D", "", a)), 10)) for a in torch.cuda.get_arch_list()
+                 if a.startswith("sm_")]
+    caps = sorted({min(torch.cuda.get_device_capability(i), max(supported, default=(99, 9)))
+                   for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+
+
+def cuda_library_name(arch_list):
+    """The CUDA library's name for an arch list: "8.0;9.0+PTX" -> "ddetr_msda_cuda_80_90ptx".
+
+    Builds for different arch lists get different names, hence different cache folders
+    and files: a library compiled for one GPU is never reused on another.
+    """
+    parts = [re.sub(r"[^0-9a-z]", "", part.lower())
+             for part in re.split(r"[;,\s]+", arch_list.strip()) if part]
+    if not parts:
+        raise ValueError(f"TORCH_CUDA_ARCH_LIST must name at least one architecture, "
+                         f"got {arch_list!r}")
+    return "ddetr_msda_cuda_" + "_".join(parts)
 
 
 def _cuda_companion_paths():
@@ -137,23 +175,24 @@ def _build(name, sources, cuda, verbose):
         kwargs["extra_include_paths"] += includes
         kwargs["extra_ldflags"] = [f"-L{lib}" for lib in libs + _cuda_runtime_lib_dirs()]
         kwargs["extra_cuda_cflags"] = ["-O3"]
-    arch_env = None
-    if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        # Without a GPU torch cannot ask the device for its architecture.
-        arch_env = os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    saved_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if cuda:  # compile for exactly the list that named the library (cuda_library_name)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
     start = time.perf_counter()
     try:
         cpp_extension.load(**kwargs)
     finally:
-        if arch_env is not None:
+        if cuda and saved_arch is None:
             del os.environ["TORCH_CUDA_ARCH_LIST"]
+        elif cuda:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch
     _build_seconds[name] = time.perf_counter() - start
 
 
 def _load_part(part, verbose=False):
     """Build (or find cached) and load one part; remember success or the error."""
     if _loaded[part] is None:
-        name = f"ddetr_msda_{part}"
+        name = "ddetr_msda_cpu" if part == "cpu" else cuda_library_name(cuda_arch_list())
         sources = CPU_SOURCES if part == "cpu" else CUDA_SOURCES
         try:
             _build(name, sources, cuda=(part == "cuda"), verbose=verbose)
@@ -279,17 +318,23 @@ def ms_deform_attn_kernel(value, spatial_shapes, level_start_index, sampling_loc
     Returns:
         (N, Lq, M * D)
     """
-    # Reading the level sizes costs a host-device sync on a GPU and is not possible
-    # on the fake tensors of torch.compile: check them only where that is free.
-    check_values = spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling()
+    # The level tables are checked against S once per pair of tensors (checks.py: no
+    # device sync after the first call, none at all for tables from level_tables()),
+    # and the kernel gets the checked host copies: the CUDA kernel takes its level
+    # table by value, so it never reads the tables back from the GPU. Under
+    # torch.compile the tables cannot be read here (fake tensors): the C++ entry point
+    # checks them (copying tables that live on the GPU to the host: one sync per call).
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
-                                sampling_locations, attention_weights,
-                                check_values=check_values)
+                                sampling_locations, attention_weights, check_values=False)
+    if not torch.compiler.is_compiling():
+        spatial_shapes, level_start_index = checked_levels(
+            spatial_shapes, level_start_index, value.shape[1]).host
+    elif spatial_shapes.device.type != "cpu" or level_start_index.device.type != "cpu":
+        spatial_shapes = spatial_shapes.to(value.device)
+        level_start_index = level_start_index.to(value.device)
     reason = unavailable_reason(value)
     if reason is not None:
         raise RuntimeError(f"ms_deform_attn backend='kernel': {reason}")
-    device = value.device
     return torch.ops.ddetr.ms_deform_attn(
-        value.contiguous(), spatial_shapes.to(device).contiguous(),
-        level_start_index.to(device).contiguous(), sampling_locations.contiguous(),
-        attention_weights.contiguous())
+        value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+        sampling_locations.contiguous(), attention_weights.contiguous())
