@@ -190,7 +190,7 @@ __device__ __forceinline__ bool exceptional(const acc_t a, bool finite_point) {
 // ---- forward -------------------------------------------------------------------------------
 
 template <typename scalar_t, int VEC, int L_, int K_, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 forward_kernel(const scalar_t* __restrict__ value,
                const at::opmath_type<scalar_t>* __restrict__ locations,
                const at::opmath_type<scalar_t>* __restrict__ weights,
@@ -212,7 +212,7 @@ forward_kernel(const scalar_t* __restrict__ value,
     acc_t acc[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = 0;
-    bool special = false;  // an exceptional point was skipped
+    unsigned special = 0;  // an exceptional point was skipped (an int: predicates are few)
 #pragma unroll
     for (int l = 0; l < L; ++l) {
       const index_t H = lv.H[l], W = lv.W[l], start = lv.start[l];
@@ -230,7 +230,7 @@ forward_kernel(const scalar_t* __restrict__ value,
           const auto cr = bilinear_corners<acc_t, index_t>(pts.xy[2 * k], pts.xy[2 * k + 1],
                                                            H, W, Hf, Wf);
           if (exceptional(a, cr.finite)) {
-            special = true;
+            special = 1;
             continue;
           }
 #pragma unroll
@@ -245,7 +245,7 @@ forward_kernel(const scalar_t* __restrict__ value,
         }
       }
     }
-    if (special) {  // the cold pass
+    if (special != 0) {  // the cold pass
 #pragma unroll 1
       for (int p = 0; p < L * K; ++p) {
         const int l = p / K;
@@ -276,7 +276,7 @@ __device__ __forceinline__ acc_t group_sum(acc_t x, int lanes, unsigned mask) {
 }
 
 template <typename scalar_t, int VEC, int L_, int K_, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                 const at::opmath_type<scalar_t>* __restrict__ locations,
                 const at::opmath_type<scalar_t>* __restrict__ weights,
@@ -317,26 +317,25 @@ backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __rest
       for (int e = 0; e < VEC; ++e) go[e] = 0;
     }
     const index_t head = (n * s.S * s.M + m) * s.D + cc;  // offset of value[n, 0, m, c]
-    bool special = false;
+    unsigned special = 0;  // an int: predicates are few
 #pragma unroll
     for (int l = 0; l < L; ++l) {
       const index_t H = lv.H[l], W = lv.W[l], start = lv.start[l];
       const bool level_ok = has && level_in_bounds<index_t>(start, H, W, s.S);
       const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
       const index_t level = head + start * MD;
-      constexpr int KK = LevelPoints<K_, acc_t>::K;
+      // one point at a time: the atomics dominate the backward, and unrolling the
+      // points only made the compiler hold (and spill) the addresses of all of them
 #pragma unroll 1
-      for (int k0 = 0; k0 < K; k0 += KK) {
-        LevelPoints<K_, acc_t> pts;
-        pts.load(w + l * K, loc + l * K * 2, k0);
-#pragma unroll
-        for (int k = 0; k < KK; ++k) {
-          const acc_t a = pts.a[k];
-          const auto cr = bilinear_corners<acc_t, index_t>(pts.xy[2 * k], pts.xy[2 * k + 1],
-                                                           H, W, Hf, Wf);
+      for (int k = 0; k < K; ++k) {
+        {
+          const int p = l * K + k;
+          const acc_t a = w[p];
+          const auto cr = bilinear_corners<acc_t, index_t>(loc[2 * p], loc[2 * p + 1], H, W,
+                                                           Hf, Wf);
           acc_t g_weight = 0, g_x = 0, g_y = 0;
           if (exceptional(a, cr.finite)) {
-            special = true;  // the cold pass adds it; 0 here
+            special = 1;  // the cold pass adds it; 0 here
           } else if (level_ok) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -359,7 +358,6 @@ backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __rest
           g_x = group_sum(g_x, lanes, mask);
           g_y = group_sum(g_y, lanes, mask);
           if (lane == 0) {  // one writer per entry: plain stores, no atomics
-            const int p = l * K + k0 + k;
             g_w[p] = (r == 0 ? acc_t(0) : g_w[p]) + g_weight;
             g_loc[2 * p] = (r == 0 ? acc_t(0) : g_loc[2 * p]) + g_x;
             g_loc[2 * p + 1] = (r == 0 ? acc_t(0) : g_loc[2 * p + 1]) + g_y;
@@ -369,8 +367,8 @@ backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __rest
     }
     // the cold pass over the exceptional points; every lane of a group that has one
     // runs it whole (the shuffles), contributing where its point is exceptional
-    const unsigned cold = __ballot_sync(mask, special);
-    if (special) {
+    const unsigned cold = __ballot_sync(mask, special != 0);
+    if (special != 0) {
 #pragma unroll 1
       for (int p = 0; p < L * K; ++p) {
         const int l = p / K;
@@ -385,9 +383,12 @@ backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __rest
           const scalar_t* corner[4];
 #pragma unroll
           for (int j = 0; j < 4; ++j) corner[j] = value + level + cr.pixel[j] * MD;
+          acc_t* grad_corner[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) grad_corner[j] = grad_value + level + cr.pixel[j] * MD;
           exact_point_backward(cr, corner, grad_output + i * s.D + cc, w[p], VEC, g_weight,
-                               g_x, g_y, [&](int j, int e, acc_t x) {
-                                 atomicAdd(grad_value + level + cr.pixel[j] * MD + e, x);
+                               g_x, g_y, [=](int j, int e, acc_t x) {
+                                 atomicAdd(grad_corner[j] + e, x);
                                });
           g_x *= Wf;  // the weight is inside exact_point_backward's sums already
           g_y *= Hf;
