@@ -354,9 +354,9 @@ def _table(kernels):
                           for f in ("stack_bytes", "spill_stores", "spill_loads"))
         lines.append(f"| {k['kernel']} | {p90.get('registers', '-')} | "
                      f"{p80.get('registers', '-')} | {spills} | "
-                     f"{k.get('hot_loop_instructions')} | {k.get('hot_loop_loads')} | "
-                     f"{k.get('points_per_iteration')} x {k.get('channels_per_iteration')} | "
-                     f"{k.get('per_point_per_channel')} |")
+                     f"{k.get('hot_loop_instructions', '-')} | {k.get('hot_loop_loads', '-')} | "
+                     f"{k.get('points_per_iteration', '-')} x {k.get('channels_per_iteration', '-')} | "
+                     f"{k.get('per_point_per_channel', '-')} |")
     return "\n".join(lines)
 
 

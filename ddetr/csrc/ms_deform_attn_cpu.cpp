@@ -36,6 +36,42 @@ Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
           sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
 }
 
+// The NaN/Inf path (ms_deform_attn.h: exact_point_*), out of line: it is rare, and kept
+// apart it leaves the hot loops below as the compiler would make them without it. Its
+// arguments are passed by value and its results returned: a reference to a local of
+// the hot loop would make the compiler keep that local in memory on every point.
+template <typename scalar_t, typename acc_t>
+__attribute__((noinline)) void exact_forward(const Corners<acc_t, int64_t> c,
+                                             const scalar_t* level_value, int64_t MD, acc_t a,
+                                             acc_t* acc, int64_t D) {
+  const scalar_t* corner[4];
+  for (int j = 0; j < 4; ++j) corner[j] = level_value + c.pixel[j] * MD;
+  exact_point_forward(c, corner, a, acc, static_cast<int>(D));
+}
+
+template <typename acc_t>
+struct PointGrads {
+  acc_t weight, x, y;  // sums over d of the reference's terms (ms_deform_attn.h)
+};
+
+template <typename scalar_t, typename acc_t>
+__attribute__((noinline)) PointGrads<acc_t> exact_backward(
+    const Corners<acc_t, int64_t> c, const scalar_t* value, scalar_t* grad_value,
+    int64_t level_offset, int64_t MD, const scalar_t* go, acc_t a, int64_t D) {
+  const scalar_t* corner[4];
+  scalar_t* grad_corner[4];
+  for (int j = 0; j < 4; ++j) {
+    corner[j] = value + level_offset + c.pixel[j] * MD;
+    grad_corner[j] = grad_value + level_offset + c.pixel[j] * MD;
+  }
+  PointGrads<acc_t> g{0, 0, 0};
+  exact_point_backward(c, corner, go, a, static_cast<int>(D), g.weight, g.x, g.y,
+                       [&](int j, int d, acc_t x) {
+                         grad_corner[j][d] += static_cast<scalar_t>(x);
+                       });
+  return g;
+}
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                     const scalar_t* locations, const scalar_t* weights, scalar_t* output,
@@ -53,6 +89,7 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
       const scalar_t* loc = locations + i * points * 2;  // (L, K, 2) of this triple
       const scalar_t* w = weights + i * points;          // (L, K)
       std::fill(acc.begin(), acc.end(), acc_t(0));
+      bool special = false;  // a point with a NaN/Inf location or weight was skipped
       for (int64_t l = 0; l < s.L; ++l) {
         const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
         if (!level_in_bounds<int64_t>(starts[l], H, W, s.S)) continue;  // never, once checked
@@ -63,10 +100,8 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
           const int64_t p = l * s.K + k;
           const auto c = bilinear_corners<acc_t, int64_t>(loc[2 * p], loc[2 * p + 1], H, W, Hf, Wf);
           const acc_t a = w[p];
-          if (!(c.finite && a - a == acc_t(0))) {  // NaN/Inf point or weight: as the reference
-            const scalar_t* corner[4];
-            for (int j = 0; j < 4; ++j) corner[j] = level_value + c.pixel[j] * s.M * s.D;
-            exact_point_forward(c, corner, a, acc.data(), static_cast<int>(s.D));
+          if (!(c.finite && a - a == acc_t(0))) {  // NaN/Inf point or weight: see below
+            special = true;
             continue;
           }
           for (int corner = 0; corner < 4; ++corner) {
@@ -77,6 +112,19 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
 #pragma omp simd  // the D channels are independent: vectorise without alias checks
             for (int64_t d = 0; d < s.D; ++d) sum[d] += aw * static_cast<acc_t>(v[d]);
           }
+        }
+      }
+      // The skipped points, the reference's way (ms_deform_attn.h): after the others, so
+      // that the hot loop above has no call in it (same NaN/Inf entries, other rounding).
+      if (special) {
+        for (int64_t p = 0; p < points; ++p) {
+          const int64_t l = p / s.K, H = shapes[2 * l], W = shapes[2 * l + 1];
+          if (!level_in_bounds<int64_t>(starts[l], H, W, s.S)) continue;
+          const auto c = bilinear_corners<acc_t, int64_t>(loc[2 * p], loc[2 * p + 1], H, W,
+                                                          acc_t(H), acc_t(W));
+          if (c.finite && w[p] - w[p] == acc_t(0)) continue;
+          exact_forward(c, value + ((n * s.S + starts[l]) * s.M + m) * s.D, s.M * s.D,
+                        static_cast<acc_t>(w[p]), acc.data(), s.D);
         }
       }
       scalar_t* out = output + i * s.D;  // output[n, q, m*D : (m+1)*D]
@@ -123,19 +171,11 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
             const acc_t a = w[p];
             acc_t g_weight = 0, g_x = 0, g_y = 0;
             if (!(c.finite && a - a == acc_t(0))) {  // NaN/Inf point or weight: as the reference
-              const scalar_t* corner[4];
-              scalar_t* grad_corner[4];
-              for (int j = 0; j < 4; ++j) {
-                corner[j] = value + level_offset + c.pixel[j] * s.M * s.D;
-                grad_corner[j] = grad_value + level_offset + c.pixel[j] * s.M * s.D;
-              }
-              exact_point_backward(c, corner, go, a, static_cast<int>(s.D), g_weight, g_x, g_y,
-                                   [&](int j, int d, acc_t x) {
-                                     grad_corner[j][d] += static_cast<scalar_t>(x);
-                                   });
-              grad_weights[i * points + p] = static_cast<scalar_t>(g_weight);
-              grad_locations[(i * points + p) * 2] = static_cast<scalar_t>(Wf * g_x);
-              grad_locations[(i * points + p) * 2 + 1] = static_cast<scalar_t>(Hf * g_y);
+              const auto g = exact_backward(c, value, grad_value, level_offset, s.M * s.D, go,
+                                            a, s.D);
+              grad_weights[i * points + p] = static_cast<scalar_t>(g.weight);
+              grad_locations[(i * points + p) * 2] = static_cast<scalar_t>(Wf * g.x);
+              grad_locations[(i * points + p) * 2 + 1] = static_cast<scalar_t>(Hf * g.y);
               continue;
             }
             for (int corner = 0; corner < 4; ++corner) {

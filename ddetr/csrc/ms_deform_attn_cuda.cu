@@ -139,17 +139,20 @@ __device__ __forceinline__ void store_channels(scalar_t* p, const acc_t (&in)[VE
 template <int VEC, typename acc_t>
 __device__ __forceinline__ void atomic_add_channels(acc_t* p, acc_t scale, const acc_t (&g)[VEC]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (VEC % 4 == 0 && std::is_same<acc_t, float>::value) {
+  constexpr bool vector = VEC % 4 == 0 && std::is_same<acc_t, float>::value;
+#else
+  constexpr bool vector = false;
+#endif
+  if constexpr (vector) {
 #pragma unroll
     for (int j = 0; j < VEC; j += 4) {
       atomicAdd(reinterpret_cast<float4*>(p + j),
                 make_float4(scale * g[j], scale * g[j + 1], scale * g[j + 2], scale * g[j + 3]));
     }
-    return;
-  }
-#endif
+  } else {
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) atomicAdd(p + j, scale * g[j]);
+    for (int j = 0; j < VEC; ++j) atomicAdd(p + j, scale * g[j]);
+  }
 }
 
 // The K weights and 2K coordinates of one level of one triple. K = 4 float32: one 128-bit

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.checks import level_tables
 from .attention import MultiHeadAttention
 from .ms_deform_attn import MSDeformAttn
 
@@ -366,9 +367,8 @@ class DeformableTransformer(nn.Module):
             mask_flat.append(mask.flatten(1))
             pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         device = srcs[0].device
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)),
-                                       spatial_shapes.prod(1).cumsum(0)[:-1]))
+        # built from Python ints: known valid, so the fused op never reads them back (sync)
+        spatial_shapes, level_start_index = level_tables([tuple(s) for s in shapes], device)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         return (torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1),
                 spatial_shapes, level_start_index, valid_ratios)

@@ -170,7 +170,7 @@ def level_tables(shapes, device=None):
     as checked, so the operators never read it back from the device.
     """
     shapes = [tuple(hw) for hw in shapes]
-    if not all(isinstance(v, int) for hw in shapes for v in hw):
+    if not all(isinstance(v, (int, torch.SymInt)) for hw in shapes for v in hw):
         raise TypeError(f"level_tables expects a list of (H, W) Python ints, got {shapes}")
     starts = _validate(shapes, None, None)
     table = LevelTable(shapes, starts)
@@ -179,7 +179,8 @@ def level_tables(shapes, device=None):
     else:
         spatial_shapes = table.host[0].to(device, non_blocking=True)
         level_start_index = table.host[1].to(device, non_blocking=True)
-    _remember(spatial_shapes, level_start_index, table)
+    if not torch.compiler.is_compiling():  # a traced graph keeps no Python state
+        _remember(spatial_shapes, level_start_index, table)
     return spatial_shapes, level_start_index
 
 
@@ -187,13 +188,15 @@ def checked_levels(spatial_shapes, level_start_index, S):
     """The LevelTable of these tables, validated against S keys; raises ValueError if
     they do not describe S keys. Reads the tensors only the first time (one sync for
     tables on a GPU), later calls with the same unmodified tensors are free."""
-    table = _known(spatial_shapes, level_start_index)
+    compiling = torch.compiler.is_compiling()
+    table = None if compiling else _known(spatial_shapes, level_start_index)
     if table is None:
         shapes = [tuple(hw) for hw in spatial_shapes.tolist()]
         starts = level_start_index.tolist()
         _validate(shapes, starts, S)
         table = LevelTable(shapes, starts)
-        _remember(spatial_shapes, level_start_index, table)
+        if not compiling:
+            _remember(spatial_shapes, level_start_index, table)
     elif table.S != S:
         raise ValueError(f"value has S={S} keys but spatial_shapes {table.shapes} "
                          f"sum to {table.S}")
