@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser book book-quick test test-fast clean
+.PHONY: setup browser book book-quick test test-fast memcheck clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ browser:
 # Everything but the slow end-to-end tests (book build, training runs, torchrun).
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# The CUDA kernels under compute-sanitizer's memcheck (needs a GPU and compute-sanitizer).
+memcheck: setup
+	$(BIN)/python -m pytest tests/test_kernel_cuda.py -k memcheck -m cuda -rs
 
 clean:
 	rm -rf _build .pytest_cache

@@ -370,3 +370,140 @@ def test_python_checks_run_before_the_kernel():
         fused(value, torch.tensor([[4, 4]]), lsi, loc, w)
     with pytest.raises(TypeError, match="int64"):
         fused(value, ss.int(), lsi, loc, w)
+
+
+# ---- NaN, Inf and huge values: as the reference ---------------------------------------------
+
+SPECIAL = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 1e8]
+
+
+def special_inputs(dtype, seed=0):
+    """Every special location coordinate (x or y, the other one ordinary) crossed with
+    ordinary, NaN, +Inf, -Inf and zero weights; plus ordinary points with special
+    weights. One query per case, two heads, two levels (one 1 x W)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (1, 5)]
+    M, D, L, K = 2, 3, len(shapes), 2
+    cases = []
+    ordinary = [0.3, 0.45, 0.71, -0.05, 1.02]
+    for sx in SPECIAL + ordinary:
+        for sy in SPECIAL + ordinary:
+            if sx in ordinary and sy in ordinary and sx != sy:
+                continue
+            for a in (0.7, float("nan"), float("inf"), float("-inf"), 0.0):
+                cases.append((sx, sy, a))
+    Lq = len(cases)
+    ss = torch.tensor(shapes)
+    lsi = level_start_index_of(ss)
+    S = int(ss.prod(1).sum())
+    value = torch.randn(1, S, M, D, generator=gen, dtype=dtype)
+    loc = torch.rand(1, Lq, M, L, K, 2, generator=gen, dtype=dtype)
+    w = torch.rand(1, Lq, M, L, K, generator=gen, dtype=dtype)
+    for q, (sx, sy, a) in enumerate(cases):
+        # the special point is head 0, level q % L, point 0; the others stay ordinary
+        loc[0, q, 0, q % L, 0] = torch.tensor([sx, sy], dtype=dtype)
+        w[0, q, 0, q % L, 0] = a
+    return [value, ss, lsi, loc, w]
+
+
+def assert_same_specials(got, want, name, rtol, atol):
+    """Same NaN, +Inf and -Inf entries; the finite entries close."""
+    for what, test in (("NaN", torch.isnan), ("+Inf", lambda t: t == float("inf")),
+                       ("-Inf", lambda t: t == float("-inf"))):
+        differ = test(got) != test(want)
+        assert not differ.any(), (f"{name}: {what} differs at {differ.nonzero()[:5].tolist()}"
+                                  f" (kernel {got[differ][:5].tolist()}, "
+                                  f"reference {want[differ][:5].tolist()})")
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=rtol, atol=atol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_inf_and_huge_inputs_propagate_as_in_the_reference(dtype):
+    inputs = special_inputs(dtype)
+    for t in (inputs[0], inputs[3], inputs[4]):
+        t.requires_grad_()
+    got = outputs_and_grads(fused, inputs)
+    want = outputs_and_grads(ms_deform_attn_reference, inputs)
+    assert torch.isnan(want[0]).any() and torch.isnan(want[2]).any()  # the test bites
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    for name, g, w in zip(NAMES, got, want):
+        assert_same_specials(g, w, name, **tol)
+
+
+# ---- level tables ----------------------------------------------------------------------------
+
+def test_inconsistent_level_tables_never_reach_the_kernel():
+    value, ss, lsi, loc, w = [t.detach() for t in make_inputs(1, [(4, 5), (2, 3)], 2, 4, 6, 2)]
+    op = torch.ops.ddetr.ms_deform_attn
+    bad = [(torch.tensor([[4, 5], [2, 4]]), lsi, "sum to"),       # too many keys
+           (torch.tensor([[4, 5], [1, 3]]), lsi, "sum to"),       # too few
+           (ss, torch.tensor([0, 21]), "level_start_index"),      # start past the end
+           (torch.tensor([[-4, -5], [2, 3]]), lsi, "positive"),
+           (torch.tensor([[4, 5], [1 << 40, 1 << 40]]), lsi, "positive|sum to|fit")]
+    for bad_ss, bad_lsi, message in bad:
+        with pytest.raises(ValueError, match=message):
+            fused(value, bad_ss, bad_lsi, loc, w)
+        with pytest.raises(ValueError, match=message):  # the C++ entry point checks too
+            op(value, bad_ss, bad_lsi, loc, w)
+        with pytest.raises(ValueError, match=message):
+            torch.ops.ddetr.ms_deform_attn_backward(torch.zeros(1, 6, 8), value, bad_ss,
+                                                    bad_lsi, loc, w)
+
+
+def test_level_tables_are_checked_once_per_tensor(monkeypatch):
+    from ddetr.ops import checks
+
+    ss, lsi = checks.level_tables([(4, 5), (2, 3)])
+    torch.testing.assert_close(ss, torch.tensor([[4, 5], [2, 3]]))
+    torch.testing.assert_close(lsi, torch.tensor([0, 20]))
+    value, _, _, loc, w = [t.detach() for t in make_inputs(1, [(4, 5), (2, 3)], 2, 4, 6, 2)]
+    reads = []
+    real = checks._validate
+    monkeypatch.setattr(checks, "_validate",
+                        lambda *a: (reads.append(1), real(*a))[1])
+    fused(value, ss, lsi, loc, w)  # built by level_tables: known valid, never read
+    fused(value, ss, lsi, loc, w)
+    assert reads == []
+    other_ss, other_lsi = ss.clone(), lsi.clone()  # unknown tensors: checked once
+    fused(value, other_ss, other_lsi, loc, w)
+    fused(value, other_ss, other_lsi, loc, w)
+    assert reads == [1]
+    other_lsi[1] = 19  # an in-place change is noticed (version counter)
+    with pytest.raises(ValueError, match="level_start_index"):
+        fused(value, other_ss, other_lsi, loc, w)
+    with pytest.raises(ValueError, match="sum to"):  # a known table, the wrong S
+        fused(value[:, :25], ss, lsi, loc, w)
+    with pytest.raises(TypeError, match="Python ints"):
+        checks.level_tables([(4.0, 5)])
+
+
+# ---- deterministic algorithms ------------------------------------------------------------------
+
+def test_cpu_backward_is_allowed_and_deterministic_under_deterministic_algorithms():
+    """The CPU backward splits the work by (batch, head): no atomics, the same sums in
+    the same order on every run, so torch.use_deterministic_algorithms allows it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        inputs = make_inputs(2, [(12, 16), (6, 8)], 4, 16, 60, 4)
+        first = outputs_and_grads(fused, inputs)
+        second = outputs_and_grads(fused, inputs)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+# ---- the build key -----------------------------------------------------------------------------
+
+def test_cuda_library_name_depends_on_the_arch_list(monkeypatch):
+    names = {kernel.cuda_library_name(archs) for archs in
+             ("8.0;9.0", "8.0;9.0+PTX", "9.0", "8.6", "9.0a", "8.0 9.0")}
+    assert len(names) == 5  # "8.0;9.0" and "8.0 9.0" are one list
+    assert kernel.cuda_library_name("8.0;9.0+PTX") == "ddetr_msda_cuda_80_90ptx"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6+PTX")
+    assert kernel.cuda_arch_list() == "8.6+PTX"
+    with pytest.raises(ValueError, match="at least one"):
+        kernel.cuda_library_name(" ; ")

@@ -78,7 +78,9 @@ def cuda_kernel():
 
 
 def make_inputs(N, shapes, M, D, Lq, K, dtype=torch.float32, device="cuda", seed=0,
-                spread=0.2):
+                spread=0.2, loc_dtype=None):
+    """Random inputs on the GPU; value in ``dtype``, locations and weights in
+    ``loc_dtype`` (default: ``dtype``)."""
     gen = torch.Generator().manual_seed(seed)
     spatial_shapes = torch.tensor(shapes, dtype=torch.int64).view(-1, 2)
     level_start_index = level_start_index_of(spatial_shapes)
@@ -88,7 +90,9 @@ def make_inputs(N, shapes, M, D, Lq, K, dtype=torch.float32, device="cuda", seed
     loc = torch.rand(N, Lq, M, L, K, 2, generator=gen, dtype=torch.float64)
     loc = loc * (1 + 2 * spread) - spread
     w = torch.rand(N, Lq, M, L, K, generator=gen, dtype=torch.float64)
-    value, loc, w = (t.to(device=device, dtype=dtype).requires_grad_() for t in (value, loc, w))
+    loc_dtype = loc_dtype or dtype
+    value = value.to(device=device, dtype=dtype).requires_grad_()
+    loc, w = (t.to(device=device, dtype=loc_dtype).requires_grad_() for t in (loc, w))
     return [value, spatial_shapes.to(device), level_start_index.to(device), loc, w]
 
 
@@ -108,12 +112,19 @@ def fused(*args):
 
 NAMES = ("output", "grad value", "grad sampling_locations", "grad attention_weights")
 
-SHAPES = [  # (N, levels, M, D, Lq, K): D dividing 32 uses the warp reduction, others atomics
-    (2, [(5, 7), (3, 4), (1, 6)], 3, 8, 11, 4),
-    (1, [(24, 32), (12, 16), (6, 8), (3, 4)], 8, 32, 100, 4),
-    (2, [(4, 5), (2, 2)], 2, 5, 9, 3),
-    (2, [(9, 9), (1, 1)], 4, 48, 13, 2),
-    (3, [(1, 9), (7, 1)], 1, 1, 5, 1),
+# (N, levels, M, D, Lq, K). The kernel's instantiations: D % 8 == 0 takes the vectorised
+# path (8 channels a thread; L=4,K=4 and L=1,K=4 compile-time, others at run time), other
+# D the generic one (a channel a thread); D/8 (or D) above 32 makes a thread take several
+# rounds of channels; odd layouts: 1xW, Hx1, 1x1 levels.
+SHAPES = [
+    (2, [(5, 7), (3, 4), (1, 6), (2, 2)], 3, 8, 11, 4),          # L=4,K=4, 1 lane a triple
+    (1, [(24, 32), (12, 16), (6, 8), (3, 4)], 8, 32, 100, 4),   # the paper's heads, 4 lanes
+    (2, [(9, 9)], 2, 16, 13, 4),                                # L=1,K=4
+    (2, [(4, 5), (2, 2)], 2, 5, 9, 3),                          # generic D, run-time L, K
+    (2, [(9, 9), (1, 1)], 4, 48, 13, 2),                        # 6 vectors on 4 lanes
+    (1, [(6, 6), (1, 3)], 1, 512, 5, 3),                        # 64 vectors: 2 rounds
+    (3, [(1, 9), (7, 1)], 1, 1, 5, 1),                          # D = 1
+    (1, [(1, 1), (4, 1), (1, 4)], 2, 40, 7, 4),                 # generic D > 32: rounds
 ]
 
 
@@ -132,7 +143,7 @@ def test_cuda_matches_reference(cuda_kernel, dtype, case):
 
 @needs_gpu
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", SHAPES[:3])
+@pytest.mark.parametrize("case", SHAPES[:5])
 def test_cuda_matches_cpu_kernel(cuda_kernel, case):
     """Same formula on both devices (ddetr/csrc/ms_deform_attn.h): float64 agrees closely,
     location gradients at pixel-centre kinks included."""
@@ -156,22 +167,125 @@ def test_cuda_float64_gradcheck(cuda_kernel):
 
 @needs_gpu
 @pytest.mark.cuda
+@pytest.mark.parametrize("loc_dtype", [None, torch.float32])
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)])
-@pytest.mark.parametrize("case", SHAPES[:2])
-def test_cuda_half_precision(cuda_kernel, dtype, tol, case):
-    """Half inputs, float32 sums: compare with the float32 reference of the same
-    (rounded) inputs; outputs and gradients come back in the input dtype."""
-    inputs = make_inputs(*case, dtype=dtype)
+@pytest.mark.parametrize("case", SHAPES[:4])
+def test_cuda_half_precision(cuda_kernel, dtype, tol, loc_dtype, case):
+    """float16/bfloat16 value, with locations and weights in the same dtype (converted to
+    float32 inside) or in float32 (what autocast gives); float32 sums. Compared with the
+    float32 reference of the same (rounded) inputs; every result comes back in the dtype
+    of its input."""
+    inputs = make_inputs(*case, dtype=dtype, loc_dtype=loc_dtype)
     ref_inputs = [t.detach().float().requires_grad_() if t.is_floating_point() else t
                   for t in inputs]
     got = outputs_and_grads(fused, inputs)
     want = outputs_and_grads(ms_deform_attn_reference, ref_inputs)
-    for name, g, w in zip(NAMES, got, want):
-        assert g.dtype == dtype, name
+    for name, g, w, i in zip(NAMES, got, want, (0, 0, 3, 4)):
+        assert g.dtype == inputs[i].dtype, name
         # relative to the tensor's scale: location gradients carry a factor W
         scale = w.abs().max().clamp_min(1)
         torch.testing.assert_close(g.float() / scale, w / scale, rtol=tol, atol=tol,
                                    msg=lambda m: f"{name}: {m}")
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_unaligned_and_many_levels(cuda_kernel):
+    """Tensors that do not start on a 16-byte boundary take the generic path; more than
+    the 16 levels of the by-value table is a clear error."""
+    value, ss, lsi, loc, w = [t.detach() for t in make_inputs(2, [(6, 7), (3, 4)], 2, 16, 9, 4)]
+    shifted = torch.empty(value.numel() + 1, device="cuda")[1:].view_as(value).copy_(value)
+    assert shifted.data_ptr() % 16 != 0
+    torch.testing.assert_close(fused(shifted, ss, lsi, loc, w),
+                               ms_deform_attn_reference(value, ss, lsi, loc, w),
+                               rtol=1e-4, atol=1e-4)
+    shapes = [(1, 1)] * 17
+    value, ss, lsi, loc, w = [t.detach() for t in make_inputs(1, shapes, 1, 8, 3, 1)]
+    with pytest.raises(ValueError, match="at most 16 levels"):
+        fused(value, ss, lsi, loc, w)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_nan_inf_and_huge_inputs_propagate_as_in_the_reference(cuda_kernel, dtype):
+    from test_kernel import assert_same_specials, special_inputs
+
+    cpu = special_inputs(dtype)
+    for D in (3, 8, 32):  # the generic and the vectorised paths
+        inputs = [t.cuda() for t in cpu]
+        if D != 3:
+            inputs[0] = torch.randn(*inputs[0].shape[:3], D, dtype=dtype, device="cuda")
+        for t in (inputs[0], inputs[3], inputs[4]):
+            t.requires_grad_()
+        got = outputs_and_grads(fused, inputs)
+        want = outputs_and_grads(ms_deform_attn_reference,
+                                 [t.detach().cpu().requires_grad_(t.requires_grad)
+                                  for t in inputs])
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9,
+                                                                            atol=1e-9)
+        for name, g, w in zip(NAMES, got, want):
+            assert_same_specials(g.cpu(), w, f"D={D} {name}", **tol)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_backward_alerts_under_deterministic_algorithms(cuda_kernel):
+    """grad_value is summed with atomics: use_deterministic_algorithms(True) must raise,
+    warn_only=True must warn; the forward is deterministic and stays allowed."""
+    inputs = make_inputs(1, [(6, 7), (3, 4)], 2, 8, 9, 4)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        out = fused(*inputs)
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward_cuda"):
+            out.sum().backward()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="ms_deform_attn_backward_cuda"):
+            fused(*inputs).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_inconsistent_level_tables_never_reach_the_kernel(cuda_kernel):
+    """Wrong tables on the GPU or on the host: ValueError before any kernel starts, from
+    the wrapper and from the C++ entry points."""
+    value, ss, lsi, loc, w = [t.detach() for t in make_inputs(1, [(4, 5), (2, 3)], 2, 8, 6, 2)]
+    grad = torch.zeros(1, 6, 16, device="cuda")
+    bad = [(torch.tensor([[4, 5], [2, 4]]), lsi.cpu(), "sum to"),
+           (torch.tensor([[4, 5], [1, 3]]), lsi.cpu(), "sum to"),
+           (ss.cpu(), torch.tensor([0, 21]), "level_start_index"),
+           (torch.tensor([[-4, -5], [2, 3]]), lsi.cpu(), "positive")]
+    for bad_ss, bad_lsi, message in bad:
+        for device in ("cpu", "cuda"):
+            args = (value, bad_ss.to(device), bad_lsi.to(device), loc, w)
+            with pytest.raises(ValueError, match=message):
+                fused(*args)
+            with pytest.raises(ValueError, match=message):
+                torch.ops.ddetr.ms_deform_attn(*args)
+            with pytest.raises(ValueError, match=message):
+                torch.ops.ddetr.ms_deform_attn_backward(grad, *args)
+    torch.cuda.synchronize()  # nothing was launched that could fail later
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_no_device_sync_with_level_tables(cuda_kernel):
+    """Tables made by level_tables(): forward and backward run without a single
+    device-to-host synchronisation (torch's sync debug mode raises on one)."""
+    from ddetr.ops.checks import level_tables
+
+    value, _, _, loc, w = make_inputs(1, [(6, 7), (3, 4)], 2, 8, 9, 4)
+    ss, lsi = level_tables([(6, 7), (3, 4)], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fused(value, ss, lsi, loc, w)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @needs_gpu
@@ -230,11 +344,61 @@ def test_cuda_errors_are_clear(cuda_kernel):
     with pytest.raises(ValueError, match="one device"):
         op(value, ss, lsi, loc.cpu(), w)
     with pytest.raises(ValueError, match="one device"):
-        op(value, ss.cpu(), lsi, loc, w)
+        op(value, ss.cpu(), lsi, loc, w)  # the two tables on different devices
     with pytest.raises(ValueError, match="contiguous"):
         op(value.transpose(0, 1).contiguous().transpose(0, 1), ss, lsi, loc, w)
+    with pytest.raises(TypeError, match="float32"):
+        op(value.half(), ss, lsi, loc.double(), w.double())
     with pytest.raises(ValueError, match="one device"):
         fused(value, ss, lsi, loc.cpu(), w)
-    # the wrapper moves the (small) level tensors to the device of value itself
-    torch.testing.assert_close(fused(value, ss.cpu(), lsi.cpu(), loc, w),
+    # the tables may live on the host (the wrapper passes host copies itself)
+    torch.testing.assert_close(op(value, ss.cpu(), lsi.cpu(), loc, w),
                                fused(value, ss, lsi, loc, w))
+
+
+# ---- compute-sanitizer (needs a GPU) -----------------------------------------------------
+
+MEMCHECK_SCRIPT = """
+import torch
+from ddetr.ops import kernel, ms_deform_attn
+from tests.test_kernel_cuda import SHAPES, make_inputs
+assert kernel.load_kernel(with_cuda=True)["cuda"] is True
+for case in SHAPES:
+    for dtype, loc_dtype in ((torch.float32, None), (torch.float64, None),
+                             (torch.float16, torch.float32), (torch.bfloat16, torch.float32)):
+        inputs = make_inputs(*case, dtype=dtype, loc_dtype=loc_dtype, spread=1.0)
+        out = ms_deform_attn(*inputs, backend="kernel")
+        out.backward(torch.ones_like(out))
+torch.cuda.synchronize()
+print("MEMCHECK RUN DONE")
+"""
+
+
+def sanitizer_path():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for root in filter(None, (CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda")):
+        for sub in ("bin", "compute-sanitizer"):
+            if (Path(root) / sub / "compute-sanitizer").exists():
+                return str(Path(root) / sub / "compute-sanitizer")
+    return None
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.skipif(sanitizer_path() is None, reason="compute-sanitizer not found")
+def test_memcheck(cuda_kernel):
+    """Every instantiation (the SHAPES above, four dtypes, points well outside the maps)
+    forward and backward under compute-sanitizer's memcheck: no out-of-bounds or
+    misaligned access, no leak. `make memcheck` runs this test."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sanitizer_path(), "--tool", "memcheck", "--error-exitcode", "3",
+                          "--leak-check", "full", sys.executable, "-c", MEMCHECK_SCRIPT],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    log = run.stdout + run.stderr
+    assert "MEMCHECK RUN DONE" in run.stdout, log[-6000:]
+    assert run.returncode == 0 and "ERROR SUMMARY: 0 errors" in log, log[-6000:]

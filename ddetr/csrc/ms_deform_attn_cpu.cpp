@@ -36,24 +36,40 @@ Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
           sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
 }
 
-// The CPU kernel reads spatial_shapes and level_start_index anyway, so it can afford
-// to check that they describe `value` exactly (a wrong start index would read out of
-// bounds).
-void check_levels(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                  const at::Tensor& level_start_index) {
-  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
-  const int64_t* starts = level_start_index.data_ptr<int64_t>();
-  int64_t total = 0;
-  for (int64_t l = 0; l < spatial_shapes.size(0); ++l) {
-    TORCH_CHECK_VALUE(shapes[2 * l] > 0 && shapes[2 * l + 1] > 0,
-                "ddetr::ms_deform_attn: spatial_shapes must hold positive (H, W), level ", l,
-                " is (", shapes[2 * l], ", ", shapes[2 * l + 1], ")");
-    TORCH_CHECK_VALUE(starts[l] == total, "ddetr::ms_deform_attn: level_start_index[", l,
-                "] must be ", total, " (the sum of H*W of the levels before), got ", starts[l]);
-    total += shapes[2 * l] * shapes[2 * l + 1];
+// The NaN/Inf path (ms_deform_attn.h: exact_point_*), out of line: it is rare, and kept
+// apart it leaves the hot loops below as the compiler would make them without it. Its
+// arguments are passed by value and its results returned: a reference to a local of
+// the hot loop would make the compiler keep that local in memory on every point.
+template <typename scalar_t, typename acc_t>
+__attribute__((noinline)) void exact_forward(const Corners<acc_t, int64_t> c,
+                                             const scalar_t* level_value, int64_t MD, acc_t a,
+                                             acc_t* acc, int64_t D) {
+  const scalar_t* corner[4];
+  for (int j = 0; j < 4; ++j) corner[j] = level_value + c.pixel[j] * MD;
+  exact_point_forward(c, corner, a, acc, static_cast<int>(D));
+}
+
+template <typename acc_t>
+struct PointGrads {
+  acc_t weight, x, y;  // sums over d of the reference's terms (ms_deform_attn.h)
+};
+
+template <typename scalar_t, typename acc_t>
+__attribute__((noinline)) PointGrads<acc_t> exact_backward(
+    const Corners<acc_t, int64_t> c, const scalar_t* value, scalar_t* grad_value,
+    int64_t level_offset, int64_t MD, const scalar_t* go, acc_t a, int64_t D) {
+  const scalar_t* corner[4];
+  scalar_t* grad_corner[4];
+  for (int j = 0; j < 4; ++j) {
+    corner[j] = value + level_offset + c.pixel[j] * MD;
+    grad_corner[j] = grad_value + level_offset + c.pixel[j] * MD;
   }
-  TORCH_CHECK_VALUE(total == value.size(1), "ddetr::ms_deform_attn: value has S=", value.size(1),
-              " keys but spatial_shapes sum to ", total);
+  PointGrads<acc_t> g{0, 0, 0};
+  exact_point_backward(c, corner, go, a, static_cast<int>(D), g.weight, g.x, g.y,
+                       [&](int j, int d, acc_t x) {
+                         grad_corner[j][d] += static_cast<scalar_t>(x);
+                       });
+  return g;
 }
 
 template <typename scalar_t>
@@ -73,22 +89,42 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
       const scalar_t* loc = locations + i * points * 2;  // (L, K, 2) of this triple
       const scalar_t* w = weights + i * points;          // (L, K)
       std::fill(acc.begin(), acc.end(), acc_t(0));
+      bool special = false;  // a point with a NaN/Inf location or weight was skipped
       for (int64_t l = 0; l < s.L; ++l) {
         const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+        if (!level_in_bounds<int64_t>(starts[l], H, W, s.S)) continue;  // never, once checked
+        const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
         // value[n, starts[l] + pixel, m, :] is at level_value + pixel * M * D
         const scalar_t* level_value = value + ((n * s.S + starts[l]) * s.M + m) * s.D;
         for (int64_t k = 0; k < s.K; ++k) {
           const int64_t p = l * s.K + k;
-          const auto c = bilinear_corners<acc_t>(loc[2 * p], loc[2 * p + 1], H, W);
+          const auto c = bilinear_corners<acc_t, int64_t>(loc[2 * p], loc[2 * p + 1], H, W, Hf, Wf);
           const acc_t a = w[p];
+          if (!(c.finite && a - a == acc_t(0))) {  // NaN/Inf point or weight: see below
+            special = true;
+            continue;
+          }
           for (int corner = 0; corner < 4; ++corner) {
-            if (c.pixel[corner] < 0) continue;  // outside the map: reads zero
+            if (!c.inside[corner]) continue;  // outside the map: reads zero
             const acc_t aw = a * c.weight[corner];
             const scalar_t* v = level_value + c.pixel[corner] * s.M * s.D;
             acc_t* sum = acc.data();
 #pragma omp simd  // the D channels are independent: vectorise without alias checks
             for (int64_t d = 0; d < s.D; ++d) sum[d] += aw * static_cast<acc_t>(v[d]);
           }
+        }
+      }
+      // The skipped points, the reference's way (ms_deform_attn.h): after the others, so
+      // that the hot loop above has no call in it (same NaN/Inf entries, other rounding).
+      if (special) {
+        for (int64_t p = 0; p < points; ++p) {
+          const int64_t l = p / s.K, H = shapes[2 * l], W = shapes[2 * l + 1];
+          if (!level_in_bounds<int64_t>(starts[l], H, W, s.S)) continue;
+          const auto c = bilinear_corners<acc_t, int64_t>(loc[2 * p], loc[2 * p + 1], H, W,
+                                                          acc_t(H), acc_t(W));
+          if (c.finite && w[p] - w[p] == acc_t(0)) continue;
+          exact_forward(c, value + ((n * s.S + starts[l]) * s.M + m) * s.D, s.M * s.D,
+                        static_cast<acc_t>(w[p]), acc.data(), s.D);
         }
       }
       scalar_t* out = output + i * s.D;  // output[n, q, m*D : (m+1)*D]
@@ -120,14 +156,30 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
         const scalar_t* w = weights + i * points;
         for (int64_t l = 0; l < s.L; ++l) {
           const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+          if (!level_in_bounds<int64_t>(starts[l], H, W, s.S)) {  // never, once checked
+            for (int64_t p = l * s.K; p < (l + 1) * s.K; ++p) {
+              grad_weights[i * points + p] = 0;
+              grad_locations[(i * points + p) * 2] = grad_locations[(i * points + p) * 2 + 1] = 0;
+            }
+            continue;
+          }
+          const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
           const int64_t level_offset = ((n * s.S + starts[l]) * s.M + m) * s.D;
           for (int64_t k = 0; k < s.K; ++k) {
             const int64_t p = l * s.K + k;
-            const auto c = bilinear_corners<acc_t>(loc[2 * p], loc[2 * p + 1], H, W);
+            const auto c = bilinear_corners<acc_t, int64_t>(loc[2 * p], loc[2 * p + 1], H, W, Hf, Wf);
             const acc_t a = w[p];
             acc_t g_weight = 0, g_x = 0, g_y = 0;
+            if (!(c.finite && a - a == acc_t(0))) {  // NaN/Inf point or weight: as the reference
+              const auto g = exact_backward(c, value, grad_value, level_offset, s.M * s.D, go,
+                                            a, s.D);
+              grad_weights[i * points + p] = static_cast<scalar_t>(g.weight);
+              grad_locations[(i * points + p) * 2] = static_cast<scalar_t>(Wf * g.x);
+              grad_locations[(i * points + p) * 2 + 1] = static_cast<scalar_t>(Hf * g.y);
+              continue;
+            }
             for (int corner = 0; corner < 4; ++corner) {
-              if (c.pixel[corner] < 0) continue;
+              if (!c.inside[corner]) continue;
               const int64_t offset = level_offset + c.pixel[corner] * s.M * s.D;
               const scalar_t* v = value + offset;
               scalar_t* gv = grad_value + offset;
@@ -147,8 +199,8 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
               g_y += c.dweight_dy[corner] * dot;
             }
             grad_weights[i * points + p] = static_cast<scalar_t>(g_weight);
-            grad_locations[(i * points + p) * 2] = static_cast<scalar_t>(a * W * g_x);
-            grad_locations[(i * points + p) * 2 + 1] = static_cast<scalar_t>(a * H * g_y);
+            grad_locations[(i * points + p) * 2] = static_cast<scalar_t>(a * Wf * g_x);
+            grad_locations[(i * points + p) * 2 + 1] = static_cast<scalar_t>(a * Hf * g_y);
           }
         }
       }
@@ -163,7 +215,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   const char* op = "ddetr::ms_deform_attn (CPU)";
   check_inputs(op, value, spatial_shapes, level_start_index, sampling_locations,
                attention_weights);
-  check_levels(value, spatial_shapes, level_start_index);
+  check_levels(op, spatial_shapes, level_start_index, value.size(1));
   const Sizes s = sizes_of(value, sampling_locations);
   auto output = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
@@ -183,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const char* op = "ddetr::ms_deform_attn_backward (CPU)";
   check_inputs(op, value, spatial_shapes, level_start_index, sampling_locations,
                attention_weights, &grad_output);
-  check_levels(value, spatial_shapes, level_start_index);
+  check_levels(op, spatial_shapes, level_start_index, value.size(1));
   const Sizes s = sizes_of(value, sampling_locations);
   auto grad_value = at::zeros_like(value);  // a scatter target: must start at zero
   auto grad_locations = at::empty_like(sampling_locations);  // every entry is written

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.checks import level_start_index_of
+from ..ops.checks import level_shapes, level_tables
 from .attention import MultiHeadAttention
 from .checks import (check_heads, check_like, check_padding_mask, check_same,
                      check_spatial_shapes, check_tensor, check_width, shape)
@@ -113,7 +113,7 @@ class DeformableTransformerEncoder(nn.Module):
         check_valid_ratios(valid_ratios, N, L)
         check_like("pos", pos, src, "src")
         check_padding_mask("padding_mask", padding_mask, N, S)
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        shapes = level_shapes(spatial_shapes)   # no device sync for the model's own tables
         reference_points = self.get_reference_points(shapes, valid_ratios).to(src.dtype)
         out = src
         for layer in self.layers:
@@ -345,8 +345,8 @@ class DeformableTransformer(nn.Module):
             mask_flat.append(mask.flatten(1))
             pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
         device = srcs[0].device
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
-        level_start_index = level_start_index_of(spatial_shapes)
+        # built from Python ints: known valid, so the fused op never reads them back (sync)
+        spatial_shapes, level_start_index = level_tables([tuple(s) for s in shapes], device)
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         return (torch.cat(src_flat, 1), torch.cat(mask_flat, 1), torch.cat(pos_flat, 1),
                 spatial_shapes, level_start_index, valid_ratios)
@@ -416,7 +416,7 @@ class DeformableTransformer(nn.Module):
         N, _, C = memory.shape
         enc_class = enc_coord_unact = None
         if self.two_stage:
-            shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+            shapes = level_shapes(spatial_shapes)   # no device sync for the model's own tables
             output_memory, proposals = self.gen_encoder_output_proposals(memory, mask, shapes)
             class_head, box_head = proposal_heads
             enc_class = class_head(output_memory)

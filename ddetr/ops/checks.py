@@ -10,8 +10,27 @@ Shapes (one-letter names as everywhere in ddetr):
     level_start_index   (L,)   int64        offset of level l in the S axis
     sampling_locations  (N, Lq, M, L, K, 2) (x, y) in [0, 1] of each level
     attention_weights   (N, Lq, M, L, K)
+
+The level tables (``spatial_shapes``, ``level_start_index``) must describe ``value``
+exactly: a wrong table would make a kernel read and write outside ``value``. Checking
+them means reading them on the host, which for tables on a GPU is a device-to-host
+copy that waits for the GPU (a sync). So a check is done once per table and remembered:
+
+* ``level_tables(shapes, device)`` builds the two tensors from Python ints (the model
+  knows its feature-map sizes): they are valid by construction and known without
+  reading them back, so no call ever syncs on them;
+* ``checked_levels(spatial_shapes, level_start_index, S)`` validates tables of unknown
+  origin the first time it sees them (one sync for tables on a GPU) and remembers the
+  result for as long as the tensors live unmodified (an in-place change is noticed
+  through the tensor's version counter and checks again).
+
+The C++ entry points check the tables once more on the host before any kernel starts,
+and the kernels skip a level that would fall outside ``value`` (ddetr/csrc/).
 """
+import weakref
+
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def _shape(t):
@@ -36,10 +55,18 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
 
     if not value.is_floating_point():
         raise TypeError(f"value must be a floating-point tensor, got dtype {value.dtype}")
-    for name in ("sampling_locations", "attention_weights"):
-        if named[name].dtype != value.dtype:
-            raise TypeError(f"{name} must have the dtype of value ({value.dtype}), "
-                            f"got {named[name].dtype}")
+    # On a GPU, value may be float16/bfloat16 while locations and weights stay float32
+    # (sampling positions need float32's precision; autocast need not upcast value).
+    reduced = (value.device.type == "cuda" and value.dtype in (torch.float16, torch.bfloat16)
+               and sampling_locations.dtype == torch.float32)
+    if sampling_locations.dtype != value.dtype and not reduced:
+        raise TypeError(f"sampling_locations must have the dtype of value ({value.dtype})"
+                        + (" or float32" if value.dtype in (torch.float16, torch.bfloat16)
+                           and value.device.type == "cuda" else "")
+                        + f", got {sampling_locations.dtype}")
+    if attention_weights.dtype != sampling_locations.dtype:
+        raise TypeError(f"attention_weights must have the dtype of sampling_locations "
+                        f"({sampling_locations.dtype}), got {attention_weights.dtype}")
     for name in ("spatial_shapes", "level_start_index"):
         if named[name].dtype != torch.int64:
             raise TypeError(f"{name} must be int64, got {named[name].dtype}")
@@ -81,18 +108,109 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
                          f"device, got {devices}")
 
     if check_values:
-        shapes = spatial_shapes.tolist()
-        if any(h <= 0 or w <= 0 for h, w in shapes):
-            raise ValueError(f"spatial_shapes must hold positive (H, W), got {shapes}")
-        sizes = [h * w for h, w in shapes]
-        if sum(sizes) != S:
-            raise ValueError(f"value has S={S} keys but spatial_shapes {shapes} "
-                             f"sum to {sum(sizes)}")
-        starts = [sum(sizes[:i]) for i in range(L)]
-        given = level_start_index.tolist()
-        if given != starts:
-            raise ValueError(f"level_start_index must be {starts} for spatial_shapes "
-                             f"{shapes}, got {given}")
+        checked_levels(spatial_shapes, level_start_index, S)
+
+
+class LevelTable:
+    """The validated contents of a pair of level tables, as Python ints.
+
+    shapes: list of L (H, W); starts: list of L start indices; S: their total size;
+    host: the two tables as CPU tensors (the CUDA kernel reads its table from these
+    and passes it to the GPU by value: no copy back from the device).
+    """
+
+    def __init__(self, shapes, starts):
+        self.shapes = [(int(h), int(w)) for h, w in shapes]
+        self.starts = [int(s) for s in starts]
+        self.S = sum(h * w for h, w in self.shapes)
+        self.host = (torch.tensor(self.shapes, dtype=torch.int64).view(-1, 2),
+                     torch.tensor(self.starts, dtype=torch.int64))
+
+
+# spatial_shapes tensor -> (its version, level_start_index, its version, LevelTable);
+# weak keys by identity, so a table is forgotten when the model drops the tensor
+_checked = WeakIdKeyDictionary()
+
+
+def _remember(spatial_shapes, level_start_index, table):
+    _checked[spatial_shapes] = (spatial_shapes._version, weakref.ref(level_start_index),
+                                level_start_index._version, table)
+
+
+def _known(spatial_shapes, level_start_index):
+    entry = _checked.get(spatial_shapes)
+    if entry is None:
+        return None
+    version, lsi_ref, lsi_version, table = entry
+    if (version != spatial_shapes._version or lsi_ref() is not level_start_index
+            or lsi_version != level_start_index._version):
+        return None
+    return table
+
+
+def _validate(shapes, starts, S):
+    """Raise ValueError unless the Python-int tables describe S keys exactly."""
+    if any(len(hw) != 2 or hw[0] <= 0 or hw[1] <= 0 for hw in shapes):
+        raise ValueError(f"spatial_shapes must hold positive (H, W), got {shapes}")
+    sizes = [h * w for h, w in shapes]
+    if S is not None and sum(sizes) != S:
+        raise ValueError(f"value has S={S} keys but spatial_shapes {shapes} "
+                         f"sum to {sum(sizes)}")
+    expected = [sum(sizes[:i]) for i in range(len(shapes))]
+    if starts is not None and list(starts) != expected:
+        raise ValueError(f"level_start_index must be {expected} for spatial_shapes "
+                         f"{shapes}, got {list(starts)}")
+    return expected
+
+
+def level_tables(shapes, device=None):
+    """(spatial_shapes (L, 2) int64, level_start_index (L,) int64) built from Python ints.
+
+    ``shapes`` is a list of L (H, W). The pair is valid by construction and remembered
+    as checked, so the operators never read it back from the device.
+    """
+    shapes = [tuple(hw) for hw in shapes]
+    if not all(isinstance(v, (int, torch.SymInt)) for hw in shapes for v in hw):
+        raise TypeError(f"level_tables expects a list of (H, W) Python ints, got {shapes}")
+    starts = _validate(shapes, None, None)
+    table = LevelTable(shapes, starts)
+    if device is None or torch.device(device).type == "cpu":
+        spatial_shapes, level_start_index = (t.clone() for t in table.host)
+    else:
+        spatial_shapes = table.host[0].to(device, non_blocking=True)
+        level_start_index = table.host[1].to(device, non_blocking=True)
+    if not torch.compiler.is_compiling():  # a traced graph keeps no Python state
+        _remember(spatial_shapes, level_start_index, table)
+    return spatial_shapes, level_start_index
+
+
+def checked_levels(spatial_shapes, level_start_index, S):
+    """The LevelTable of these tables, validated against S keys; raises ValueError if
+    they do not describe S keys. Reads the tensors only the first time (one sync for
+    tables on a GPU), later calls with the same unmodified tensors are free."""
+    compiling = torch.compiler.is_compiling()
+    table = None if compiling else _known(spatial_shapes, level_start_index)
+    if table is None:
+        shapes = [tuple(hw) for hw in spatial_shapes.tolist()]
+        starts = level_start_index.tolist()
+        _validate(shapes, starts, S)
+        table = LevelTable(shapes, starts)
+        if not compiling:
+            _remember(spatial_shapes, level_start_index, table)
+    elif table.S != S:
+        raise ValueError(f"value has S={S} keys but spatial_shapes {table.shapes} "
+                         f"sum to {table.S}")
+    return table
+
+
+def level_shapes(spatial_shapes):
+    """The L (H, W) of spatial_shapes as Python ints: from the remembered table when the
+    tensor came from level_tables (no device sync), else read from the tensor (one sync
+    for a table on a GPU)."""
+    entry = None if torch.compiler.is_compiling() else _checked.get(spatial_shapes)
+    if entry is not None and entry[0] == spatial_shapes._version:
+        return list(entry[3].shapes)
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
 
 
 def level_start_index_of(spatial_shapes):

@@ -10,8 +10,12 @@ the build needs from the machine (folders, flags, CUDA architectures) is found b
 Two shared libraries, loaded into the process with ``is_python_module=False``, so that
 their ``TORCH_LIBRARY`` registrations land in ``torch.ops.ddetr``:
 
-    ddetr_msda_cpu    ddetr/csrc/ms_deform_attn_ops.cpp (the schema) + ms_deform_attn_cpu.cpp
-    ddetr_msda_cuda   ddetr/csrc/ms_deform_attn_cuda.cu (the CUDA implementation only)
+    ddetr_msda_cpu           ddetr/csrc/ms_deform_attn_ops.cpp (the schema) + ms_deform_attn_cpu.cpp
+    ddetr_msda_cuda_<archs>  ddetr/csrc/ms_deform_attn_cuda.cu (the CUDA implementation only)
+
+The CUDA library's name carries the architectures it is compiled for (e.g.
+``ddetr_msda_cuda_80_90ptx`` for ``TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"``), so a cached
+build for one GPU is never loaded on a GPU of another architecture.
 
 The CPU library is always built. The CUDA library is built when a GPU is present or
 when asked for (``load_kernel(with_cuda=True)``, e.g. to check that it compiles on a
@@ -36,8 +40,9 @@ from pathlib import Path
 import torch
 
 from . import toolchain
-from .checks import check_ms_deform_attn_inputs
-from .toolchain import DEFAULT_CUDA_ARCH_LIST  # noqa: F401 (kernel.DEFAULT_CUDA_ARCH_LIST)
+from .checks import check_ms_deform_attn_inputs, checked_levels
+from .toolchain import (DEFAULT_CUDA_ARCH_LIST, cuda_arch_list,  # noqa: F401 (kernel.*)
+                        cuda_library_name)
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"  # shipped inside the package
 CPU_SOURCES = ("ms_deform_attn_ops.cpp", "ms_deform_attn_cpu.cpp")
@@ -71,10 +76,13 @@ _registered = False
 _warned = set()
 
 
-def _build(name, sources, cuda, verbose):
+def _build(name, sources, arch_list, verbose):
+    """Compile (or find cached) one library; arch_list: None for the CPU part, else the
+    CUDA architectures that its name was made from."""
     cpp_extension = toolchain.cpp_extension()
+    cuda = arch_list is not None
     start = time.perf_counter()
-    with toolchain.cuda_arch_list(cuda):
+    with toolchain.compiling_for(arch_list):
         cpp_extension.load(name=name, sources=[str(CSRC / s) for s in sources],
                            build_directory=toolchain.build_directory(),
                            is_python_module=False, verbose=verbose,
@@ -85,10 +93,11 @@ def _build(name, sources, cuda, verbose):
 def _load_part(part, verbose=False):
     """Build (or find cached) and load one part; remember success or the error."""
     if _loaded[part] is None:
-        name = f"ddetr_msda_{part}"
+        arch_list = None if part == "cpu" else cuda_arch_list()
+        name = "ddetr_msda_cpu" if part == "cpu" else cuda_library_name(arch_list)
         sources = CPU_SOURCES if part == "cpu" else CUDA_SOURCES
         try:
-            _build(name, sources, cuda=(part == "cuda"), verbose=verbose)
+            _build(name, sources, arch_list, verbose=verbose)
             _loaded[part] = True
         except Exception as err:  # a compiler error, a missing tool, ... keep the reason
             lines = [line.strip() for line in str(err).strip().splitlines()]
@@ -217,18 +226,24 @@ def ms_deform_attn_kernel(value, spatial_shapes, level_start_index, sampling_loc
     Returns:
         (N, Lq, M * D)
     """
-    # Reading the level sizes costs a host-device sync on a GPU and is not possible
-    # on the fake tensors of torch.compile: check them only where that is free.
-    check_values = spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling()
+    # The level tables are checked against S once per pair of tensors (checks.py: no
+    # device sync after the first call, none at all for tables from level_tables()),
+    # and the kernel gets the checked host copies: the CUDA kernel takes its level
+    # table by value, so it never reads the tables back from the GPU. Under
+    # torch.compile the tables cannot be read here (fake tensors): the C++ entry point
+    # checks them (copying tables that live on the GPU to the host: one sync per call).
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
-                                sampling_locations, attention_weights,
-                                check_values=check_values)
+                                sampling_locations, attention_weights, check_values=False)
     try:
         check_available(value)
     except KernelUnavailableError as err:
         raise type(err)(f"ms_deform_attn backend='kernel': {err}") from None
-    device = value.device
+    if not torch.compiler.is_compiling():
+        spatial_shapes, level_start_index = checked_levels(
+            spatial_shapes, level_start_index, value.shape[1]).host
+    elif spatial_shapes.device.type != "cpu" or level_start_index.device.type != "cpu":
+        spatial_shapes = spatial_shapes.to(value.device)
+        level_start_index = level_start_index.to(value.device)
     return torch.ops.ddetr.ms_deform_attn(
-        value.contiguous(), spatial_shapes.to(device).contiguous(),
-        level_start_index.to(device).contiguous(), sampling_locations.contiguous(),
-        attention_weights.contiguous())
+        value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+        sampling_locations.contiguous(), attention_weights.contiguous())

@@ -14,7 +14,7 @@ Samples outside the map read zeros (``padding_mode="zeros"``).
 import torch
 import torch.nn.functional as F
 
-from .checks import check_ms_deform_attn_inputs
+from .checks import check_ms_deform_attn_inputs, checked_levels
 
 
 def ms_deform_attn_reference(value, spatial_shapes, level_start_index,
@@ -29,13 +29,18 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index,
         attention_weights: (N, Lq, M, L, K).
 
     Returns:
-        (N, Lq, M * D)
+        (N, Lq, M * D) in the dtype of value (a float16/bfloat16 value with float32
+        locations and weights, allowed on a GPU, is sampled in float32).
     """
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
                                 sampling_locations, attention_weights)
+    if value.dtype != sampling_locations.dtype:  # float16/bfloat16 value on a GPU
+        return ms_deform_attn_reference(value.to(sampling_locations.dtype), spatial_shapes,
+                                        level_start_index, sampling_locations,
+                                        attention_weights).to(value.dtype)
     N, S, M, D = value.shape
     _, Lq, _, L, K, _ = sampling_locations.shape
-    shapes = spatial_shapes.tolist()
+    shapes = checked_levels(spatial_shapes, level_start_index, S).shapes  # no sync twice
     value_levels = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # [0, 1] -> [-1, 1]
     samples = []

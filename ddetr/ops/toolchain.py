@@ -11,6 +11,7 @@ questions the build asks of the machine:
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -111,16 +112,53 @@ def build_flags(include_dir, cuda):
     return flags
 
 
+def cuda_arch_list():
+    """The architectures the CUDA part is compiled for, as TORCH_CUDA_ARCH_LIST spells them.
+
+    $TORCH_CUDA_ARCH_LIST if set; else, as torch decides it, the compute capabilities
+    of the visible GPUs (capped at the newest one this torch supports) with +PTX on the
+    last; without a GPU, DEFAULT_CUDA_ARCH_LIST.
+    """
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env and env != "native":
+        return env
+    if not torch.cuda.is_available():
+        return DEFAULT_CUDA_ARCH_LIST
+    supported = [tuple(divmod(int(re.sub(r"\D", "", a)), 10)) for a in torch.cuda.get_arch_list()
+                 if a.startswith("sm_")]
+    caps = sorted({min(torch.cuda.get_device_capability(i), max(supported, default=(99, 9)))
+                   for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+
+
+def cuda_library_name(arch_list):
+    """The CUDA library's name for an arch list: "8.0;9.0+PTX" -> "ddetr_msda_cuda_80_90ptx".
+
+    Builds for different arch lists get different names, hence different cache folders
+    and files: a library compiled for one GPU is never reused on another.
+    """
+    parts = [re.sub(r"[^0-9a-z]", "", part.lower())
+             for part in re.split(r"[;,\s]+", arch_list.strip()) if part]
+    if not parts:
+        raise ValueError(f"TORCH_CUDA_ARCH_LIST must name at least one architecture, "
+                         f"got {arch_list!r}")
+    return "ddetr_msda_cuda_" + "_".join(parts)
+
+
 @contextlib.contextmanager
-def cuda_arch_list(cuda):
-    """Set TORCH_CUDA_ARCH_LIST to DEFAULT_CUDA_ARCH_LIST for the duration of a CUDA
-    build on a machine without a GPU (torch cannot ask a device for its architecture
-    there) unless the user set it; leave everything as it is otherwise."""
-    if not cuda or os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_available():
+def compiling_for(arch_list):
+    """TORCH_CUDA_ARCH_LIST set to ``arch_list`` for the duration of a CUDA build (the
+    list that named the library, see cuda_library_name), restored afterwards; a no-op
+    when arch_list is None (a CPU build)."""
+    if arch_list is None:
         yield
         return
-    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     try:
         yield
     finally:
-        del os.environ["TORCH_CUDA_ARCH_LIST"]
+        if saved is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
