@@ -3,6 +3,7 @@ for each way a file can be wrong, official releases loaded with a preset."""
 import argparse
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,14 @@ def test_official_release_loads_from_a_yaml_config(tmp_path):
                          "enc_layers: 1\ndec_layers: 2\n")
     model, _, cfg, categories = load_trained(path, config=str(yaml_file))
     assert cfg.num_feature_levels == 1 and len(categories) == 80
+
+
+def test_an_older_checkpoint_takes_config_defaults_for_keys_it_lacks():
+    """The book's committed compact weights were saved before backbone_norm existed:
+    the key takes Config's default (frozen batch norm, what the code did then), not a
+    preset's, and the weights load strictly."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence_multi_scale_seed0.pth"
+    assert "backbone_norm" not in torch.load(path, weights_only=True)["config"]
+    model, _, cfg, _, _ = ckpt.load_compact(path)
+    assert cfg.backbone_norm == "frozen_bn"
+    assert not any(k.endswith("num_batches_tracked") for k in model.state_dict())

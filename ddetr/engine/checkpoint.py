@@ -251,7 +251,9 @@ def checkpoint_config(blob, path, config=None, overrides=None):
             raise CheckpointError(f"checkpoint {path} holds a model with "
                                   + ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
                                   + "; overrides cannot change it")
-        cfg = get_config("cpu", {**saved, **overrides})      # every key is in the file
+        # a key that an older checkpoint lacks takes Config's default, which is what the
+        # code did before the key existed (e.g. backbone_norm: frozen batch norm)
+        cfg = get_config("paper", {**saved, **overrides})
     else:
         cfg = get_config(config, overrides)
     if is_official(blob):
