@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+import ddetr.nn.ms_deform_attn as ms_deform_attn_module
+
 from ddetr.nn import (DeformableAttention, DeformableTransformer, MSDeformAttn,
                       MultiHeadAttention, Transformer)
 from ddetr.ops import (bilinear_sample, deform_attn, level_start_index_of,
@@ -135,6 +137,42 @@ def test_ms_deform_attn_under_bfloat16_autocast_samples_in_float32(backend):
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.05)
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in attn.parameters())
+
+
+def _dtypes_given_to_the_operator(monkeypatch, device, autocast_dtype):
+    """(value, locations, weights) dtypes that MSDeformAttn passes to ms_deform_attn
+    under autocast on device."""
+    seen = []
+    real = ms_deform_attn_module.ms_deform_attn
+
+    def spy(value, shapes, starts, locations, weights, backend="auto"):
+        seen.append((value.dtype, locations.dtype, weights.dtype))
+        return real(value, shapes, starts, locations, weights, backend=backend)
+
+    monkeypatch.setattr(ms_deform_attn_module, "ms_deform_attn", spy)
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2).to(device)
+    shapes = torch.tensor([[6, 5], [3, 3]], device=device)
+    query = torch.randn(2, 7, 32, device=device)
+    value = torch.randn(2, 39, 32, device=device)
+    with torch.autocast(device, dtype=autocast_dtype):
+        attn(query, torch.rand(2, 7, 2, 2, device=device), value, shapes,
+             level_start_index_of(shapes))
+    return seen[0]
+
+
+def test_on_a_cpu_autocast_value_is_sampled_in_float32(monkeypatch):
+    # the CPU kernel is float32/float64 only: a bfloat16 value would fall to the reference
+    assert _dtypes_given_to_the_operator(monkeypatch, "cpu", torch.bfloat16) == \
+        (torch.float32,) * 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_on_a_gpu_autocast_value_stays_half_with_float32_locations(monkeypatch, dtype):
+    # the GPU kernels read half value with float32 locations and weights: no upcast copy
+    assert _dtypes_given_to_the_operator(monkeypatch, "cuda", dtype) == \
+        (dtype, torch.float32, torch.float32)
 
 
 def test_ms_deform_attn_rejects_mismatched_reference_points():

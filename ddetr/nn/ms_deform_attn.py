@@ -101,9 +101,16 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, self.n_heads, C // self.n_heads)
         locations, weights = self.sampling(query, reference_points, input_spatial_shapes)
-        # under autocast the projections give half precision while reference points stay
-        # float32: sample in the wider type (float32), never in the narrower
-        dtype = torch.promote_types(value.dtype, locations.dtype)
-        out = ms_deform_attn(value.to(dtype), input_spatial_shapes, input_level_start_index,
-                             locations.to(dtype), weights.to(dtype), backend=self.backend)
+        # Under autocast the projections give half precision while the reference points
+        # stay float32. Locations and weights are always sampled in float32 or wider;
+        # value keeps its half type on a GPU, whose kernels read half value with float32
+        # locations and weights and sum in float32 (no float32 copy of value per call).
+        # The CPU kernel is float32/float64 only: there everything takes the wider type.
+        if value.device.type == "cuda" and value.dtype in (torch.float16, torch.bfloat16):
+            locations, weights = locations.float(), weights.float()
+        else:
+            dtype = torch.promote_types(value.dtype, locations.dtype)
+            value, locations, weights = value.to(dtype), locations.to(dtype), weights.to(dtype)
+        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
+                             locations, weights, backend=self.backend)
         return self.output_proj(out)
