@@ -21,6 +21,7 @@ import re
 import sys
 from pathlib import Path
 
+from .analysis.kernel_cost import kernel_cost_report
 from .config import get_config
 from .engine.distributed import cleanup, is_main_process
 from .engine.evaluate import format_table
@@ -96,6 +97,14 @@ def build_parser():
     kernels.add_argument("--no-memory", action="store_true",
                          help="skip the peak-memory measurements")
     kernels.set_defaults(func=run_bench_kernels)
+
+    cost = targets.add_parser("cost", help="static cost of the CUDA kernels (no GPU needed): "
+                                           "registers, spills, SASS instructions per point")
+    cost.add_argument("--out", default="benchmarks", help="folder for kernel_cost.json/.md")
+    cost.add_argument("--baseline", default=None, metavar="FOLDER",
+                      help="a folder with an earlier ms_deform_attn_cuda.cu (and its header) "
+                           "to measure the same way, as the baseline")
+    cost.set_defaults(func=run_bench_cost)
 
     # --- experiment --------------------------------------------------------------------
     p = sub.add_parser("experiment", help="reproduce the paper's claims in miniature")
@@ -232,6 +241,12 @@ def run_bench_kernels(args):
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     bench_kernels(args.out, args.device, shapes, repeat=args.repeat,
                   memory=not args.no_memory)
+    return 0
+
+
+def run_bench_cost(args):
+    kernel_cost_report(args.out, baseline_dir=args.baseline)
+    print((Path(args.out) / "kernel_cost.md").read_text())
     return 0
 
 

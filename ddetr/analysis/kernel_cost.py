@@ -329,9 +329,8 @@ def kernel_cost_report(out_dir="benchmarks", baseline_dir=None):
                         kernels=kernel_costs(Path(baseline_dir) / SOURCE.name))
     elif previous.exists():
         baseline = json.loads(previous.read_text()).get("baseline")
-    command = "python -m ddetr bench cost" if baseline_dir is None else (
-        f"python -c \"from ddetr.analysis.kernel_cost import kernel_cost_report; "
-        f"kernel_cost_report({str(out_dir)!r}, baseline_dir={str(baseline_dir)!r})\"")
+    command = f"python -m ddetr bench cost --out {out_dir}" + (
+        "" if baseline_dir is None else f" --baseline {baseline_dir}")
     result = dict(
         command=command, commit=_commit(), date=time.strftime("%Y-%m-%d"),
         machine=f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'}), "

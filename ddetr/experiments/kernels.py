@@ -123,7 +123,8 @@ def measure_kernels(device, names, repeat=5, memory=True):
                      levels=s["levels"], impls={})
         print(f"\n{name}: {DESCRIPTIONS[name]}  N={s['N']} S={s['S']} Lq={s['Lq']} "
               f"M={s['M']} D={s['D']} L={s['L']} K={s['K']}")
-        fns = {impl: implementation(impl) for impl in IMPLS}
+        impls = IMPLS + (("triton",) if device == "cuda" else ())  # Triton: GPUs only
+        fns = {impl: implementation(impl) for impl in impls}
         inputs = make_inputs(name, device, requires_grad=True)
         with torch.no_grad():
             fwd = time_side_by_side(fns, inputs, False, repeat, device)
