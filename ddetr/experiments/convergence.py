@@ -134,7 +134,7 @@ def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_a
         if "coco" in record:
             evals.append({"step": steps, "epoch": round(steps * cfg.batch_size / n_train, 4),
                           "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                          **{k: round(record["coco"][k], 5) for k in METRIC_KEYS}})
+                          **{k: _rounded(record["coco"][k]) for k in METRIC_KEYS}})
     out = {"model": model, "label": label, "seed": seed, "overrides": overrides,
            "params": count_parameters(run["model"])[0], "steps": steps,
            "epochs": round(steps * cfg.batch_size / n_train, 4), "wall_s": round(wall, 2),
@@ -146,8 +146,13 @@ def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_a
         save_compact(run["model"], cfg, run["categories"], out["compact"],
                      source={k: out[k] for k in ("model", "seed", "steps", "epochs")})
         # what the int8 storage costs: the same evaluation with the restored weights
-        out["compact_AP"] = round(evaluate_compact(out["compact"], cfg)["AP"], 5)
+        out["compact_AP"] = _rounded(evaluate_compact(out["compact"], cfg)["AP"])
     return out
+
+
+def _rounded(metric):
+    """A COCO metric to 5 digits; None (not measured: no such objects) stays None."""
+    return None if metric is None else round(metric, 5)
 
 
 def evaluate_compact(path, cfg):
