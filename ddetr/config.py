@@ -28,6 +28,11 @@ from pathlib import Path
 
 import yaml
 
+from .data import DATASETS
+from .models import ARCHITECTURES
+from .models.backbone import BACKBONES, NORMS, RESNETS
+from .ops.ms_deform_attn import BACKENDS
+
 
 @dataclass
 class Config:
@@ -286,10 +291,6 @@ RANGES["eval_every"] = (">= 0 (epochs between evaluations; 0: only at the end)",
 
 def _choices():
     """The names the model code accepts, from the modules that define them."""
-    from .data import DATASETS
-    from .models import ARCHITECTURES
-    from .models.backbone import BACKBONES, NORMS
-    from .ops.ms_deform_attn import BACKENDS
     return {"architecture": ARCHITECTURES, "backbone": BACKBONES, "backbone_norm": NORMS,
             "attention_backend": BACKENDS, "dataset": DATASETS,
             "query_anchors": ("none", "dab")}
@@ -310,8 +311,6 @@ def check_config(cfg):
 
 
 def _check_combinations(cfg):
-    from .models.backbone import RESNETS
-
     def fail(keys, text):
         raise ValueError(f"config key{'s' if len(keys) > 1 else ''} "
                          f"{', '.join(map(repr, keys))}: {text}")
