@@ -40,7 +40,8 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
         assert [e["step"] for e in run["evals"]] == list(
             range(result["settings"]["eval_every"], steps + 1, result["settings"]["eval_every"]))
         for e in run["evals"]:
-            assert set(METRIC_KEYS) <= set(e) and all(0 <= e[k] <= 1 for k in METRIC_KEYS)
+            assert set(METRIC_KEYS) <= set(e) and e["AP"] is not None
+            assert all(e[k] is None or 0 <= e[k] <= 1 for k in METRIC_KEYS)  # None: n/a
         assert len(run["loss"]["loss"]) == len(run["loss"]["step"])
         walls = [e["wall_s"] for e in run["evals"]]
         assert walls == sorted(walls) and walls[-1] <= run["wall_s"] + 1e-6
@@ -142,3 +143,15 @@ def test_run_jobs_reports_results_and_errors(processes):
              lambda args, err: errors.append((args, type(err))))
     assert sorted(results) == [(2, 1), (3, 1)]
     assert errors == ([((1, 0), ZeroDivisionError)] if processes > 1 else [])
+
+
+def test_summary_table_keeps_unmeasured_metrics_apart():
+    """A metric COCOeval could not measure (None: no objects of that size) is left out of
+    the mean and printed as n/a, never counted as 0."""
+    run = lambda seed, aps: {"model": "m", "label": "M", "seed": seed, "evals": [
+        {"step": 10, "epoch": 1.0, "wall_s": 1.0, "cpu_s": 1.0, "AP": 0.5, "AP50": 0.6,
+         "AP75": 0.4, "APs": aps, "APm": 0.5, "APl": None}]}
+    result = {"runs": [run(0, 0.2), run(1, None)]}
+    row, = summary_table(result)
+    assert row["APs"] == 0.2 and (row["APs_min"], row["APs_max"]) == (0.2, 0.2)
+    assert row["APl"] is None and row["APl_min"] is None

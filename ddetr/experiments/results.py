@@ -66,7 +66,8 @@ def models_of(result):
 def summary_table(result, metrics=METRIC_KEYS, at_step=None):
     """Per model: mean, min and max over seeds of each metric at the final common step
     (or at_step). Returns a list of dicts {"model", "label", "seeds", "step", "epoch",
-    "wall_s", metric: mean, metric + "_min", metric + "_max"}."""
+    "wall_s", metric: mean, metric + "_min", metric + "_max"}; a metric that no seed
+    measured (None: no such objects) stays None."""
     by_model = {}
     for run in result["runs"]:
         by_model.setdefault(run["model"], []).append(run)
@@ -84,10 +85,10 @@ def summary_table(result, metrics=METRIC_KEYS, at_step=None):
                "step": step, "epoch": evals[0]["epoch"],
                "wall_s": sum(e["wall_s"] for e in evals) / len(evals),
                "cpu_s": sum(e.get("cpu_s", float("nan")) for e in evals) / len(evals)}
-        for m in metrics:
-            values = [e[m] for e in evals]
-            row[m] = sum(values) / len(values)
-            row[m + "_min"], row[m + "_max"] = min(values), max(values)
+        for m in metrics:       # None: not measured (COCOeval's -1: no such objects)
+            values = [e[m] for e in evals if e[m] is not None]
+            row[m] = sum(values) / len(values) if values else None
+            row[m + "_min"], row[m + "_max"] = (min(values), max(values)) if values else (None, None)
         rows.append(row)
     return rows
 
@@ -150,7 +151,8 @@ def markdown_summary(result):
              "| model | seeds | step | epochs | CPU s | wall s | AP | AP50 | APs | APm | APl |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in summary_table(result):
-        cells = [f"{100 * row[k]:.2f} ({100 * row[k + '_min']:.2f}-{100 * row[k + '_max']:.2f})"
+        cells = ["n/a" if row[k] is None else
+                 f"{100 * row[k]:.2f} ({100 * row[k + '_min']:.2f}-{100 * row[k + '_max']:.2f})"
                  for k in ("AP", "AP50", "APs", "APm", "APl")]
         lines.append(f"| {row['label']} | {row['seeds']} | {row['step']} | {row['epoch']:.2f} "
                      f"| {row['cpu_s']:.0f} | {row['wall_s']:.0f} | " + " | ".join(cells) + " |")
