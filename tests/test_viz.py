@@ -16,7 +16,8 @@ from ddetr.experiments.results import METRIC_KEYS, summary_table  # noqa: E402
 from ddetr.config import get_config  # noqa: E402
 from ddetr.viz import (architecture_shapes, draw_boxes, handmade_heads,  # noqa: E402
                        pixel_features, plot_architecture, plot_attention_maps,
-                       plot_kernel_benchmark, plot_level_sampling, plot_loglog, plot_sampling_points, show_source, synthetic_scene)
+                       plot_kernel_benchmark, plot_level_sampling, plot_loglog,
+                       plot_sampling_points, show_source, synthetic_scene)
 from ddetr.viz.convergence import (plot_convergence, plot_convergence_curve,  # noqa: E402
                                    plot_loss_curves, plot_size_breakdown)
 
