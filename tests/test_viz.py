@@ -13,9 +13,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ddetr.experiments.results import METRIC_KEYS, summary_table  # noqa: E402
-from ddetr.viz import (draw_boxes, handmade_heads, pixel_features,  # noqa: E402
-                       plot_attention_maps, plot_kernel_benchmark, plot_level_sampling,
-                       plot_loglog, plot_sampling_points, show_source, synthetic_scene)
+from ddetr.config import get_config  # noqa: E402
+from ddetr.viz import (architecture_shapes, draw_boxes, handmade_heads,  # noqa: E402
+                       pixel_features, plot_architecture, plot_attention_maps,
+                       plot_kernel_benchmark, plot_level_sampling, plot_loglog,
+                       plot_sampling_points, show_source, synthetic_scene)
 from ddetr.viz.convergence import (plot_convergence, plot_convergence_curve,  # noqa: E402
                                    plot_loss_curves, plot_size_breakdown)
 
@@ -69,6 +71,38 @@ def test_plot_level_sampling():
     fig = plot_level_sampling(levels, torch.tensor([0.3, 0.6]), torch.rand(2, 2, 3, 2),
                               torch.rand(2, 2, 3))
     assert len(fig.axes) == 2
+
+
+def _texts(fig):
+    return "\n".join(t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_architecture_shapes_follow_the_strides():
+    sh = architecture_shapes(get_config("paper"), image_size=(800, 1216))
+    assert [lvl[2:] for lvl in sh["levels"]] == [(100, 152), (50, 76), (25, 38), (13, 19)]
+    assert sh["S"] == 100 * 152 + 50 * 76 + 25 * 38 + 13 * 19
+    assert sh["backbone"][-1] == ("N", 2048, 25, 38)
+    single = architecture_shapes(get_config("paper_single_scale"), (64, 96))
+    assert single["levels"] == [("N", 256, 2, 3)] and single["S"] == 6
+    cfg = get_config("paper")
+    cfg.backbone = "unknown"
+    with pytest.raises(ValueError, match="backbone"):
+        architecture_shapes(cfg)
+
+
+def test_plot_architecture_draws_the_shapes():
+    fig = plot_architecture(get_config("paper"), image_size=(800, 1216))
+    text = _texts(fig)
+    for shape in ["(N, 3, 800, 1216)", "(N, 2048, 25, 38)", "(N, 256, 13, 19)",
+                  "(N, 20197, 256)", "(N, 300, 91)", "(N, 300, 4)", "query_embed"]:
+        assert shape in text, shape
+    two_stage = _texts(plot_architecture(get_config("cpu"), image_size=(256, 256)))
+    assert "(N, 1360, 128)" in two_stage and "no NMS" in two_stage
+    assert "query_embed" not in two_stage
+    _, ax = plt.subplots()
+    detr = _texts(plot_architecture(get_config("detr_paper"), (800, 1216), ax=ax))
+    assert "(N, 950, 256)" in detr and "(N, 100, 256)" in detr and "dense" in detr
+    assert "(N, 256, 13, 19)" not in detr
 
 
 def test_plot_loglog_and_boxes():

@@ -1,6 +1,7 @@
-"""Plots for the book: attention maps, reference and sampling points (weights as marker
-sizes), per-level panels, boxes, log-log cost curves and the convergence experiment's
+"""Plots for the book: architecture diagrams with tensor shapes, attention maps,
+reference and sampling points (weights as marker sizes), per-level panels, boxes, log-log cost curves and the convergence experiment's
 figures; and what the early figures show: a toy scene and two hand-built heads."""
+from .architecture import architecture_shapes, plot_architecture
 from .attention import (plot_attention_maps, plot_level_sampling, plot_sampling_points,
                         sampling_points_on_axes)
 from .boxes import draw_boxes
@@ -10,7 +11,8 @@ from .source import show_source
 from .toy_scene import pixel_features, synthetic_scene
 
 __all__ = [
-    "draw_boxes", "handmade_heads", "pixel_features", "plot_attention_maps", "plot_level_sampling",
+    "architecture_shapes", "draw_boxes", "handmade_heads", "pixel_features",
+    "plot_architecture", "plot_attention_maps", "plot_level_sampling",
     "plot_kernel_benchmark", "plot_loglog", "plot_sampling_points",
     "sampling_points_on_axes", "show_source", "synthetic_scene",
 ]
