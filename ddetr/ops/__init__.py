@@ -9,7 +9,8 @@ from .ms_deform_attn_naive import ms_deform_attn_naive
 from .ms_deform_attn_reference import ms_deform_attn_reference
 
 __all__ = [
-    "bilinear_sample", "check_ms_deform_attn_inputs", "deform_attn", "deform_conv_as_attention", "level_start_index_of",
+    "bilinear_sample", "check_ms_deform_attn_inputs", "deform_attn", "deform_conv_as_attention",
+    "level_start_index_of",
     "load_kernel", "ms_deform_attn", "ms_deform_attn_kernel", "ms_deform_attn_naive",
     "ms_deform_attn_reference",
     "multi_head_attention", "scaled_dot_product_attention",
