@@ -150,3 +150,31 @@ def test_chapter_pages_render_figures_and_math(browser, site):
             browser.save_screenshot(str(ARTIFACTS / "chapter.png"))
     assert not problems, "\n".join(problems)
     assert (ARTIFACTS / "chapter.png").stat().st_size > 10_000
+
+
+KERNEL_PAGE = "notebooks/05_kernel"
+CODE_WIDTH = """
+return Array.from(document.querySelectorAll(
+    "div.cell div.cell_input pre, div.cell div.cell_output pre, div.highlight pre"))
+  .map(pre => ({longest: Math.max(...pre.textContent.split("\\n").map(l => l.length)),
+                scroll: pre.scrollWidth, client: pre.clientWidth}));
+"""
+
+
+@pytest.mark.slow
+def test_code_lines_fit_at_1280_pixels(browser, site):
+    """book/_static/custom.css widens the content column: at a 1280-pixel window, a code
+    block of chapter 5 whose lines are at most 88 characters (the width of ddetr/csrc)
+    does not scroll sideways. Saves _build/artifacts/kernel_1280.png."""
+    browser.set_window_size(1280, 1600)
+    browser.get(f"{site}/{KERNEL_PAGE}.html")
+    assert browser.execute_script("return window.innerWidth;") >= 1260
+    blocks = browser.execute_script(CODE_WIDTH)
+    short = [b for b in blocks if b["longest"] <= 88]
+    assert any(b["longest"] >= 80 for b in short), \
+        f"no code block with 80-88 character lines on {KERNEL_PAGE}"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "kernel_1280.png"))
+    overflowing = [b for b in short if b["scroll"] > b["client"]]
+    assert not overflowing, (f"{len(overflowing)} of {len(short)} code blocks with lines of "
+                             f"at most 88 characters scroll sideways: {overflowing[:3]}")

@@ -6,6 +6,7 @@ the convention of ``torch.utils.flop_counter``: an (m x k) @ (k x n) product cos
 softmax, bias additions and other elementwise work are left out on both sides, as the
 flop counter leaves them out.
 """
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -83,3 +84,21 @@ def measure_flops(fn, *args, **kwargs):
         fn(*args, **kwargs)
     per_op = {str(op): int(n) for op, n in mode.get_flop_counts().get("Global", {}).items()}
     return int(mode.get_total_flops()), per_op
+
+
+def model_flops(model, height=800, width=1216):
+    """FLOPs (``measure_flops``: matrix products and convolutions, a multiply-add counted
+    as 2) of one forward pass of a detector on a zero image of height x width, batch 1.
+    The model's parameters are set to requires_grad=False for the pass and restored."""
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval().requires_grad_(False)
+    try:
+        with torch.no_grad():
+            images = torch.zeros(1, 3, height, width)
+            masks = torch.zeros(1, height, width, dtype=torch.bool)
+            return measure_flops(model, images, masks)[0]
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)

@@ -165,3 +165,37 @@ def markdown_summary(result):
     for note in result.get("notes", []):
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
+
+
+def paper_table1_text(table):
+    """Table 1 of the paper (``convergence.PAPER_TABLE1``) as fixed-width text lines."""
+    head = (f"{'method':<37} {'ep':>4} {'AP':>5} {'APs':>5} {'APm':>5} {'APl':>5} "
+            f"{'params':>6} {'FLOPs':>5} {'GPU h':>5} {'FPS':>4}")
+    lines = [head]
+    for r in table["rows"]:
+        lines.append(f"{r['method']:<37} {r['epochs']:>4} {r['AP']:5.1f} {r['APs']:5.1f} "
+                     f"{r['APm']:5.1f} {r['APl']:5.1f} {r['params_M']:>5}M "
+                     f"{r['GFLOPs']:>4}G {r['gpu_hours']:>5} {r['fps']:>4}")
+    return lines
+
+
+def paper_table2_text(table):
+    """Table 2 of the paper (``convergence.PAPER_TABLE2``) as fixed-width text lines, each
+    row with its gain in AP and APs over the row above."""
+    lines = [f"{'MS inputs':>9} {'MS attn':>7} {'K':>2} {'FPN':>5} {'AP':>5} {'APs':>5} "
+             f"{'APm':>5} {'APl':>5}   gain over the row above (AP, APs)"]
+    previous = None
+    for r in table["rows"]:
+        gain = "" if previous is None else (f"  {r['AP'] - previous['AP']:+.1f}, "
+                                            f"{r['APs'] - previous['APs']:+.1f}")
+        lines.append(f"{'yes' if r['ms_inputs'] else 'no':>9} "
+                     f"{'yes' if r['ms_attention'] else 'no':>7} {r['K']:>2} {r['fpn']:>5} "
+                     f"{r['AP']:5.1f} {r['APs']:5.1f} {r['APm']:5.1f} {r['APl']:5.1f} {gain}")
+        previous = r
+    return lines
+
+
+def scale_gains(single, multi, keys=("AP", "APs", "APm", "APl")):
+    """{key: multi[key] - single[key]} for the keys both rows hold (None: not measured)."""
+    return {k: multi[k] - single[k] for k in keys
+            if single.get(k) is not None and multi.get(k) is not None}
