@@ -94,8 +94,10 @@ class Config:
     output_dir: str = "runs/default"
     eval_every: int = 1                    # epochs between COCO evaluations
     iters_per_epoch: int = 0               # 0 = whole epoch; >0 caps it (quick runs)
-    time_limit_min: float = 0.0            # >0: stop training after this many minutes,
-                                           # then evaluate and save (a fixed budget)
+    time_limit_min: float = 0.0            # >0: a time budget; the lr drop and the end
+                                           # follow progress through it (engine.schedule)
+    threads: int = 0                       # CPU threads; 0: tuned while training, under
+                                           # load too (engine.threads); N: exactly N
     tensorboard: bool = False              # also log to output_dir (needs tensorboard)
     find_unused_parameters: bool = False   # DDP option, for model variants with unused parts
 
@@ -282,7 +284,7 @@ RANGES.update({k: (">= 1", lambda v: v >= 1) for k in (
     "epochs", "lr_drop", "synthetic_train_images", "synthetic_val_images")})
 RANGES.update({k: (">= 0", lambda v: v >= 0) for k in (
     "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm", "num_workers",
-    "eval_every", "iters_per_epoch", "time_limit_min", "synthetic_seed", "set_cost_class",
+    "threads", "eval_every", "iters_per_epoch", "time_limit_min", "synthetic_seed", "set_cost_class",
     "set_cost_bbox", "set_cost_giou", "cls_loss_coef", "bbox_loss_coef",
     "giou_loss_coef")})
 RANGES["eval_every"] = (">= 0 (epochs between evaluations; 0: only at the end)",
@@ -372,6 +374,6 @@ MODEL_KEYS = ("architecture", "backbone", "backbone_norm", "dilation", "num_feat
 # continued run a different one than its checkpoint records: a resume that changes one
 # is refused, naming it. data_path may move to another existing folder.
 RESUMABLE_KEYS = ("epochs", "time_limit_min", "eval_every", "iters_per_epoch", "tensorboard",
-                  "num_workers", "device", "attention_backend", "find_unused_parameters",
+                  "num_workers", "threads", "device", "attention_backend", "find_unused_parameters",
                   "output_dir", "backbone_weights", "lr", "lr_backbone",
                   "lr_linear_proj_mult", "weight_decay", "lr_drop", "clip_max_norm")

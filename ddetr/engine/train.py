@@ -1,5 +1,6 @@
-"""The training loop: AdamW with a smaller backbone learning rate and a step drop,
-gradient clipping, mixed precision on CUDA, DDP through torchrun, COCO evaluation,
+"""The training loop: AdamW with a smaller backbone learning rate and a step drop
+placed on progress through the run's budget (ddetr.engine.schedule), a CPU thread count
+tuned while it trains (ddetr.engine.threads), gradient clipping, mixed precision on CUDA, DDP through torchrun, COCO evaluation,
 a JSON-lines log and atomic checkpoints that ``resume`` continues exactly.
 
     from ddetr.config import get_config
@@ -37,9 +38,8 @@ from .evaluate import evaluate, format_table
 from .precision import autocast, needs_grad_scaler
 from .run_folder import (CHECKPOINT_NAME, append_log, lock_run_folder,
                          refuse_previous_run, remove_stale_temporaries, start_log)
-
-# resumable keys that are set on the restored optimizer and scheduler
-OPTIMISER_KEYS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop")
+from .schedule import Schedule, set_base_rates
+from .threads import ThreadTuner
 
 
 class TrainingDiverged(FloatingPointError, ValueError):
@@ -80,11 +80,12 @@ def param_groups(model, cfg):
 
 
 def build_optimizer(model, cfg):
-    """AdamW over param_groups and a StepLR that divides the rates by 10 at cfg.lr_drop."""
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_drop)
-    return optimizer, scheduler
+    """AdamW over param_groups, each group's base rate kept as its "initial_lr" (the
+    rate ddetr.engine.schedule.Schedule multiplies)."""
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    set_base_rates(optimizer, groups)
+    return optimizer
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -129,12 +130,15 @@ def seed_everything(seed):
 
 # --- one epoch ---------------------------------------------------------------------
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, scaler=None,
-                    progress=True, deadline=None):
-    """One pass over loader (or cfg.iters_per_epoch batches, or until the
-    time.perf_counter() deadline). Returns a dict of the epoch's mean losses (weighted
-    total "loss" and every unweighted term), averaged over processes, plus
-    "images_per_s" (all processes together), "iterations" and "loss_per_iter" (the
-    total loss of every iteration, this process)."""
+                    progress=True, schedule=None, tuner=None):
+    """One pass over loader (or cfg.iters_per_epoch batches, or until the schedule's
+    time budget is spent). schedule (a Schedule) sets the learning rates before every
+    iteration (None: they stay as they are); tuner (a ThreadTuner) picks the thread
+    count. Returns a dict of the epoch's mean losses (weighted total "loss" and every
+    unweighted term), averaged over processes, plus "images_per_s" (all processes
+    together), "iterations", "loss_per_iter" (the total loss of every iteration, this
+    process), "lr_first" and "lr_last" (the first group's rate at the first and the last
+    iteration) and, with a tuner, "threads" ({count: iterations})."""
     model.train()
     criterion.train()
     weights = criterion.weight_dict
@@ -146,10 +150,16 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
                disable=not progress or not dist.is_main_process(),
                mininterval=2 if progress is True else float(progress or 2),
                dynamic_ncols=False, ncols=100)
+    if schedule is not None:
+        schedule.start_epoch(epoch, n_iters)
+    lrs = []
     start = time.perf_counter()
     for it, (imgs, masks, targets) in enumerate(loader):
-        if it >= n_iters or (it > 0 and _past(deadline)):   # at least one step
+        if it >= n_iters or (schedule is not None and not schedule.step(optimizer, it)):
             break
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if tuner is not None:
+            tuner.before()
         imgs, masks = imgs.to(device, non_blocking=True), masks.to(device)
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
                    for t in targets]
@@ -183,6 +193,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
             scaler.update()
         else:
             optimizer.step()
+        if tuner is not None:
+            tuner.after(imgs.shape[0] * imgs.shape[2] * imgs.shape[3])
         for k, v in {"loss": loss, **loss_dict}.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         count += 1
@@ -198,15 +210,11 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
     means["images_per_s"] = images * dist.get_world_size() / max(elapsed, 1e-9)
     means["iterations"] = count
     means["loss_per_iter"] = per_iter
+    means["lr_first"], means["lr_last"] = (lrs[0], lrs[-1]) if lrs else (None, None)
+    if tuner is not None:
+        means["threads"] = {str(k): v for k, v in sorted(tuner.used.items())}
+        tuner.used.clear()
     return means
-
-
-def _past(deadline):
-    """Whether every process is past the deadline (they must stop together)."""
-    if deadline is None:
-        return False
-    late = float(time.perf_counter() > deadline)
-    return dist.reduce_mean({"late": late})["late"] > 0
 
 
 def _to_float(outputs):
@@ -266,6 +274,7 @@ def train(cfg, resume=None, progress=True):
         if dist.is_main_process():
             start_log(out_dir, run.history, run.resumed_at, resume_path, run.changed)
         _wrap_for_ddp(run)
+        run.tuner = ThreadTuner.for_config(cfg, device)
         try:
             _train_epochs(run)
         except TrainingDiverged as e:
@@ -273,6 +282,8 @@ def train(cfg, resume=None, progress=True):
         finally:
             if run.writer is not None:
                 run.writer.close()
+            if run.tuner is not None:
+                run.tuner.restore()
     return _result(run)
 
 
@@ -288,7 +299,6 @@ class _Run:
     criterion: torch.nn.Module
     postprocessor: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
     scaler: object
     train_set: object
     train_loader: DataLoader
@@ -297,6 +307,7 @@ class _Run:
     categories: dict
     ddp_model: torch.nn.Module = None
     writer: object = None
+    tuner: ThreadTuner = None         # CPU runs with cfg.threads == 0
     history: list = field(default_factory=list)
     stats: dict = None
     resumed_at: int = None            # the checkpoint's epoch, when resumed
@@ -328,19 +339,20 @@ def _build_run(cfg, device, rank, world, progress):
     model, criterion, postprocessor = build_model(cfg)
     model.to(device)
     criterion.to(device)
-    optimizer, scheduler = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
     seed_everything(cfg.seed + rank)                # different augmentations per rank
     train_set, train_loader, val_set, val_loader = build_loaders(cfg, rank, world)
     categories = {c["id"]: c["name"] for c in train_set.coco.dataset.get("categories", [])}
     return _Run(cfg, device, rank, world, progress, model, criterion, postprocessor,
-                optimizer, scheduler, scaler, train_set, train_loader, val_set, val_loader,
+                optimizer, scaler, train_set, train_loader, val_set, val_loader,
                 categories)
 
 
 def _resume(run, path):
-    """Load a training checkpoint into the run: weights, optimizer, scheduler, scaler,
-    RNG states and history; then apply the resumable keys that cfg changes."""
+    """Load a training checkpoint into the run: weights, optimizer, scaler, RNG states
+    and history (the schedule's progress); then apply the resumable keys that cfg
+    changes."""
     state = load_checkpoint(path)
     if "config" not in state or "optimizer" not in state:
         raise CheckpointError(f"checkpoint {path} is not a ddetr training checkpoint (it has "
@@ -348,9 +360,7 @@ def _resume(run, path):
     run.changed = resume_changes(state["config"], run.cfg, path)
     load_state_dict_strict(run.model, state["model"], source=f"checkpoint {path}")
     run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["lr_scheduler"])
-    if any(k in run.changed for k in OPTIMISER_KEYS):
-        _apply_optimiser_settings(run)
+    _apply_optimiser_settings(run)
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     rng = state["rng"]
@@ -364,18 +374,12 @@ def _resume(run, path):
 
 
 def _apply_optimiser_settings(run):
-    """Set cfg's rates, weight decay and drop step on the restored optimizer and
-    scheduler, as if the run had had them from the start (the drops already taken,
-    last_epoch // lr_drop of them, divide the new rates too)."""
-    cfg, scheduler = run.cfg, run.scheduler
-    fresh = param_groups(run.model, cfg)            # the same groups, in the same order
-    scheduler.step_size = cfg.lr_drop
-    scheduler.base_lrs = [g["lr"] for g in fresh]
-    drops = scheduler.last_epoch // cfg.lr_drop
-    for group, new in zip(run.optimizer.param_groups, fresh):
-        group["initial_lr"] = new["lr"]
-        group["lr"] = new["lr"] * scheduler.gamma ** drops
-        group["weight_decay"] = cfg.weight_decay
+    """Set cfg's base rates and weight decay on the restored optimizer (they equal the
+    checkpoint's unless a resume changes them; the schedule applies its drops to them
+    from the next iteration, as if the run had had them from the start)."""
+    set_base_rates(run.optimizer, param_groups(run.model, run.cfg))
+    for group in run.optimizer.param_groups:
+        group["weight_decay"] = run.cfg.weight_decay
 
 
 def _say_nothing_to_train(run):
@@ -404,16 +408,17 @@ def _wrap_for_ddp(run):
 def _train_epochs(run):
     """Epochs start_epoch..cfg.epochs: train, evaluate when due, save, log."""
     cfg = run.cfg
-    deadline = _deadline(cfg, run.history)
+    schedule = Schedule(cfg, run.history)
     for epoch in range(run.start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        record, losses = _train_epoch(run, epoch, deadline)
-        out_of_time = _past(deadline)
+        record, losses = _train_epoch(run, epoch, schedule)
+        out_of_time = schedule.time_is_up()
         if out_of_time:
             record["time_limited"] = True
         if _evaluation_due(cfg, epoch, out_of_time):
             run.stats = record["coco"] = _evaluate(run, epoch, losses)
         record["time_s"] = time.perf_counter() - t0
+        schedule.end_epoch(record["time_s"])
         _check_weights(run.model, epoch)
         run.history.append(record)
         _save(run, record)
@@ -424,26 +429,20 @@ def _train_epochs(run):
             break
 
 
-def _deadline(cfg, history):
-    """The time.perf_counter() at which cfg.time_limit_min runs out (None: no limit)."""
-    if cfg.time_limit_min <= 0:
-        return None
-    spent = sum(r["time_s"] for r in history)
-    return time.perf_counter() + cfg.time_limit_min * 60 - spent
-
-
-def _train_epoch(run, epoch, deadline):
+def _train_epoch(run, epoch, schedule):
     """One epoch of training; (its log record, its mean losses)."""
     run.train_loader.batch_sampler.sampler.set_epoch(epoch)
     t0, c0 = time.perf_counter(), time.process_time()
     losses = train_one_epoch(run.ddp_model, run.criterion, run.train_loader, run.optimizer,
-                             run.device, epoch, run.cfg, run.scaler, run.progress, deadline)
+                             run.device, epoch, run.cfg, run.scaler, run.progress,
+                             schedule, run.tuner)
     dist.average_buffers(run.model)            # the same batch-norm statistics everywhere
-    lr = run.optimizer.param_groups[0]["lr"]
-    run.scheduler.step()
+    lr, lr_last = losses.pop("lr_first"), losses.pop("lr_last")
     record = {"epoch": epoch + 1, "lr": lr, "train_time_s": time.perf_counter() - t0,
               "train_cpu_s": time.process_time() - c0,   # this process, all threads
               **{f"train_{k}": v for k, v in losses.items()}}
+    if lr_last != lr:                          # the drop came within this epoch
+        record["lr_last"] = lr_last
     return record, losses
 
 
@@ -479,7 +478,6 @@ def _save(run, record):
     if dist.is_main_process():
         save_checkpoint({"model": run.model.state_dict(),
                          "optimizer": run.optimizer.state_dict(),
-                         "lr_scheduler": run.scheduler.state_dict(),
                          "scaler": run.scaler.state_dict(), "epoch": record["epoch"],
                          "rng": rng, "history": run.history, "config": config_record(run.cfg),
                          "categories": run.categories}, run.checkpoint)

@@ -1,0 +1,82 @@
+"""How many threads a CPU run computes with, chosen while it trains.
+
+PyTorch's CPU operators run on an OpenMP thread pool of one thread per core, and
+OpenMP threads spin (busy-wait) at the end of every parallel region for the others.
+On a machine that other processes share, one of the run's threads is often off its
+core: the others spin for it and every operator waits a scheduler time slice. On the
+2-core CI machine (benchmarks/contention.md) training fell from about 10 to 1.6
+images/s under two busy processes, while one thread alone kept 3.6.
+
+ThreadTuner measures instead of guessing: every `period` iterations it runs `probe`
+iterations at each candidate count (all cores, half of them, one), keeps the fastest
+(seconds per image pixel, so that multi-scale batches compare), and trains with it
+until the next probe. On an idle machine it keeps every core; under load it falls
+back to fewer threads and comes back when the load goes.
+
+Different thread counts add floating-point numbers in different orders, so a run
+whose count changes is not reproducible to the bit; cfg.threads = N fixes the count
+(no tuning) where that matters.
+
+    tuner = ThreadTuner.for_config(cfg, device)     # None: nothing to tune
+    for batch in loader:
+        tuner.before()
+        ... one iteration on images of shape (N, 3, H, W) ...
+        tuner.after(seconds, N * H * W)
+    tuner.restore()
+"""
+import statistics
+import time
+from collections import Counter
+
+import torch
+
+
+class ThreadTuner:
+    """Pick torch's intra-op thread count by timing training iterations."""
+
+    def __init__(self, max_threads, probe=3, period=60, fixed=False):
+        self.candidates = ([max_threads] if fixed else
+                           sorted({max_threads, max(1, max_threads // 2), 1}, reverse=True))
+        self.probe, self.period = probe, period
+        self.original = torch.get_num_threads()
+        self.choice = max_threads
+        self.times = {}                 # candidate -> seconds per pixel of its probes
+        self.plan = []                  # the counts of the coming iterations
+        self.used = Counter()          # count -> iterations trained with it
+
+    @classmethod
+    def for_config(cls, cfg, device):
+        """The tuner of a CPU run: tuning for cfg.threads == 0, exactly cfg.threads
+        threads otherwise; None on a GPU, where there is nothing to tune."""
+        if device.type != "cpu":
+            return None
+        if cfg.threads > 0:
+            return cls(cfg.threads, fixed=True)
+        return cls(torch.get_num_threads())
+
+    def before(self):
+        """Set the thread count of the next iteration."""
+        if not self.plan and len(self.candidates) == 1:
+            self.plan = self.candidates * self.period
+        elif not self.plan:             # probe every candidate, then run the best
+            self.times = {c: [] for c in self.candidates}
+            self.plan = [c for c in self.candidates for _ in range(self.probe)]
+        self.current = self.plan.pop(0)
+        self.used[self.current] += 1
+        torch.set_num_threads(self.current)
+        self._t0 = time.perf_counter()
+
+    def after(self, pixels, seconds=None):
+        """Record the iteration just run (pixels: N * H * W of its batch)."""
+        seconds = time.perf_counter() - self._t0 if seconds is None else seconds
+        if self.current in self.times and len(self.times[self.current]) < self.probe:
+            self.times[self.current].append(seconds / max(pixels, 1))
+            if all(len(v) == self.probe for v in self.times.values()):
+                best = min(self.times, key=lambda c: statistics.median(self.times[c]))
+                self.choice = best
+                self.times = {}
+                self.plan = [best] * self.period
+
+    def restore(self):
+        """Give torch back the thread count it had before."""
+        torch.set_num_threads(self.original)
