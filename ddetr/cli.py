@@ -6,6 +6,7 @@
     python -m ddetr evaluate --checkpoint r50_deformable_detr-checkpoint.pth --config paper
     python -m ddetr demo --checkpoint runs/cpu/checkpoint.pth --image img.jpg --output out.png
     python -m ddetr bench kernels --device cpu
+    python -m ddetr bench contention
     python -m ddetr experiment convergence --quick
 
 Config overrides (``key=value``) may stand anywhere after the verb, also right after
@@ -105,6 +106,11 @@ def build_parser():
                       help="a folder with an earlier ms_deform_attn_cuda.cu (and its header) "
                            "to measure the same way, as the baseline")
     cost.set_defaults(func=run_bench_cost)
+    cont = targets.add_parser("contention", help="training images/s on a shared CPU: alone, "
+                                                 "next to busy processes, per thread setting")
+    cont.add_argument("--out", default="benchmarks", help="folder for contention.json/.md")
+    cont.add_argument("--iters", type=int, default=40, help="timed iterations per setting")
+    cont.set_defaults(func=run_bench_contention)
 
     # --- experiment --------------------------------------------------------------------
     p = sub.add_parser("experiment", help="reproduce the paper's claims in miniature")
@@ -248,6 +254,13 @@ def run_bench_cost(args):
     kernel_cost_report(args.out, baseline_dir=args.baseline)
     print((Path(args.out) / "kernel_cost.md").read_text())
     return 0
+
+
+def run_bench_contention(args):
+    from .experiments.contention import bench_contention
+    if args.iters < 1:
+        raise ValueError(f"--iters expects >= 1, got {args.iters}")
+    bench_contention(args.out, args.iters)
 
 
 def run_experiment(args):

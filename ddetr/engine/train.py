@@ -138,7 +138,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
     unweighted term), averaged over processes, plus "images_per_s" (all processes
     together), "iterations", "loss_per_iter" (the total loss of every iteration, this
     process), "lr_first" and "lr_last" (the first group's rate at the first and the last
-    iteration) and, with a tuner, "threads" ({count: iterations})."""
+    iteration), "lr_changed_at" (the first iteration at another rate, or None) and, with
+    a tuner, "threads" ({count: iterations})."""
     model.train()
     criterion.train()
     weights = criterion.weight_dict
@@ -211,6 +212,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
     means["iterations"] = count
     means["loss_per_iter"] = per_iter
     means["lr_first"], means["lr_last"] = (lrs[0], lrs[-1]) if lrs else (None, None)
+    means["lr_changed_at"] = next((i for i, lr in enumerate(lrs) if lr != lrs[0]), None)
     if tuner is not None:
         means["threads"] = {str(k): v for k, v in sorted(tuner.used.items())}
         tuner.used.clear()
@@ -437,12 +439,12 @@ def _train_epoch(run, epoch, schedule):
                              run.device, epoch, run.cfg, run.scaler, run.progress,
                              schedule, run.tuner)
     dist.average_buffers(run.model)            # the same batch-norm statistics everywhere
-    lr, lr_last = losses.pop("lr_first"), losses.pop("lr_last")
+    lr, lr_last, at = losses.pop("lr_first"), losses.pop("lr_last"), losses.pop("lr_changed_at")
     record = {"epoch": epoch + 1, "lr": lr, "train_time_s": time.perf_counter() - t0,
               "train_cpu_s": time.process_time() - c0,   # this process, all threads
               **{f"train_{k}": v for k, v in losses.items()}}
-    if lr_last != lr:                          # the drop came within this epoch
-        record["lr_last"] = lr_last
+    if at is not None:                         # the drop came within this epoch:
+        record["lr_last"], record["lr_changed_at"] = lr_last, at   # at that iteration
     return record, losses
 
 
