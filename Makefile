@@ -29,7 +29,7 @@ book-quick: setup
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
 test: setup browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=10
 
 # Debian's chromium and chromedriver for tests/test_book_browser.py (needs root; the
 # test is skipped, saying so, when they are missing).

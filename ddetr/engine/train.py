@@ -289,6 +289,24 @@ def train(cfg, resume=None, progress=True):
     return _result(run)
 
 
+def training_plan(cfg, resume="auto"):
+    """One line on what train(cfg, resume) is about to do and how long it may take:
+    read back a finished run, resume one, or start afresh (without training)."""
+    path = _checkpoint_to_resume(resume, Path(cfg.output_dir))
+    history = load_checkpoint(path).get("history", []) if path is not None else []
+    spent = sum(r["time_s"] for r in history) / 60
+    if history and (history[-1].get("time_limited") or len(history) >= cfg.epochs):
+        return (f"the run in {cfg.output_dir} has finished ({len(history)} epochs, "
+                f"{spent:.1f} min): it is read back, nothing trains")
+    start = f"resumes the run in {cfg.output_dir} after epoch {len(history)}" if history \
+        else f"starts a new run in {cfg.output_dir}"
+    if cfg.time_limit_min > 0:
+        left = max(cfg.time_limit_min - spent, 0)
+        return (f"{start}: up to {left:.1f} more minutes of training (a budget of "
+                f"{cfg.time_limit_min:g} min, at most {cfg.epochs} epochs), then an evaluation")
+    return f"{start}: {cfg.epochs - len(history)} more epochs (no time limit)"
+
+
 @dataclass
 class _Run:
     """Everything one training run holds (the model unwrapped; ddp_model trains)."""

@@ -52,8 +52,8 @@ def _child(overrides, iters, warmup):
 
     overrides = dict(overrides)
     data_only = overrides.pop("data_only", False)
-    cfg = get_config("cpu", {**overrides, "iters_per_epoch": warmup,
-                             "output_dir": "runs/contention"})
+    cfg = get_config("cpu", {"output_dir": "runs/contention", **overrides,
+                             "iters_per_epoch": warmup})
     run = _build_run(cfg, torch.device("cpu"), 0, 1, False)
     tuner = ThreadTuner.for_config(cfg, run.device)
     if data_only:

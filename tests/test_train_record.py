@@ -1,0 +1,89 @@
+"""Recorded training runs and the comparison the training chapter prints
+(ddetr.experiments.train_record), the training plan line, and the time-budget
+schedule in a real run."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ddetr.engine import train, training_plan
+from ddetr.experiments.train_record import (compare, record_run, reference_run,
+                                            summarise)
+
+from test_train import ROOT, tiny_cfg
+
+
+def _history():
+    # 10 iterations of batch 4 per epoch (40 images); the rate drops in epoch 3, at
+    # iteration 5; the third epoch stops at its time limit after 6 iterations
+    coco = {"AP": 0.2, "AP50": 0.4, "AP75": 0.1, "APs": 0.1, "APm": 0.2, "APl": 0.3}
+    return [
+        {"epoch": 1, "lr": 1e-3, "train_iterations": 10, "train_time_s": 20.0, "time_s": 21.0,
+         "train_threads": {"2": 10}},
+        {"epoch": 2, "lr": 1e-3, "train_iterations": 10, "train_time_s": 40.0, "time_s": 41.0,
+         "train_threads": {"1": 7, "2": 3}, "coco": {**coco, "AP": 0.1}},
+        {"epoch": 3, "lr": 1e-3, "lr_last": 1e-4, "lr_changed_at": 5, "train_iterations": 6,
+         "train_time_s": 30.0, "time_s": 38.0, "train_threads": {"1": 6},
+         "time_limited": True, "coco": coco},
+    ]
+
+
+def test_summarise_counts_epochs_images_threads_and_the_drop():
+    s = summarise(_history(), batch_size=4, per_epoch=10)
+    assert s["iterations"] == 26 and s["images"] == 104 and s["epochs"] == 2.6
+    assert s["images_per_s"] == pytest.approx(104 / 90, abs=0.01)
+    assert s["train_min"] == pytest.approx(100 / 60, abs=0.05)
+    assert s["threads"] == {"2": 13, "1": 13}
+    assert s["lr_drop_epoch"] == 2.5 and s["time_limited"]
+    assert s["coco"]["AP"] == 0.2 and [e["epoch"] for e in s["evals"]] == [2.0, 2.6]
+
+
+def test_compare_says_why_a_run_fell_short():
+    mine = summarise(_history(), 4, 10)
+    reference = {**mine, "epochs": 10.0, "images_per_s": 9.0, "lr_drop_epoch": 8.2,
+                 "coco": {"AP": 0.53}}
+    table, verdict = compare(mine, reference)
+    assert "this run" in table and "reference" in table and "0.530" in table
+    assert "AP 0.200" in verdict and "falls short" in verdict
+    assert "time limit stopped it" in verdict and "more slowly" in verdict
+    _, verdict = compare({**mine, "coco": {"AP": 0.51}}, reference)
+    assert "meets the goal" in verdict and "short" not in verdict
+
+
+@pytest.mark.slow
+def test_record_a_run_as_the_reference_and_read_it_back(tmp_path):
+    run = train(tiny_cfg(tmp_path, epochs=2, lr_drop=1), progress=False)
+    out = tmp_path / "benchmarks"
+    out.mkdir()
+    (out / "train_cpu.json").write_text(json.dumps({"runs": []}))
+    record = record_run(tmp_path / "run", "tiny", "python -m ddetr train ...", out_dir=out,
+                        reference=True)
+    assert record["iterations"] == 4 and record["lr_drop_epoch"] == 1.0
+    assert record["threads"] == {"1": 4}             # TINY fixes one thread
+    ref, weights = reference_run(out)
+    assert ref == json.loads(json.dumps(record)) and weights.is_file()
+    assert json.loads((out / "train_cpu.json").read_text())["runs"] == []   # kept
+    assert record["coco"]["AP"] == pytest.approx(run["stats"]["AP"])
+
+
+@pytest.mark.slow
+def test_the_plan_line_and_a_time_budget_that_drops_the_rate_before_it_stops(tmp_path):
+    # 50 epochs with a drop every 25 and a 4-second budget: by time, the rate drops
+    # halfway through the budget, long before epoch 25, and the run then stops
+    cfg = tiny_cfg(tmp_path, epochs=50, lr_drop=25, eval_every=0, iters_per_epoch=0,
+                   time_limit_min=4 / 60)
+    assert "starts a new run" in training_plan(cfg) and "up to 0.1 more minutes" in \
+        training_plan(cfg)
+    run = train(cfg, progress=False)
+    history = run["history"]
+    assert history[-1]["time_limited"] and len(history) < 25
+    first, last = history[0]["lr"], history[-1].get("lr_last", history[-1]["lr"])
+    assert last == pytest.approx(first / 10)
+    assert "has finished" in training_plan(cfg)
+
+
+def test_record_cli_needs_a_name():
+    out = subprocess.run([sys.executable, "-m", "ddetr.experiments.train_record", "runs/x"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "--name" in out.stderr
