@@ -87,3 +87,18 @@ def test_record_cli_needs_a_name():
     out = subprocess.run([sys.executable, "-m", "ddetr.experiments.train_record", "runs/x"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "--name" in out.stderr
+
+
+def test_a_generated_block_replaces_only_itself(tmp_path):
+    from ddetr.experiments.markdown_block import markers, write_block
+
+    path = tmp_path / "record.md"
+    write_block(path, "t", "| a |", title="Title")
+    assert path.read_text().startswith("# Title\n\n" + markers("t")[0])
+    path.write_text("prose before\n\n" + path.read_text() + "\nprose after\n")
+    write_block(path, "t", "| b |")
+    text = path.read_text()
+    assert "| b |" in text and "| a |" not in text
+    assert text.startswith("prose before") and text.rstrip().endswith("prose after")
+    write_block(path, "other", "| c |")                  # no such block: appended
+    assert text in path.read_text() and path.read_text().rstrip().endswith(markers("other")[1])

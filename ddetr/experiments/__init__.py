@@ -15,9 +15,16 @@ The fused kernel against the reference (``python -m ddetr bench build | kernels`
     timing          side-by-side timing, CUDA events, memory bandwidth
     memory          peak memory of one call (fresh subprocess on the CPU)
 
-Shared by both:
+Training on the CPU (``python -m ddetr bench contention``, the training chapter):
+
+    contention      training images/s on a shared CPU, per thread setting
+    train_record    recorded runs of the cpu preset (train_cpu.json), the reference
+                    run and the comparison the training chapter prints
+
+Shared by all:
 
     machine         the machine, git commit and load average a result records
+    markdown_block  a generated table inside a hand-written benchmarks/*.md
 
 Import the modules themselves (``from ddetr.experiments.results import load_results``):
 this package imports nothing on its own, so that ``bench build`` does not load the

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .machine import git_commit, load_average, machine_description
+from .markdown_block import write_block
 
 BUSY = "while True: pass"
 
@@ -120,7 +121,8 @@ def bench_contention(out_dir="benchmarks", iters=40, warmup=5):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "contention.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "contention.md").write_text(contention_table(result))
+    write_block(out / "contention.md", "contention", contention_table(result),
+                title=result["benchmark"])
     return result
 
 
@@ -129,8 +131,7 @@ def contention_table(result):
     rows = result["results"]
     alone = rows[0]["images_per_s"][0]
     m = result["machine"]
-    lines = [f"# {result['benchmark']}", "",
-             f"    {result['command']}", "",
+    lines = [f"    {result['command']}", "",
              f"Commit {result['commit'][:7] if result['commit'] else 'unknown'}; {m['cpu']}, "
              f"{m['cpu_cores']} cores, torch {m['torch']}; load average before "
              f"{result['load_average_before']}. {result['iters']} timed iterations of "
