@@ -49,6 +49,9 @@ def test_compare_says_why_a_run_fell_short():
     assert "time limit stopped it" in verdict and "more slowly" in verdict
     _, verdict = compare({**mine, "coco": {"AP": 0.51}}, reference)
     assert "meets the goal" in verdict and "short" not in verdict
+    same = {**mine, "epochs": 8.0, "images_per_s": 6.7, "coco": {"AP": 0.45}}
+    _, verdict = compare(same, {**same, "coco": {"AP": 0.465}})
+    assert "so did the reference run (AP 0.465" in verdict
 
 
 @pytest.mark.slow

@@ -170,6 +170,11 @@ def _verdict(mine, reference, goal_ap):
             "work" if one else ""))
     if mine["lr_drop_epoch"] is None:
         reasons.append("it stopped before the learning-rate drop")
+    if not reasons and reference["coco"].get("AP", 0) < goal_ap:
+        reasons.append(f"so did the reference run (AP {reference['coco']['AP']:.3f} at "
+                       f"{reference['images_per_s']:.1f} images/s): the preset needs more "
+                       f"images than this budget gives at this speed "
+                       f"(benchmarks/train_cpu.md)")
     said.append(f"It falls short of the goal (AP {goal_ap}): " +
                 ("; ".join(reasons) if reasons else "with the same budget and speed, which "
                  "is the spread between seeds") + ". The reference run's predictions follow.")
