@@ -121,3 +121,13 @@ def test_tuner_config(keep_threads):
     assert ThreadTuner.for_config(_cfg(threads=0), torch.device("cuda")) is None
     tuner = ThreadTuner.for_config(_cfg(threads=1), cpu)
     assert FakeTimes({1: 1.0}).run(tuner, 3) == [1, 1, 1]
+
+
+def test_tuner_probes_again_as_soon_as_the_chosen_count_slows_down(keep_threads):
+    tuner = ThreadTuner(2, probe=2, period=50)
+    counts = FakeTimes({2: 1.0, 1: 1.6}).run(tuner, 4 + 5)
+    assert counts == [2, 2, 1, 1] + [2] * 5 and tuner.choice == 2
+    # another process starts spinning on the cores: two threads become 4x slower
+    counts = FakeTimes({2: 4.0, 1: 2.0}).run(tuner, 2 + 4 + 3)
+    assert counts == [2, 2] + [2, 2, 1, 1] + [1] * 3      # 2 slow ones, then a probe
+    assert tuner.choice == 1

@@ -4,14 +4,16 @@ PyTorch's CPU operators run on an OpenMP thread pool of one thread per core, and
 OpenMP threads spin (busy-wait) at the end of every parallel region for the others.
 On a machine that other processes share, one of the run's threads is often off its
 core: the others spin for it and every operator waits a scheduler time slice. On the
-2-core CI machine (benchmarks/contention.md) training fell from about 10 to 1.6
-images/s under two busy processes, while one thread alone kept 3.6.
+2-core CI machine (benchmarks/contention.md) training under two busy processes ran at
+a quarter of its idle speed on both threads, and at about half (its fair share) on one.
 
 ThreadTuner measures instead of guessing: every `period` iterations it runs `probe`
 iterations at each candidate count (all cores, half of them, one), keeps the fastest
 (seconds per image pixel, so that multi-scale batches compare), and trains with it
-until the next probe. On an idle machine it keeps every core; under load it falls
-back to fewer threads and comes back when the load goes.
+until the next probe -- or sooner, when `probe` iterations in a row take more than
+`slower` times the chosen count's probe time (the load changed). On an idle machine it
+keeps every core; under load it falls back to fewer threads and comes back when the
+load goes.
 
 Different thread counts add floating-point numbers in different orders, so a run
 whose count changes is not reproducible to the bit; cfg.threads = N fixes the count
@@ -34,10 +36,11 @@ import torch
 class ThreadTuner:
     """Pick torch's intra-op thread count by timing training iterations."""
 
-    def __init__(self, max_threads, probe=3, period=60, fixed=False):
+    def __init__(self, max_threads, probe=3, period=60, fixed=False, slower=1.5):
         self.candidates = ([max_threads] if fixed else
                            sorted({max_threads, max(1, max_threads // 2), 1}, reverse=True))
-        self.probe, self.period = probe, period
+        self.probe, self.period, self.slower = probe, period, slower
+        self.best_time, self.slow = None, 0     # the choice's probe time; slow in a row
         self.original = torch.get_num_threads()
         self.choice = max_threads
         self.times = {}                 # candidate -> seconds per pixel of its probes
@@ -73,9 +76,14 @@ class ThreadTuner:
             self.times[self.current].append(seconds / max(pixels, 1))
             if all(len(v) == self.probe for v in self.times.values()):
                 best = min(self.times, key=lambda c: statistics.median(self.times[c]))
-                self.choice = best
-                self.times = {}
+                self.choice, self.best_time = best, statistics.median(self.times[best])
+                self.times, self.slow = {}, 0
                 self.plan = [best] * self.period
+        elif self.best_time is not None and len(self.candidates) > 1:
+            late = seconds / max(pixels, 1) > self.slower * self.best_time
+            self.slow = self.slow + 1 if late else 0
+            if self.slow >= self.probe:          # the load changed: probe again now
+                self.plan, self.slow = [], 0
 
     def restore(self):
         """Give torch back the thread count it had before."""
