@@ -31,6 +31,7 @@ import yaml
 from .data import DATASETS
 from .models import ARCHITECTURES
 from .models.backbone import BACKBONES, NORMS, RESNETS
+from .nn.deformable_transformer import ATTENTIONS
 from .ops.ms_deform_attn import BACKENDS
 
 
@@ -58,6 +59,9 @@ class Config:
     query_anchors: str = "none"            # "dab": learned 4-d anchor boxes as queries
                                            # (DAB-DETR style; needs with_box_refine)
     aux_loss: bool = True
+    attention: str = "deformable"          # "dense": DETR's attention in the encoder and
+                                           # the decoder's cross-attention, all else kept
+                                           # (the baseline that differs in attention only)
     attention_backend: str = "auto"        # ddetr.ops.ms_deform_attn backend
     # --- matcher and loss ------------------------------------------------------------
     set_cost_class: float = 2.0
@@ -295,7 +299,7 @@ def _choices():
     """The names the model code accepts, from the modules that define them."""
     return {"architecture": ARCHITECTURES, "backbone": BACKBONES, "backbone_norm": NORMS,
             "attention_backend": BACKENDS, "dataset": DATASETS,
-            "query_anchors": ("none", "dab")}
+            "query_anchors": ("none", "dab"), "attention": ATTENTIONS}
 
 
 def check_config(cfg):
@@ -333,6 +337,10 @@ def _check_combinations(cfg):
     if cfg.query_anchors == "dab" and cfg.two_stage:
         fail(["query_anchors", "two_stage"], "query_anchors='dab' and two_stage=true both "
              "make the decoder's queries; choose one")
+    if cfg.architecture == "detr" and cfg.attention != "deformable":
+        fail(["architecture", "attention"], "attention='dense' makes Deformable DETR's "
+             "model dense (architecture='deformable_detr'); architecture='detr' is DETR's "
+             "own model, dense already: leave attention='deformable'")
     if cfg.architecture == "detr":
         unused = {"num_feature_levels": cfg.num_feature_levels != 1,
                   "with_box_refine": cfg.with_box_refine, "two_stage": cfg.two_stage,
@@ -362,7 +370,7 @@ def config_to_dict(cfg):
 MODEL_KEYS = ("architecture", "backbone", "backbone_norm", "dilation", "num_feature_levels",
               "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward",
               "enc_n_points", "dec_n_points", "num_queries", "num_classes",
-              "with_box_refine", "two_stage", "query_anchors")
+              "with_box_refine", "two_stage", "query_anchors", "attention")
 
 # Keys that ``train(cfg, resume=...)`` applies when they differ from the checkpoint's:
 # the run's length and budget, evaluation and logging, the machine (workers, device,

@@ -11,7 +11,8 @@ import torch
 from ddetr.__main__ import main
 from ddetr.config import get_config
 from ddetr.engine.checkpoint import load_compact
-from ddetr.experiments.convergence import RUNS
+from ddetr.config import MODEL_KEYS
+from ddetr.experiments.convergence import CORE, FULL, RUNS, run_config, run_order
 from ddetr.experiments.results import (METRIC_KEYS, SCHEMA, eval_curves, load_results,
                                        loss_curves, markdown_summary, models_of, spearman,
                                        summary_table)
@@ -57,6 +58,18 @@ def test_quick_experiment_end_to_end(tmp_path, monkeypatch):
     assert cfg.num_feature_levels == 4 and source["steps"] == steps
     out = model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
     assert out["pred_boxes"].shape == (1, cfg.num_queries, 4)
+    # the objects per size class, counted from the annotation files the runs read
+    val = json.loads((tmp_path / "data" / "synthetic_experiment_quick" / "annotations" /
+                      "instances_val2017.json").read_text())
+    assert sum(result["data"]["val"].values()) == len(val["annotations"])
+    # each run says which commit trained it; running the command again reads the
+    # finished runs back, trains nothing and adds no provenance
+    assert all(r["trained_at"] == [result["runs"][0]["trained_at"][0]] for r in result["runs"])
+    assert result["runs"][0]["trained_at"][0]["commit"] == result["commit"]
+    assert main(["experiment", "convergence", "--out", "again", "--models", "detr"]) == 0
+    again = load_results(tmp_path / "again" / "convergence.json")
+    assert again["runs"][0]["evals"] == result["runs"][0]["evals"]
+    assert again["runs"][0]["trained_at"] == result["runs"][0]["trained_at"]
 
 
 def test_recorded_results_follow_the_schema():
@@ -68,6 +81,32 @@ def test_recorded_results_follow_the_schema():
     assert {r["model"] for r in result["runs"]} >= {"detr", "deformable_single_scale",
                                                     "deformable_multi_scale"}
     json.dumps(result)
+
+
+def test_run_order_puts_every_model_first_and_late_seeds_last():
+    runs = [r for r in RUNS]
+    order = [(r[0], s) for r, s in run_order(runs, [0, 1, 2], [0])]
+    names = [r[0] for r in RUNS]
+    assert order[:len(names)] == [(n, 0) for n in names]
+    assert order[len(names):] == [(n, s) for s in (1, 2) for n in CORE]
+    order = [(r[0], s) for r, s in run_order(runs, [0, 1], [0, 1])]
+    assert order[-2:] == [("deformable_refine", 1), ("deformable_dab", 1)]
+
+
+def test_the_experiment_models_differ_where_their_names_say():
+    """Every model is the cpu preset with the switches of its row: the dense baseline
+    differs from single-scale deformable attention in the attention only."""
+    cfgs = {name: run_config(name, overrides, 0, FULL, "runs/x") for name, _, overrides
+            in RUNS}
+    preset = get_config("cpu")
+    for name, cfg in cfgs.items():
+        differ = {k for k in MODEL_KEYS if getattr(cfg, k) != getattr(preset, k)}
+        assert differ <= {"attention", "num_feature_levels", "with_box_refine",
+                          "two_stage", "query_anchors"}, (name, differ)
+        assert (cfg.backbone, cfg.amp, cfg.lr) == (preset.backbone, preset.amp, preset.lr)
+    single, dense = cfgs["deformable_single_scale"], cfgs["detr"]
+    assert {k for k in MODEL_KEYS if getattr(single, k) != getattr(dense, k)} == {"attention"}
+    assert cfgs["detr"].epochs == 8 and cfgs["detr"].lr_drop == 7     # the drop after 7
 
 
 def test_dab_queries_are_a_config_switch():

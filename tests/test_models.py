@@ -33,6 +33,8 @@ VARIANTS = {
     "box_refine": {"with_box_refine": True},
     "two_stage": {"with_box_refine": True, "two_stage": True},
     "detr": {"architecture": "detr", "num_feature_levels": 1},
+    "dense_baseline": {"attention": "dense", "num_feature_levels": 1},
+    "dense_two_stage": {"attention": "dense", "with_box_refine": True, "two_stage": True},
 }
 
 
@@ -119,14 +121,17 @@ def _pad(srcs, padded_shapes, seed=1):
     return out, masks
 
 
-@pytest.mark.parametrize("two_stage,refine", [(False, False), (False, True), (True, True)])
-def test_deformable_transformer_ignores_padding(two_stage, refine):
+@pytest.mark.parametrize("two_stage,refine,attention",
+                         [(False, False, "deformable"), (False, True, "deformable"),
+                          (True, True, "deformable"), (False, False, "dense"),
+                          (True, True, "dense")])
+def test_deformable_transformer_ignores_padding(two_stage, refine, attention):
     """What an image's queries see must not depend on its batch's padding: the same
     maps padded with garbage (masked) give the same decoder outputs and references."""
     torch.manual_seed(0)
     C, L = 32, 3
     tr = DeformableTransformer(C, 4, 2, 2, 64, 0.0, L, 2, 2, two_stage=two_stage,
-                               two_stage_num_proposals=10).eval()
+                               two_stage_num_proposals=10, attention=attention).eval()
     box_heads = [MLP(C, C, 4, 3) for _ in range(2)] if refine else None
     proposal_heads = (torch.nn.Linear(C, 5), MLP(C, C, 4, 3)) if two_stage else None
     heads = dict(box_heads=box_heads, proposal_heads=proposal_heads)

@@ -7,7 +7,7 @@ before any training. ``build_dataset(split, cfg)`` then opens a split.
 """
 from pathlib import Path
 
-from .coco import CocoDetection, coco_paths, load_annotations
+from .coco import CocoDetection, coco_paths, load_annotations, size_class_counts
 from .collate import collate
 from .synthetic import CATEGORIES, check_synthetic, draw_image, generate_synthetic
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, make_transforms
@@ -70,7 +70,7 @@ def _open(split, cfg, transforms):
     return dataset
 
 
-__all__ = ["CocoDetection", "coco_paths", "load_annotations", "collate", "CATEGORIES",
-           "DATASETS", "draw_image", "generate_synthetic", "check_synthetic",
+__all__ = ["CocoDetection", "coco_paths", "load_annotations", "size_class_counts", "collate",
+           "CATEGORIES", "DATASETS", "draw_image", "generate_synthetic", "check_synthetic",
            "make_transforms", "build_dataset", "ensure_data", "IMAGENET_MEAN",
            "IMAGENET_STD"]

@@ -40,6 +40,24 @@ def coco_paths(root, split):
     return root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
 
 
+# COCOeval's area ranges (pixels^2 of the annotation's "area"): small < 32^2 <= medium
+# < 96^2 <= large
+SIZE_CLASSES = {"small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, 1e10)}
+
+
+def size_class_counts(annotations):
+    """{"small", "medium", "large"}: how many objects of a COCO instances dict fall into
+    each of COCOeval's area ranges (crowd annotations excluded, as COCOeval does)."""
+    counts = dict.fromkeys(SIZE_CLASSES, 0)
+    for ann in annotations["annotations"]:
+        if ann.get("iscrowd", 0):
+            continue
+        for name, (low, high) in SIZE_CLASSES.items():
+            if low <= ann["area"] < high:
+                counts[name] += 1
+    return counts
+
+
 def load_annotations(ann_file, img_folder, num_classes=None):
     """The dict of a COCO instances file, checked (see the module docstring).
 

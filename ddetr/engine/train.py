@@ -289,13 +289,23 @@ def train(cfg, resume=None, progress=True):
     return _result(run)
 
 
+def run_progress(cfg, resume="auto"):
+    """(history, finished) of the run train(cfg, resume) would continue: the epoch
+    records of its checkpoint ([] for a new run), and whether it is finished (all
+    cfg.epochs done, or stopped by its time limit), so that train only reads it back."""
+    path = _checkpoint_to_resume(resume, Path(cfg.output_dir))
+    history = load_checkpoint(path).get("history", []) if path is not None else []
+    finished = bool(history) and (bool(history[-1].get("time_limited"))
+                                  or len(history) >= cfg.epochs)
+    return history, finished
+
+
 def training_plan(cfg, resume="auto"):
     """One line on what train(cfg, resume) is about to do and how long it may take:
     read back a finished run, resume one, or start afresh (without training)."""
-    path = _checkpoint_to_resume(resume, Path(cfg.output_dir))
-    history = load_checkpoint(path).get("history", []) if path is not None else []
+    history, finished = run_progress(cfg, resume)
     spent = sum(r["time_s"] for r in history) / 60
-    if history and (history[-1].get("time_limited") or len(history) >= cfg.epochs):
+    if finished:
         return (f"the run in {cfg.output_dir} has finished ({len(history)} epochs, "
                 f"{spent:.1f} min): it is read back, nothing trains")
     start = f"resumes the run in {cfg.output_dir} after epoch {len(history)}" if history \

@@ -6,7 +6,8 @@ The paper's claims in miniature (``python -m ddetr experiment convergence``):
     runner          runs the trainings one after the other or in a process pool
     results         convergence.json: read, write, summary statistics, markdown table
     probes          what a trained model learned: where its decoder queries sample
-    compact         the int8 weights the book loads instead of training
+                    (the int8 weights the book loads instead of training are
+                    ``ddetr.engine.checkpoint.save_compact``'s)
 
 The fused kernel against the reference (``python -m ddetr bench build | kernels``):
 

@@ -2,29 +2,40 @@
 
 Deformable DETR (Zhu et al., ICLR 2021) claims that (1) it converges far faster than
 DETR -- better AP with 10x fewer epochs -- and (2) multi-scale feature maps help small
-objects most. This script trains, on the same synthetic set, with the same backbone
-and width (BASE below: the book's "cpu" preset as it was when the committed results
-were made -- ResNet-18 with frozen batch norm, d_model 128, 2+2 layers, 30 queries,
-one stage), the same number of optimizer steps and the same wall-clock cap, the models
-of RUNS below, and scores each with COCOeval every ``eval_every`` steps:
+objects most. This script trains, on the same synthetic set, the book's training recipe
+(the "cpu" preset: RegNetX-400MF trained from scratch with batch norm, d_model 128,
+2+2 layers, 50 queries, AdamW at 5e-4, bfloat16 autocast; benchmarks/train_cpu.md) with
+its variant switches turned off (BASE), for the same number of optimizer steps, the
+models of RUNS below, and scores each with COCOeval every ``eval_every`` steps:
 
-    detr                    dense attention (ddetr.models.detr)
+    detr                    the dense baseline: the same model with DETR's attention in
+                            the encoder and the decoder's cross-attention
+                            (attention="dense", C5 only) and nothing else changed --
+                            the same boxes relative to reference points, heads, input
+                            projection and initialisation
     deformable_single_scale deformable attention on C5 only (num_feature_levels=1)
     deformable_multi_scale  4 levels (C3-C5 + one extra stride-2 level)
     deformable_refine       multi-scale + iterative bounding-box refinement
     deformable_dab          + DAB-style anchor-box queries (query_anchors="dab"), the
                             "what came next" illustration
 
-How a fixed step budget maps onto the engine: ``train`` evaluates after every "epoch",
-so a run is ``steps / eval_every`` engine epochs of ``iters_per_epoch = eval_every``
-batches each (each chunk draws its batches from a fresh shuffle of the training set,
-seeded by (seed, chunk)). The learning rate is never dropped (a 50-epoch schedule has
-no meaning at ~1 epoch). The epochs reported are real passes over the data:
+How a step budget maps onto the engine: ``train`` evaluates after every "epoch", so a
+run is ``steps / eval_every`` engine epochs of ``iters_per_epoch = eval_every`` batches
+each (each chunk draws its batches from a fresh shuffle of the training set, seeded by
+(seed, chunk)); in FULL a chunk is one pass over the training set. The learning rate
+drops 10x after ``lr_drop`` steps (FULL: after 7 of 8 epochs, about where the preset
+drops it, 9 of 11; None: never). The epochs reported are real passes over the data:
 step * batch_size / number of training images. Time is training time only (evaluation
 excluded), as in the paper's figure, measured two ways: ``wall_s`` (the engine's
 ``train_time_s``) and ``cpu_s`` (its ``train_cpu_s``, the process's CPU time). With one
 torch thread per run, CPU time is what the run would take alone on one core, whatever
 else the (shared) machine was doing; wall time also counts the waiting.
+
+Resumable: every run trains in its own folder under ``runs_dir``, which the engine
+checkpoints every epoch; the same command again reads finished runs back and continues
+unfinished ones where they stopped (also in a later session). Each run folder keeps a
+``provenance.json`` (the commits and machines that trained it), which its record in the
+results carries.
 
 Runs go to a process pool (``jobs``, see ``runner``), each process with ``threads``
 torch threads. Results are rewritten after every finished run, so an experiment that
@@ -39,6 +50,7 @@ trained model learned without training it.
 
 The results file's schema is in ``ddetr.experiments.results``.
 """
+import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,34 +59,39 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import get_config
-from ..data import build_dataset, collate, ensure_data
+from ..data import build_dataset, coco_paths, collate, ensure_data, size_class_counts
 from ..engine import evaluate, train
+from ..engine.train import run_progress
 from ..models import count_parameters
 from ..engine.checkpoint import load_compact, save_compact
 from .machine import git_commit, load_average, machine_description
 from .results import METRIC_KEYS, SCHEMA, write_results
 from .runner import run_jobs
 
-# (model name, label for plots, config overrides on top of the "cpu" preset)
+# (model name, label for plots, config overrides on top of the "cpu" preset and BASE)
 RUNS = [
-    ("detr", "DETR (dense)", {"architecture": "detr", "with_box_refine": False,
-                              "num_feature_levels": 1}),
-    ("deformable_single_scale", "Deformable, single scale",
-     {"num_feature_levels": 1, "with_box_refine": False}),
-    ("deformable_multi_scale", "Deformable, multi-scale",
-     {"num_feature_levels": 4, "with_box_refine": False}),
+    ("detr", "DETR attention (dense)", {"attention": "dense", "num_feature_levels": 1}),
+    ("deformable_single_scale", "Deformable, single scale", {"num_feature_levels": 1}),
+    ("deformable_multi_scale", "Deformable, multi-scale", {"num_feature_levels": 4}),
     ("deformable_refine", "Deformable, multi-scale + refinement",
      {"num_feature_levels": 4, "with_box_refine": True}),
     ("deformable_dab", "Deformable + DAB anchor boxes",
      {"num_feature_levels": 4, "with_box_refine": True, "query_anchors": "dab"}),
 ]
 
-# Every run starts from the "cpu" preset with these values, those of the preset when
-# benchmarks/convergence.json was made (the preset has since moved to a RegNet backbone
-# and two-stage proposals, benchmarks/train_cpu.md); pinned so the command reproduces it.
-BASE = {"backbone": "resnet18", "backbone_norm": "frozen_bn", "dropout": 0.1,
-        "num_queries": 30, "two_stage": False, "lr": 2e-4, "lr_backbone": 1e-4,
-        "amp": False}
+# Every run is the "cpu" preset's recipe as of this experiment (pinned here, so that a
+# later change of the preset does not change -- or, resumed, mix into -- the runs) with
+# its variant switches off; RUNS turns on what each model has. (The first version of
+# this experiment pinned an older recipe: ResNet-18 with frozen batch norm.)
+BASE = {"backbone": "regnet_x_400mf", "backbone_norm": "batch_norm", "d_model": 128,
+        "n_heads": 8, "enc_layers": 2, "dec_layers": 2, "dim_feedforward": 256,
+        "dropout": 0.0, "num_queries": 50, "batch_size": 4, "lr": 5e-4,
+        "lr_backbone": 5e-4, "lr_linear_proj_mult": 0.1, "weight_decay": 1e-4,
+        "clip_max_norm": 0.1, "amp": True, "train_scales": [224, 256], "max_size": 256,
+        "val_scale": 256, "with_box_refine": False, "two_stage": False}
+
+# the models that get every seed; the others (the costlier extensions) get late_seeds
+CORE = ("detr", "deformable_single_scale", "deformable_multi_scale")
 
 # The paper's numbers, for the tables next to ours: Zhu et al., "Deformable DETR:
 # Deformable Transformers for End-to-End Object Detection", ICLR 2021 (arXiv 2010.04159),
@@ -149,11 +166,16 @@ PAPER = {
 }
 
 
-FULL = dict(steps=400, eval_every=100, seeds=(0, 1), jobs=2, threads=1,
-            time_limit_min=20.0, data_path="data/synthetic", train_images=1500,
-            val_images=200)
-QUICK = dict(steps=2, eval_every=1, seeds=(0,), jobs=1, threads=0,
-             time_limit_min=2.0, data_path="data/synthetic_experiment_quick",
+# FULL: 8 epochs of the 1,500 training images at batch 4 (375 steps each), the drop
+# after 7; three seeds of CORE, one of the others; two 1-thread runs at a time, the
+# best total throughput on 2 cores (benchmarks/contention.md). No time cap: every run
+# gets its whole schedule, and a run cut off by the session resumes.
+EPOCH = 1500 // BASE["batch_size"]      # steps per pass over the training images
+FULL = dict(steps=8 * EPOCH, eval_every=EPOCH, lr_drop=7 * EPOCH, seeds=(0, 1, 2),
+            late_seeds=(0,), jobs=2, threads=1, time_limit_min=0.0,
+            data_path="data/synthetic", train_images=1500, val_images=200)
+QUICK = dict(steps=2, eval_every=1, lr_drop=None, seeds=(0,), late_seeds=(0,), jobs=1,
+             threads=0, time_limit_min=2.0, data_path="data/synthetic_experiment_quick",
              train_images=8, val_images=4, image_size=128)
 
 COMPACT_NAME = "convergence_multi_scale_seed0.pth"
@@ -167,7 +189,9 @@ def run_config(model, overrides, seed, settings, output_dir):
               "synthetic_val_images": settings["val_images"],
               "iters_per_epoch": settings["eval_every"],
               "epochs": settings["steps"] // settings["eval_every"],
-              "lr_drop": 10 ** 6, "eval_every": 1,
+              "lr_drop": (10 ** 6 if settings.get("lr_drop") is None
+                          else max(1, settings["lr_drop"] // settings["eval_every"])),
+              "eval_every": 1, "threads": settings["threads"],   # 0: tuned
               "time_limit_min": settings["time_limit_min"], "device": "cpu"}
     if settings.get("image_size"):
         size = settings["image_size"]
@@ -181,9 +205,10 @@ def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_a
     None when the time.time() not_after has passed before it could start."""
     if not_after is not None and time.time() > not_after:
         return None
+    cfg = run_config(model, overrides, seed, settings, run_dir)
     if threads:
         torch.set_num_threads(threads)
-    cfg = run_config(model, overrides, seed, settings, run_dir)
+    provenance = note_provenance(cfg)
     t0 = time.perf_counter()
     run = train(cfg, resume="auto", progress=False)   # a finished run is read back
     total = time.perf_counter() - t0
@@ -198,6 +223,7 @@ def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_a
                           "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                           **{k: _rounded(record["coco"][k]) for k in METRIC_KEYS}})
     out = {"model": model, "label": label, "seed": seed, "overrides": overrides,
+           "trained_at": provenance,
            "params": count_parameters(run["model"])[0], "steps": steps,
            "epochs": round(steps * cfg.batch_size / n_train, 4), "wall_s": round(wall, 2),
            "cpu_s": round(cpu, 2), "total_s": round(total, 2),
@@ -210,6 +236,28 @@ def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_a
         # what the int8 storage costs: the same evaluation with the restored weights
         out["compact_AP"] = _rounded(evaluate_compact(out["compact"], cfg)["AP"])
     return out
+
+
+def note_provenance(cfg):
+    """Add this checkout's commit and this machine to provenance.json in the run folder
+    cfg.output_dir (unless the last entry says the same) and return its list of
+    {"commit", "dirty", "cpu", "torch"}: every code version and machine that trained the
+    run, in order. A finished run, which is only read back, adds nothing."""
+    run_dir = Path(cfg.output_dir)
+    path = run_dir / "provenance.json"
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    finished = run_progress(cfg)[1]
+    commit, dirty = git_commit()
+    machine = machine_description("cpu")
+    entry = {"commit": commit, "dirty": dirty, "cpu": machine["cpu"],
+             "torch": machine["torch"]}
+    if not finished and (not entries or entries[-1] != entry):
+        entries.append(entry)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(entries, indent=1) + "\n")
+        tmp.replace(path)
+    return entries
 
 
 def _rounded(metric):
@@ -241,6 +289,16 @@ def loss_curve(history, every=10):
     return {"step": steps, "loss": means}
 
 
+def run_order(runs, seeds, late_seeds):
+    """(run, seed) pairs in the order they start: the first seed of every model, then
+    the other seeds of CORE, then the other late_seeds of the rest -- so that a run cut
+    short misses the tail, not a model."""
+    order = [(r, seeds[0]) for r in runs]
+    order += [(r, s) for s in seeds[1:] for r in runs if r[0] in CORE]
+    order += [(r, s) for s in seeds[1:] for r in runs if r[0] not in CORE and s in late_seeds]
+    return order
+
+
 def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
                     eval_every=None, jobs=None, threads=None, time_limit_min=None,
                     runs_dir="runs/convergence", command=None, start_within_min=None):
@@ -268,6 +326,8 @@ def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
         if value is not None:
             settings[key] = value
     settings["seeds"] = list(settings["seeds"])
+    settings["late_seeds"] = [s for s in settings["seeds"] if s in settings["late_seeds"]] \
+        or settings["seeds"][:1]
     settings["start_within_min"] = start_within_min
     if settings["steps"] % settings["eval_every"]:
         raise ValueError(f"steps ({settings['steps']}) must be a multiple of eval_every "
@@ -279,15 +339,10 @@ def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
         raise ValueError(f"unknown model(s) {unknown}; expected some of {known}")
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
 
-    # every seed of the first models before later ones: if time runs out, what is
-    # missing is the tail (the most expensive variants' second seeds)
-    first = [r for r in RUNS if r[0] in models]
-    late = ("deformable_refine", "deformable_dab")
-    order = [(r, settings["seeds"][0]) for r in first]
-    order += [(r, s) for s in settings["seeds"][1:] for r in first if r[0] not in late]
-    order += [(r, s) for s in settings["seeds"][1:] for r in first if r[0] in late]
+    order = run_order([r for r in RUNS if r[0] in models], settings["seeds"],
+                      settings["late_seeds"])
     cfg0 = run_config("detr", {}, 0, settings, runs_dir)
-    ensure_data(cfg0)                       # once, before the worker processes read it
+    root = ensure_data(cfg0)                # once, before the worker processes read it
 
     commit, dirty = git_commit()
     result = {"schema": SCHEMA,
@@ -298,6 +353,9 @@ def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "quick": quick, "load_average": {"start": load_average(), "end": None},
               "settings": {"preset": "cpu", "batch_size": cfg0.batch_size, **settings},
+              "data": {split: size_class_counts(json.loads(coco_paths(root, split)[1]
+                                                             .read_text()))
+                       for split in ("train", "val")},
               "runs": [], "pending": [f"{r[0]}/seed{s}" for r, s in order],
               "paper": PAPER}
     result["machine"]["torch_threads"] = settings["threads"] or torch.get_num_threads()

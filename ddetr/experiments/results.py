@@ -9,9 +9,12 @@ Schema of convergence.json (version "ddetr.convergence/1")::
 
     {"schema", "command", "commit", "dirty", "machine": {cpu, cpu_cores, torch, ...},
      "date", "quick", "load_average": {"start", "end"},
-     "settings": {preset, steps, eval_every, batch_size, train_images, val_images,
-                  time_limit_min, start_within_min, jobs, threads, seeds, data_path},
+     "settings": {preset, steps, eval_every, lr_drop, batch_size, train_images,
+                  val_images, time_limit_min, start_within_min, jobs, threads, seeds,
+                  late_seeds, data_path},
+     "data": {"train"|"val": {"small", "medium", "large"}},   # objects per size class
      "runs": [{"model", "label", "seed", "overrides", "params", "steps", "epochs",
+               "trained_at": [{"commit", "dirty", "cpu", "torch"}],  # who trained it
                "wall_s", "cpu_s", "total_s", "time_limited",
                "evals": [{"step", "epoch", "wall_s", "cpu_s", "AP", "AP50", "AP75",
                           "APs", "APm", "APl"}],
@@ -143,7 +146,14 @@ def markdown_summary(result):
              f", at the last result {result['load_average']['end']}  ",
              f"Budget per run: {s['steps']} steps of batch {s['batch_size']} "
              f"({s['train_images']} training images), COCOeval every {s['eval_every']} steps "
-             f"on {s['val_images']} validation images, wall cap {s['time_limit_min']} min"
+             f"on {s['val_images']} validation images, "
+             + (f"the learning rate 10x lower after step {s['lr_drop']}, "
+                if s.get("lr_drop") else "")
+             + (f"wall cap {s['time_limit_min']} min" if s["time_limit_min"] else
+                "no wall cap")
+             + ("".join(f"  \nObjects in {split} (small / medium / large): "
+                        f"{c['small']} / {c['medium']} / {c['large']}"
+                        for split, c in result.get("data", {}).items()))
              + ("  \n**Quick mode (CI): the numbers mean nothing.**" if result["quick"] else ""),
              "",
              "Mean over seeds (min-max), metrics in %, at the last common step:",

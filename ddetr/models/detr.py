@@ -1,4 +1,8 @@
-"""DETR, the dense baseline: the same backbone and heads around DETR's transformer.
+"""DETR's own model: the backbone and DETR's transformer, boxes predicted absolutely.
+
+(Chapter 7's baseline is another model: Deformable DETR with DETR's attention,
+attention="dense" in ``ddetr.nn.deformable_transformer``, which differs from Deformable
+DETR in the attention only. This one differs as DETR does: no reference points.)
 
     images (N, 3, H, W), masks (N, H, W)
       -> backbone: C5 (stride 32), its mask and sine position code

@@ -27,6 +27,14 @@ independent of how much padding its batch added.
 Parameter names (``level_embed``, ``encoder.layers.{i}.self_attn``, ``norm1``,
 ``linear1``, ``decoder.layers.{i}.cross_attn``, ``reference_points``, ``enc_output``,
 ``pos_trans``...) follow the official implementation.
+
+The dense baseline. With ``attention="dense"`` the encoder's self-attention and the
+decoder's cross-attention are DETR's: every query attends to all S tokens, keys carry
+their position codes (key = token + pos), values do not. Everything else stays as it
+is -- input projections, level embeddings, reference points and the boxes predicted
+relative to them, refinement, two-stage proposals, initialisation -- so that a model
+with dense attention differs from Deformable DETR in its attention only (chapter 7's
+baseline). The reference points then serve the boxes, not the sampling.
 """
 import torch
 import torch.nn.functional as F
@@ -42,6 +50,19 @@ from .ms_deform_attn import MSDeformAttn
 from .position_encoding import sine_embed
 
 
+ATTENTIONS = ("deformable", "dense")
+
+
+def make_attention(kind, d_model, n_levels, n_heads, n_points, dropout, backend):
+    """The attention of an encoder layer (self) or decoder layer (cross): MSDeformAttn,
+    or with kind="dense" DETR's MultiHeadAttention over all tokens of all levels."""
+    if kind not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {kind!r}")
+    if kind == "dense":
+        return MultiHeadAttention(d_model, n_heads, dropout=dropout)
+    return MSDeformAttn(d_model, n_levels, n_heads, n_points, backend)
+
+
 def check_valid_ratios(valid_ratios, N, L):
     check_tensor("valid_ratios", valid_ratios, "(N, L, 2)")
     if shape(valid_ratios) != (N, L, 2):
@@ -52,12 +73,15 @@ def check_valid_ratios(valid_ratios, N, L):
 # --- encoder -------------------------------------------------------------------------
 
 class DeformableTransformerEncoderLayer(nn.Module):
-    """MSDeformAttn self-attention + FFN, post-norm. (N, S, C) -> (N, S, C)."""
+    """MSDeformAttn (or, attention="dense", dense) self-attention + FFN, post-norm.
+    (N, S, C) -> (N, S, C)."""
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8,
-                 n_points=4, backend="auto"):
+                 n_points=4, backend="auto", attention="deformable"):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend)
+        self.attention, self.n_levels, self.d_model = attention, n_levels, d_model
+        self.self_attn = make_attention(attention, d_model, n_levels, n_heads, n_points,
+                                        dropout, backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -69,8 +93,12 @@ class DeformableTransformerEncoderLayer(nn.Module):
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
                 padding_mask=None):
         """src, pos (N, S, C); reference_points (N, S, L, 2); padding_mask (N, S)."""
-        attn = self.self_attn(with_pos(src, pos), reference_points, src, spatial_shapes,
-                              level_start_index, padding_mask)
+        query = with_pos(src, pos)
+        if self.attention == "dense":
+            attn = self.self_attn(query, query, src, padding_mask)[0]
+        else:
+            attn = self.self_attn(query, reference_points, src, spatial_shapes,
+                                  level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attn))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))
@@ -107,8 +135,8 @@ class DeformableTransformerEncoder(nn.Module):
         valid_ratios (N, L, 2), pos (N, S, C), padding_mask (N, S) -> memory (N, S, C)."""
         check_tensor("src", src, "(N, S, C)")
         N, S, C = src.shape
-        L = self.layers[0].self_attn.n_levels
-        check_width("src", src, self.layers[0].self_attn.d_model)
+        L = self.layers[0].n_levels
+        check_width("src", src, self.layers[0].d_model)
         check_spatial_shapes("spatial_shapes", spatial_shapes, L, S)
         check_valid_ratios(valid_ratios, N, L)
         check_like("pos", pos, src, "src")
@@ -125,15 +153,18 @@ class DeformableTransformerEncoder(nn.Module):
 # --- decoder -------------------------------------------------------------------------
 
 class DeformableTransformerDecoderLayer(nn.Module):
-    """Dense self-attention among queries, MSDeformAttn cross-attention, FFN; post-norm.
+    """Dense self-attention among queries, MSDeformAttn (or, attention="dense", dense)
+    cross-attention, FFN; post-norm.
 
     (Official names: norm2 follows self-attention, norm1 cross-attention, norm3 the FFN.)
     """
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8,
-                 n_points=4, backend="auto"):
+                 n_points=4, backend="auto", attention="deformable"):
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend)
+        self.attention, self.n_levels = attention, n_levels
+        self.cross_attn = make_attention(attention, d_model, n_levels, n_heads, n_points,
+                                         dropout, backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout)
@@ -146,14 +177,19 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, spatial_shapes,
-                level_start_index, padding_mask=None):
+                level_start_index, padding_mask=None, src_pos=None):
         """tgt, query_pos (N, Lq, C); reference_points (N, Lq, L, 2|4);
-        src (N, S, C) the encoder memory; padding_mask (N, S) -> (N, Lq, C)."""
+        src (N, S, C) the encoder memory; padding_mask (N, S); src_pos (N, S, C) the
+        memory's position codes (dense attention only: its keys) -> (N, Lq, C)."""
         q = k = with_pos(tgt, query_pos)
         attn, _ = self.self_attn(q, k, tgt)
         tgt = self.norm2(tgt + self.dropout2(attn))
-        attn = self.cross_attn(with_pos(tgt, query_pos), reference_points, src,
-                               spatial_shapes, level_start_index, padding_mask)
+        if self.attention == "dense":
+            attn = self.cross_attn(with_pos(tgt, query_pos), with_pos(src, src_pos), src,
+                                   padding_mask)[0]
+        else:
+            attn = self.cross_attn(with_pos(tgt, query_pos), reference_points, src,
+                                   spatial_shapes, level_start_index, padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attn))
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
@@ -180,13 +216,16 @@ class DeformableTransformerDecoder(nn.Module):
         self.ref_point_head = None
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index,
-                valid_ratios, query_pos=None, padding_mask=None, box_heads=None):
+                valid_ratios, query_pos=None, padding_mask=None, box_heads=None,
+                src_pos=None):
         """
         Args:
             tgt: (N, Lq, C) query contents. query_pos: (N, Lq, C) query positions.
             reference_points: (N, Lq, 2) points or (N, Lq, 4) boxes (cx, cy, w, h),
                 in [0, 1] of the valid image.
             src: (N, S, C) memory. valid_ratios: (N, L, 2). padding_mask: (N, S).
+            src_pos: (N, S, C) the memory's position codes; dense attention adds them
+                to its keys (required there), MSDeformAttn does not use them.
             box_heads: None, or a box head per layer ((N, Lq, C) -> (N, Lq, 4) offsets
                 in inverse-sigmoid space, see ``decode_boxes``) to refine the
                 reference boxes with after each layer.
@@ -205,8 +244,13 @@ class DeformableTransformerDecoder(nn.Module):
                              f"like tgt, got {shape(reference_points)}")
         check_width("src", src, C)
         check_same("batch size", tgt=tgt, reference_points=reference_points, src=src)
-        L = self.layers[0].cross_attn.n_levels
+        L = self.layers[0].n_levels
         check_valid_ratios(valid_ratios, N, L)
+        if self.layers[0].attention == "dense":
+            if src_pos is None:
+                raise ValueError("dense cross-attention needs src_pos (N, S, C), the "
+                                 "memory's position codes (its keys), got None")
+            check_like("src_pos", src_pos, src, "src")
         if query_pos is None and self.ref_point_head is None:
             raise ValueError("query_pos (N, Lq, C) is required (it is made from the "
                              "reference boxes only with DAB anchors), got None")
@@ -223,7 +267,7 @@ class DeformableTransformerDecoder(nn.Module):
                 query_pos = self.ref_point_head(
                     sine_embed(reference_points, out.shape[-1] // 2))
             out = layer(out, query_pos, reference_input, src, spatial_shapes,
-                        level_start_index, padding_mask)
+                        level_start_index, padding_mask, src_pos)
             if box_heads is not None:
                 reference_points = decode_boxes(box_heads[lid](out), reference_points).detach()
             hs.append(out)
@@ -241,6 +285,7 @@ class DeformableTransformer(nn.Module):
         dropout, num_feature_levels L, enc_n_points / dec_n_points K,
         two_stage (decoder queries from encoder proposals), two_stage_num_proposals
         (how many; = the number of queries), backend (MSDeformAttn backend),
+        attention ("deformable", or "dense": the baseline of the module docstring),
         query_anchors ("none", or "dab": the queries come with learned anchor boxes,
         see ``forward``'s anchors, and the decoder gets a ``ref_point_head``).
     """
@@ -248,7 +293,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, d_model=256, n_heads=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=1024, dropout=0.1, num_feature_levels=4, dec_n_points=4,
                  enc_n_points=4, two_stage=False, two_stage_num_proposals=300,
-                 backend="auto", query_anchors="none"):
+                 backend="auto", query_anchors="none", attention="deformable"):
         super().__init__()
         check_heads(d_model, n_heads, num_encoder_layers=num_encoder_layers,
                     num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
@@ -261,17 +306,20 @@ class DeformableTransformer(nn.Module):
         if query_anchors == "dab" and two_stage:
             raise ValueError("query_anchors='dab' and two_stage=True both make the "
                              "decoder's reference boxes; choose one")
-        self.query_anchors = query_anchors
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got "
+                             f"{attention!r}")
+        self.query_anchors, self.attention = query_anchors, attention
         self.d_model, self.n_heads = d_model, n_heads
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
         encoder_layer = DeformableTransformerEncoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, n_heads, enc_n_points,
-            backend)
+            backend, attention)
         self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
         decoder_layer = DeformableTransformerDecoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, n_heads, dec_n_points,
-            backend)
+            backend, attention)
         self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
         # which level a token comes from: added to its position code
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
@@ -448,7 +496,7 @@ class DeformableTransformer(nn.Module):
         init_reference = reference_points
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes,
                                             level_start_index, valid_ratios, query_pos, mask,
-                                            box_heads)
+                                            box_heads, pos)
         return hs, init_reference, inter_references, enc_class, enc_coord_unact
 
 
@@ -459,4 +507,5 @@ def build_deformable_transformer(cfg):
         dropout=cfg.dropout, num_feature_levels=cfg.num_feature_levels,
         dec_n_points=cfg.dec_n_points, enc_n_points=cfg.enc_n_points,
         two_stage=cfg.two_stage, two_stage_num_proposals=cfg.num_queries,
-        backend=cfg.attention_backend, query_anchors=cfg.query_anchors)
+        backend=cfg.attention_backend, query_anchors=cfg.query_anchors,
+        attention=cfg.attention)
