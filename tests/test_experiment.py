@@ -12,6 +12,7 @@ from ddetr.__main__ import main
 from ddetr.config import get_config
 from ddetr.engine.checkpoint import load_compact
 from ddetr.config import MODEL_KEYS
+from ddetr.experiments.claims import convergence_claim, scale_claim
 from ddetr.experiments.convergence import CORE, FULL, RUNS, run_config, run_order
 from ddetr.experiments.results import (METRIC_KEYS, SCHEMA, eval_curves, load_results,
                                        loss_curves, markdown_summary, models_of, spearman,
@@ -194,3 +195,38 @@ def test_summary_table_keeps_unmeasured_metrics_apart():
     row, = summary_table(result)
     assert row["APs"] == 0.2 and (row["APs_min"], row["APs_max"]) == (0.2, 0.2)
     assert row["APl"] is None and row["APl_min"] is None
+
+
+def test_convergence_claim_from_mean_curves():
+    # fast reaches slow's final 0.2 at epoch 1.0 (of 2.0 evaluated) and ends at 0.4
+    result = _result([("fast", 0, [0.2, 0.4, 0.45]), ("fast", 1, [0.2, 0.4, 0.35]),
+                      ("slow", 0, [0.0, 0.1, 0.2]), ("slow", 1, [0.0, 0.1, 0.2])])
+    c = convergence_claim(result, "fast", "slow")
+    assert c["fast_reaches_slow_final_at"] == 0.5 and c["epoch_ratio"] == 3.0
+    assert c["slow_reaches_fast_final_at"] is None and c["spread"] == pytest.approx(0.1)
+    assert c["holds"] and c["verdict"].startswith("Holds")
+    assert "3.0x fewer epochs" in c["verdict"] and "never reached" in c["verdict"]
+    # the same gap but a seed spread larger than it: not shown
+    noisy = _result([("fast", 0, [0.2, 0.4, 0.7]), ("fast", 1, [0.2, 0.4, 0.1]),
+                     ("slow", 0, [0.0, 0.1, 0.2]), ("slow", 1, [0.0, 0.1, 0.2])])
+    c = convergence_claim(noisy, "fast", "slow")
+    assert not c["holds"] and c["verdict"].startswith("Not shown")
+    # slow ends ahead: does not hold; both near zero: too early to tell
+    c = convergence_claim(result, "slow", "fast")
+    assert not c["holds"] and c["verdict"].startswith("Does not hold")
+    tiny = _result([("fast", 0, [0.001, 0.002]), ("slow", 0, [0.0, 0.0])])
+    assert "too early" in convergence_claim(tiny, "fast", "slow")["verdict"]
+
+
+def test_scale_claim_sets_the_gap_against_the_seed_spread():
+    result = _result([("single", 0, [0.1, 0.20]), ("single", 1, [0.1, 0.22]),
+                      ("multi", 0, [0.1, 0.30]), ("multi", 1, [0.1, 0.33])])
+    c = scale_claim(result, "single", "multi")
+    assert c["gap"] == pytest.approx(0.105) and c["spread"] == pytest.approx(0.03)
+    assert c["holds"] and c["separated"] and c["verdict"].startswith("Holds")
+    close = _result([("single", 0, [0.20]), ("single", 1, [0.30]),
+                     ("multi", 0, [0.22]), ("multi", 1, [0.31])])
+    c = scale_claim(close, "single", "multi")
+    assert not c["holds"] and "within the seed noise" in c["verdict"]
+    with pytest.raises(ValueError, match="no runs of model 'multi'"):
+        scale_claim(_result([("single", 0, [0.2])]), "single", "multi")

@@ -5,6 +5,7 @@ The paper's claims in miniature (``python -m ddetr experiment convergence``):
     convergence     the experiment: its models, one training run, the whole run
     runner          runs the trainings one after the other or in a process pool
     results         convergence.json: read, write, summary statistics, markdown table
+    claims          the paper's two claims tested on a results file, with verdicts
     probes          what a trained model learned: where its decoder queries sample
                     (the int8 weights the book loads instead of training are
                     ``ddetr.engine.checkpoint.save_compact``'s)
