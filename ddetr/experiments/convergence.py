@@ -200,15 +200,17 @@ def run_config(model, overrides, seed, settings, output_dir):
     return get_config("cpu", values)
 
 
-def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_after=None):
+def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_after=None,
+              code=None):
     """Train one model/seed with the engine; return its record (see the schema), or
-    None when the time.time() not_after has passed before it could start."""
+    None when the time.time() not_after has passed before it could start. code: the
+    (commit, dirty) of the code this process runs (default: the checkout's now)."""
     if not_after is not None and time.time() > not_after:
         return None
     cfg = run_config(model, overrides, seed, settings, run_dir)
     if threads:
         torch.set_num_threads(threads)
-    provenance = note_provenance(cfg)
+    provenance = note_provenance(cfg, *(code or git_commit()))
     t0 = time.perf_counter()
     run = train(cfg, resume="auto", progress=False)   # a finished run is read back
     total = time.perf_counter() - t0
@@ -238,16 +240,16 @@ def train_run(model, label, overrides, seed, settings, run_dir, threads=0, not_a
     return out
 
 
-def note_provenance(cfg):
-    """Add this checkout's commit and this machine to provenance.json in the run folder
-    cfg.output_dir (unless the last entry says the same) and return its list of
-    {"commit", "dirty", "cpu", "torch"}: every code version and machine that trained the
-    run, in order. A finished run, which is only read back, adds nothing."""
+def note_provenance(cfg, commit, dirty):
+    """Add the code's commit (and whether the checkout had uncommitted changes) and this
+    machine to provenance.json in the run folder cfg.output_dir (unless the last entry
+    says the same) and return its list of {"commit", "dirty", "cpu", "torch"}: every
+    code version and machine that trained the run, in order. A finished run, which is
+    only read back, adds nothing."""
     run_dir = Path(cfg.output_dir)
     path = run_dir / "provenance.json"
     entries = json.loads(path.read_text()) if path.is_file() else []
     finished = run_progress(cfg)[1]
-    commit, dirty = git_commit()
     machine = machine_description("cpu")
     entry = {"commit": commit, "dirty": dirty, "cpu": machine["cpu"],
              "torch": machine["torch"]}
@@ -385,7 +387,7 @@ def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
 
     not_after = None if start_within_min is None else time.time() + 60 * start_within_min
     jobs_args = [(name, label, overrides, seed, settings, runs_dir / f"{name}_seed{seed}",
-                  settings["threads"], not_after)
+                  settings["threads"], not_after, (commit, dirty))
                  for (name, label, overrides), seed in order]
     run_jobs(train_run, jobs_args, settings["jobs"], finished, failed)
     return result
