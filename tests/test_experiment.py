@@ -165,6 +165,9 @@ def test_markdown_summary_of_the_recorded_results():
     md = markdown_summary(result)
     for row in summary_table(result):
         assert f"| {row['label']} | {row['seeds']} | {row['step']} |" in md
+    for run in result["runs"]:            # every commit that trained a run is named
+        for entry in run["trained_at"]:
+            assert entry["commit"][:7] in md.split("Runs trained at:")[1].split("\n")[0]
 
 
 def test_load_results_errors(tmp_path):
@@ -224,6 +227,13 @@ def test_scale_claim_sets_the_gap_against_the_seed_spread():
     c = scale_claim(result, "single", "multi")
     assert c["gap"] == pytest.approx(0.105) and c["spread"] == pytest.approx(0.03)
     assert c["holds"] and c["separated"] and c["verdict"].startswith("Holds")
+    assert c["largest"] == "APs"              # all classes equal: the first wins the tie
+    for run in result["runs"]:                # medium objects gain most: said so
+        for e in run["evals"]:
+            e["APm"] = e["AP"] * (3 if run["model"] == "multi" else 1)
+    c = scale_claim(result, "single", "multi")
+    assert c["holds"] and c["largest"] == "APm"
+    assert "the gain is largest on APm, not on APs" in c["verdict"]
     close = _result([("single", 0, [0.20]), ("single", 1, [0.30]),
                      ("multi", 0, [0.22]), ("multi", 1, [0.31])])
     c = scale_claim(close, "single", "multi")

@@ -138,7 +138,9 @@ def markdown_summary(result):
     lines = ["# Convergence and scales, in miniature",
              "",
              f"Command: `{result['command']}`  ",
-             f"Commit: `{result['commit']}`{' (with uncommitted changes)' if result['dirty'] else ''}  ",
+             f"Commit: `{result['commit']}`{' (with uncommitted changes)' if result['dirty'] else ''}"
+             f" (this invocation; runs already in the runs folder are read back, not retrained)  ",
+             f"Runs trained at: {trained_at_text(result['runs'])}  ",
              f"Machine: {m.get('cpu')}, {m.get('cpu_cores')} cores, torch {m.get('torch')}, "
              f"{s['jobs']} runs at a time with {result['machine']['torch_threads']} "
              f"thread(s) each  ",
@@ -170,11 +172,27 @@ def markdown_summary(result):
         lines += ["", f"Not finished: {', '.join(result['pending'])}"]
     if result.get("failed"):
         lines += ["", f"Failed: {'; '.join(result['failed'])}"]
-    if "wall_total_s" in result:
-        lines += ["", f"Wall time of the whole experiment: {result['wall_total_s'] / 60:.1f} min"]
+    if result["runs"]:
+        lines += ["", f"Training time: the runs' own wall times add up to "
+                      f"{sum(r['wall_s'] for r in result['runs']) / 3600:.1f} h "
+                      f"({s['jobs']} run(s) at a time)"
+                  + (f"; this invocation took {result['wall_total_s'] / 60:.1f} min"
+                     if "wall_total_s" in result else "")]
     for note in result.get("notes", []):
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
+
+
+def trained_at_text(runs):
+    """'abc1234 (n runs), def5678 with uncommitted changes (m runs)': the code that trained."""
+    counts = {}
+    for run in runs:
+        for entry in run.get("trained_at", []):
+            key = (entry.get("commit") or "unknown")[:7] + \
+                (" with uncommitted changes" if entry.get("dirty") else "")
+            counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} ({n} run{'s' if n > 1 else ''})" for k, n in sorted(counts.items())) \
+        or "(not recorded)"
 
 
 def paper_table1_text(table):
