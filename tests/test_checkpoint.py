@@ -187,12 +187,25 @@ def test_official_release_loads_from_a_yaml_config(tmp_path):
     assert cfg.num_feature_levels == 1 and len(categories) == 80
 
 
-def test_an_older_checkpoint_takes_config_defaults_for_keys_it_lacks():
-    """The book's committed compact weights were saved before backbone_norm existed:
-    the key takes Config's default (frozen batch norm, what the code did then), not a
-    preset's, and the weights load strictly."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence_multi_scale_seed0.pth"
-    assert "backbone_norm" not in torch.load(path, weights_only=True)["config"]
-    model, _, cfg, _, _ = ckpt.load_compact(path)
-    assert cfg.backbone_norm == "frozen_bn"
-    assert not any(k.endswith("num_batches_tracked") for k in model.state_dict())
+def test_an_older_checkpoint_takes_config_defaults_for_keys_it_lacks(tmp_path):
+    """A file saved before backbone_norm existed (the book's first compact weights were):
+    the key takes Config's default (frozen batch norm, what the code did then), not the
+    cpu preset's batch norm, and the weights load strictly."""
+    cfg = get_config("cpu", {**TINY, "backbone_norm": "frozen_bn"})
+    torch.manual_seed(0)
+    model = build_model(cfg)[0]
+    path = tmp_path / "compact.pth"
+    ckpt.save_compact(model, cfg, {1: "disc"}, path)
+    blob = torch.load(path, weights_only=True)
+    del blob["config"]["backbone_norm"]                 # what an older file looks like
+    save_checkpoint(blob, path)
+    loaded, _, cfg2, _, _ = ckpt.load_compact(path)
+    assert cfg2.backbone_norm == "frozen_bn" != get_config("cpu").backbone_norm
+    assert not any(k.endswith("num_batches_tracked") for k in loaded.state_dict())
+    # the same file with the key spelled out as the cpu preset's: another model, refused
+    blob["config"]["backbone_norm"] = "batch_norm"
+    save_checkpoint(blob, path)
+    with pytest.raises(CheckpointMismatchError):
+        ckpt.load_compact(path)
+
+
