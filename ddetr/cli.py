@@ -6,6 +6,7 @@
     python -m ddetr evaluate --checkpoint r50_deformable_detr-checkpoint.pth --config paper
     python -m ddetr demo --checkpoint runs/cpu/checkpoint.pth --image img.jpg --output out.png
     python -m ddetr bench kernels --device cpu
+    python -m ddetr bench train --device cuda --config paper --size 800x1066
     python -m ddetr bench contention
     python -m ddetr experiment convergence --quick
 
@@ -97,6 +98,9 @@ def build_parser():
     kernels.add_argument("--out", default="benchmarks", help="folder for JSON and table")
     kernels.add_argument("--no-memory", action="store_true",
                          help="skip the peak-memory measurements")
+    kernels.add_argument("--dtypes", default=None,
+                         help="comma-separated value types, float32 first (default: float32 "
+                              "on a CPU, float32,bfloat16 on a GPU)")
     kernels.set_defaults(func=run_bench_kernels)
 
     cost = targets.add_parser("cost", help="static cost of the CUDA kernels (no GPU needed): "
@@ -111,6 +115,23 @@ def build_parser():
     cont.add_argument("--out", default="benchmarks", help="folder for contention.json/.md")
     cont.add_argument("--iters", type=int, default=40, help="timed iterations per setting")
     cont.set_defaults(func=run_bench_contention)
+
+    step = targets.add_parser("train", help="images/s and peak memory of the training "
+                                            "step, per attention backend and amp setting")
+    step.add_argument("--config", default="paper", help="preset or YAML file (default paper)")
+    step.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                      help="default: cuda if available, else cpu")
+    step.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
+    step.add_argument("--size", default="800x1066", help="image HEIGHTxWIDTH (default 800x1066)")
+    step.add_argument("--backends", default=None,
+                      help="comma-separated attention backends: reference, kernel, triton "
+                           "(default: kernel,triton on a GPU, reference,kernel on a CPU)")
+    step.add_argument("--amp", default="off,on", help="mixed precision settings: off, on")
+    step.add_argument("--iters", type=int, default=10, help="timed steps per setting")
+    step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    step.add_argument("--out", default="benchmarks", help="folder for train_step*.json/.md")
+    _overrides_arg(step, "backbone_norm=batch_norm")
+    step.set_defaults(func=run_bench_train)
 
     # --- experiment --------------------------------------------------------------------
     p = sub.add_parser("experiment", help="reproduce the paper's claims in miniature")
@@ -245,8 +266,9 @@ def run_bench_build(args):
 
 def run_bench_kernels(args):
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.dtypes else None
     bench_kernels(args.out, args.device, shapes, repeat=args.repeat,
-                  memory=not args.no_memory)
+                  memory=not args.no_memory, dtypes=dtypes)
     return 0
 
 
@@ -261,6 +283,24 @@ def run_bench_contention(args):
     if args.iters < 1:
         raise ValueError(f"--iters expects >= 1, got {args.iters}")
     bench_contention(args.out, args.iters)
+
+
+def run_bench_train(args):
+    from .experiments.train_step import bench_train_step
+    size = re.fullmatch(r"(\d+)x(\d+)", args.size)
+    if not size:
+        raise ValueError(f"--size expects HEIGHTxWIDTH, e.g. 800x1066, got {args.size!r}")
+    switch = {"off": False, "on": True}
+    amp = [a.strip() for a in args.amp.split(",") if a.strip()]
+    if not amp or any(a not in switch for a in amp):
+        raise ValueError(f"--amp expects off and/or on, comma-separated, got {args.amp!r}")
+    bench_train_step(args.out, args.config, args.device, args.batch_size,
+                     (int(size[1]), int(size[2])),
+                     [b.strip() for b in (args.backends or "").split(",") if b.strip()],
+                     [switch[a] for a in amp], args.iters, args.warmup, args.overrides,
+                     command="python -m ddetr " + " ".join(sys.argv[1:]))
+    print((Path(args.out) / "train_step.md").read_text())
+    return 0
 
 
 def run_experiment(args):

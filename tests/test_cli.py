@@ -117,6 +117,8 @@ def test_one_parser_for_every_verb():
     assert parser.parse_args(["bench", "build"]).func is cli_module.run_bench_build
     assert parser.parse_args(["bench", "kernels", "--device", "cpu"]).func is cli_module.run_bench_kernels
     assert parser.parse_args(["bench", "cost"]).func is cli_module.run_bench_cost
+    args = parser.parse_args(["bench", "train", "--device", "cpu", "amp=true"])
+    assert args.func is cli_module.run_bench_train and args.overrides == ["amp=true"]
     args = parser.parse_args(["experiment", "convergence", "--quick", "--seeds", "0", "1"])
     assert args.func is cli_module.run_experiment and args.seeds == [0, 1]
     assert not (ROOT / "ddetr" / "engine" / "cli.py").exists()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from ddetr.ops import (kernel, level_start_index_of, ms_deform_attn, ms_deform_attn_naive,
                        ms_deform_attn_reference)
+from op_inputs import make_inputs, outputs_and_grads
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,39 +23,6 @@ def built_kernel():
     status = kernel.load_kernel(with_cuda=False)
     if status["cpu"] is not True:
         pytest.fail(f"the CPU kernel did not build: {status['cpu']}")
-
-
-def make_inputs(N, shapes, M, D, Lq, K, dtype=torch.float32, seed=0, spread=0.2,
-                requires_grad=True):
-    """Random inputs; locations in [-spread, 1 + spread] so some fall outside."""
-    gen = torch.Generator().manual_seed(seed)
-    spatial_shapes = torch.tensor(shapes, dtype=torch.int64).view(-1, 2)
-    level_start_index = level_start_index_of(spatial_shapes)
-    S = int(spatial_shapes.prod(1).sum())
-    L = spatial_shapes.shape[0]
-    value = torch.randn(N, S, M, D, generator=gen, dtype=dtype)
-    locations = (torch.rand(N, Lq, M, L, K, 2, generator=gen, dtype=dtype)
-                 * (1 + 2 * spread) - spread)
-    weights = torch.rand(N, Lq, M, L, K, generator=gen, dtype=dtype)
-    for t in (value, locations, weights):
-        t.requires_grad_(requires_grad)
-    return value, spatial_shapes, level_start_index, locations, weights
-
-
-def outputs_and_grads(fn, inputs, seed=1):
-    """fn's output and the gradients of value, locations and weights for a random
-    output gradient (the same one for every fn)."""
-    out = fn(*inputs)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed),
-                           dtype=out.dtype)
-    if out.numel() == 0:
-        grads = [torch.zeros_like(inputs[i]) for i in (0, 3, 4)]
-    else:
-        grads = torch.autograd.grad(out, (inputs[0], inputs[3], inputs[4]), grad_out,
-                                    allow_unused=True)
-        grads = [torch.zeros_like(inputs[i]) if g is None else g
-                 for g, i in zip(grads, (0, 3, 4))]
-    return [out.detach()] + list(grads)
 
 
 def fused(*args):

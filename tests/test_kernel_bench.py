@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from ddetr.experiments.kernel_inputs import forward_bytes, make_inputs, sizes_of
-from ddetr.experiments.kernels import bench_kernels
+from ddetr.experiments.kernel_inputs import (forward_bytes, gather_bytes, make_inputs, sizes_of,
+                                             traffic)
+from ddetr.experiments.kernels import bench_kernels, cuda_goals, write_markdown
 from ddetr.experiments.memory import cpu_peak_memory
 
 
@@ -52,3 +53,48 @@ def test_make_inputs_are_shaped_like_the_model():
     assert (loc[0, 0, :, 0].mean((0, 1)) - 0.5 / 32).abs().max() < 0.1
     with pytest.raises(ValueError, match="shape must be one of"):
         sizes_of("huge")
+
+
+def test_bench_kernels_refuses_dtypes_a_device_cannot_measure(tmp_path):
+    with pytest.raises(ValueError, match="float32 first, then some of \\[\\]"):
+        bench_kernels(tmp_path, "cpu", ["book"], dtypes=["bfloat16"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_traffic_counts_every_corner_and_half_values():
+    s = sizes_of("encoder")
+    points = s["N"] * s["Lq"] * s["M"] * s["L"] * s["K"]
+    t = traffic("encoder", value_size=2, point_size=4)
+    assert t["gathered"] == 4 * points * s["D"] * 2 and t["points"] == 3 * points * 4
+    assert forward_bytes("encoder", 2, 4) == t["value"] + t["points"] + t["output"]
+    assert gather_bytes("encoder") > 10 * forward_bytes("encoder")   # Lq = S: reads shared
+
+
+def _cuda_result(over_floor, speedup, bf16_gain):
+    """A kernels_cuda.json result of measure_kernels' form, with chosen numbers."""
+    row = {"forward_ms": 1.0, "forward_backward_ms": 3.0, "forward_backward_peak_MB": 10.0}
+    one = {"impls": {"reference": row, "kernel": row, "triton": row},
+           "speedup": {"forward": speedup, "forward_backward": speedup},
+           "speedup_by_impl": {"kernel": {"forward": speedup, "forward_backward": speedup},
+                               "triton": {"forward": 2.0, "forward_backward": 2.0}},
+           "bandwidth_floor": {"floor_ms": 0.1, "gather_floor_ms": 1.5, "op_forward_ms":
+                               0.1 * over_floor, "fused_forward_over_floor": over_floor}}
+    sizes = {k: v for k, v in sizes_of("encoder").items() if k != "levels"}
+    entry = {"description": "paper encoder", "sizes": sizes, **one,
+             "bfloat16": {**one, "over_float32": {"reference": 1.0, "kernel": bf16_gain,
+                                                  "triton": 1.2}}}
+    return {"device": "cuda", "machine": {"gpu": "a GPU", "cuda": "13.0", "torch": "2.11"},
+            "repeat": 5, "memory": "CUDA", "dtypes": ["float32", "bfloat16"],
+            "bandwidth_GBps": {"theoretical": 4800.0, "measured_copy": 4000.0},
+            "shapes": {"encoder": entry}}
+
+
+def test_the_gpu_table_states_the_goals_either_way(tmp_path):
+    (tmp_path / "kernels_cuda.json").write_text(json.dumps(_cuda_result(2.5, 12.0, 1.7)))
+    text = write_markdown(tmp_path).read_text()
+    assert "|  | bfloat16 | reference |" in text and "|  |  | CUDA | 1.000 | 3.000 | 12.0x" in text
+    assert "floors: DRAM / gather; bare CUDA op | 0.100 / 1.500; 0.250 (2.50x DRAM)" in text
+    assert "encoder forward at 2.50x its DRAM floor (goal <= 3x): met" in text
+    assert "bfloat16 forward+backward 1.70x faster than float32 (goal >= 1.6x): met" in text
+    goals = cuda_goals(_cuda_result(3.5, 9.0, 1.1))
+    assert all(line.endswith("not met") for line in goals) and len(goals) == 3

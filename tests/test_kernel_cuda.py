@@ -6,6 +6,7 @@ reference and with the CPU kernel.
   without a GPU since the torch wheel carries the CUDA runtime libraries.
 * The other tests need a GPU and are skipped without one.
 """
+import functools
 import json
 import os
 import shutil
@@ -16,7 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddetr.ops import kernel, level_start_index_of, ms_deform_attn, ms_deform_attn_reference
+from ddetr.ops import kernel, ms_deform_attn, ms_deform_attn_reference
+from op_inputs import make_inputs as make_inputs_on, outputs_and_grads
+
+make_inputs = functools.partial(make_inputs_on, device="cuda")    # the inputs, on the GPU
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,35 +79,6 @@ def cuda_kernel():
     status = kernel.load_kernel(with_cuda=True)
     if status["cuda"] is not True:
         pytest.fail(f"the CUDA kernel did not build: {status['cuda']}")
-
-
-def make_inputs(N, shapes, M, D, Lq, K, dtype=torch.float32, device="cuda", seed=0,
-                spread=0.2, loc_dtype=None):
-    """Random inputs on the GPU; value in ``dtype``, locations and weights in
-    ``loc_dtype`` (default: ``dtype``)."""
-    gen = torch.Generator().manual_seed(seed)
-    spatial_shapes = torch.tensor(shapes, dtype=torch.int64).view(-1, 2)
-    level_start_index = level_start_index_of(spatial_shapes)
-    S = int(spatial_shapes.prod(1).sum())
-    L = spatial_shapes.shape[0]
-    value = torch.randn(N, S, M, D, generator=gen, dtype=torch.float64)
-    loc = torch.rand(N, Lq, M, L, K, 2, generator=gen, dtype=torch.float64)
-    loc = loc * (1 + 2 * spread) - spread
-    w = torch.rand(N, Lq, M, L, K, generator=gen, dtype=torch.float64)
-    loc_dtype = loc_dtype or dtype
-    value = value.to(device=device, dtype=dtype).requires_grad_()
-    loc, w = (t.to(device=device, dtype=loc_dtype).requires_grad_() for t in (loc, w))
-    return [value, spatial_shapes.to(device), level_start_index.to(device), loc, w]
-
-
-def outputs_and_grads(fn, inputs, seed=1):
-    out = fn(*inputs)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed),
-                           dtype=torch.float64).to(out)
-    if out.numel() == 0:
-        return [out.detach()] + [torch.zeros_like(inputs[i]) for i in (0, 3, 4)]
-    grads = torch.autograd.grad(out, (inputs[0], inputs[3], inputs[4]), grad_out)
-    return [out.detach()] + list(grads)
 
 
 def fused(*args):
@@ -247,17 +222,25 @@ def test_cuda_backward_alerts_under_deterministic_algorithms(cuda_kernel):
         torch.use_deterministic_algorithms(before)
 
 
-@needs_gpu
-@pytest.mark.cuda
-def test_cuda_inconsistent_level_tables_never_reach_the_kernel(cuda_kernel):
-    """Wrong tables on the GPU or on the host: ValueError before any kernel starts, from
-    the wrapper and from the C++ entry points."""
+def inconsistent_tables():
+    """Inputs for levels (4, 5), (2, 3) and four wrong level tables for them, each with
+    the words of its error: [(value, loc, w), [(spatial_shapes, level_start_index,
+    message)]] (host tables)."""
     value, ss, lsi, loc, w = [t.detach() for t in make_inputs(1, [(4, 5), (2, 3)], 2, 8, 6, 2)]
-    grad = torch.zeros(1, 6, 16, device="cuda")
     bad = [(torch.tensor([[4, 5], [2, 4]]), lsi.cpu(), "sum to"),
            (torch.tensor([[4, 5], [1, 3]]), lsi.cpu(), "sum to"),
            (ss.cpu(), torch.tensor([0, 21]), "level_start_index"),
            (torch.tensor([[-4, -5], [2, 3]]), lsi.cpu(), "positive")]
+    return (value, loc, w), bad
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_inconsistent_level_tables_never_reach_the_kernel(cuda_kernel):
+    """Wrong tables on the GPU or on the host: ValueError before any kernel starts, from
+    the wrapper and from the C++ entry points (memcheck runs the same cases)."""
+    (value, loc, w), bad = inconsistent_tables()
+    grad = torch.zeros(1, 6, 16, device="cuda")
     for bad_ss, bad_lsi, message in bad:
         for device in ("cpu", "cuda"):
             args = (value, bad_ss.to(device), bad_lsi.to(device), loc, w)
@@ -361,8 +344,20 @@ def test_cuda_errors_are_clear(cuda_kernel):
 MEMCHECK_SCRIPT = """
 import torch
 from ddetr.ops import kernel, ms_deform_attn
-from tests.test_kernel_cuda import SHAPES, make_inputs
+from test_kernel_cuda import SHAPES, inconsistent_tables, make_inputs
 assert kernel.load_kernel(with_cuda=True)["cuda"] is True
+(value, loc, w), bad = inconsistent_tables()       # refused before any kernel starts
+for bad_ss, bad_lsi, message in bad:
+    for device in ("cpu", "cuda"):
+        args = (value, bad_ss.to(device), bad_lsi.to(device), loc, w)
+        for op in (lambda *a: ms_deform_attn(*a, backend="kernel"),
+                   torch.ops.ddetr.ms_deform_attn):
+            try:
+                op(*args)
+            except ValueError as e:
+                assert message in str(e), e
+            else:
+                raise SystemExit(f"level table {bad_ss.tolist()} was not refused")
 for case in SHAPES:
     for dtype, loc_dtype in ((torch.float32, None), (torch.float64, None),
                              (torch.float16, torch.float32), (torch.bfloat16, torch.float32)):
@@ -393,9 +388,11 @@ def sanitizer_path():
 @pytest.mark.skipif(sanitizer_path() is None, reason="compute-sanitizer not found")
 def test_memcheck(cuda_kernel):
     """Every instantiation (the SHAPES above, four dtypes, points well outside the maps)
-    forward and backward under compute-sanitizer's memcheck: no out-of-bounds or
-    misaligned access, no leak. `make memcheck` runs this test."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    forward and backward under compute-sanitizer's memcheck, after the inconsistent
+    level tables (refused before any kernel): no out-of-bounds or misaligned access, no
+    leak. `make memcheck` runs this test."""
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     run = subprocess.run([sanitizer_path(), "--tool", "memcheck", "--error-exitcode", "3",
                           "--leak-check", "full", sys.executable, "-c", MEMCHECK_SCRIPT],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)

@@ -1,30 +1,23 @@
 """The vectorised reference against the naive loop, and the operator's error paths."""
+import functools
+
 import pytest
 import torch
 
-from ddetr.ops import (level_start_index_of, ms_deform_attn, ms_deform_attn_naive,
-                       ms_deform_attn_reference)
+import op_inputs
+from ddetr.ops import ms_deform_attn, ms_deform_attn_naive, ms_deform_attn_reference
+
+# float64 inputs without gradients, locations over [-0.3, 1.3] (some outside the maps)
+make_inputs = functools.partial(op_inputs.make_inputs, dtype=torch.float64, spread=0.3,
+                                requires_grad=False)
 
 CASES = [
-    # (spatial shapes, N, Lq, M, D, K)
-    ([(4, 6)], 2, 3, 2, 3, 2),                    # one level, H != W
-    ([(5, 3), (1, 4)], 1, 4, 2, 2, 3),             # a 1 x W level
-    ([(3, 5), (2, 2), (1, 1)], 2, 2, 3, 2, 2),     # a 1 x 1 level
-    ([(6, 4), (3, 2), (2, 1), (1, 1)], 1, 3, 2, 2, 2),  # four levels, odd sizes
+    # (N, spatial shapes, M, D, Lq, K)
+    (2, [(4, 6)], 2, 3, 3, 2),                     # one level, H != W
+    (1, [(5, 3), (1, 4)], 2, 2, 4, 3),             # a 1 x W level
+    (2, [(3, 5), (2, 2), (1, 1)], 3, 2, 2, 2),     # a 1 x 1 level
+    (1, [(6, 4), (3, 2), (2, 1), (1, 1)], 2, 2, 3, 2),  # four levels, odd sizes
 ]
-
-
-def make_inputs(shapes, N, Lq, M, D, K, dtype=torch.float64, spread=1.6, seed=0):
-    """Random inputs; locations spread over [-0.3, 1.3], so some fall outside the map."""
-    g = torch.Generator().manual_seed(seed)
-    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
-    S = int(spatial_shapes.prod(1).sum())
-    L = len(shapes)
-    value = torch.randn(N, S, M, D, generator=g, dtype=dtype)
-    locations = torch.rand(N, Lq, M, L, K, 2, generator=g, dtype=dtype) * spread \
-        - (spread - 1) / 2
-    weights = torch.rand(N, Lq, M, L, K, generator=g, dtype=dtype)
-    return value, spatial_shapes, level_start_index_of(spatial_shapes), locations, weights
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -34,7 +27,8 @@ def test_reference_matches_naive_loop_forward_and_gradients(case):
         t.requires_grad_(True)
     ref = ms_deform_attn_reference(value, shapes, starts, loc, w)
     naive = ms_deform_attn_naive(value, shapes, starts, loc, w)
-    assert ref.shape == (case[1], case[2], case[3] * case[4])
+    N, _, M, D, Lq, _ = case
+    assert ref.shape == (N, Lq, M * D)
     torch.testing.assert_close(ref, naive, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(ref)
     g_ref = torch.autograd.grad(ref, (value, loc, w), grad_out)
@@ -45,7 +39,7 @@ def test_reference_matches_naive_loop_forward_and_gradients(case):
 
 
 def test_reference_gradcheck_float64():
-    value, shapes, starts, loc, w = make_inputs([(3, 4), (2, 1)], 1, 2, 2, 2, 2)
+    value, shapes, starts, loc, w = make_inputs(1, [(3, 4), (2, 1)], 2, 2, 2, 2)
     # keep points away from pixel centres, where bilinear interpolation has kinks
     loc = (loc * 7).round() / 7 + 0.013
     inputs = [t.requires_grad_(True) for t in (value, loc, w)]
@@ -54,7 +48,7 @@ def test_reference_gradcheck_float64():
 
 
 def test_points_outside_every_map_read_zeros():
-    value, shapes, starts, loc, w = make_inputs([(3, 4), (2, 2)], 1, 2, 2, 2, 2)
+    value, shapes, starts, loc, w = make_inputs(1, [(3, 4), (2, 2)], 2, 2, 2, 2)
     far = torch.tensor([-5.0, 7.0], dtype=loc.dtype).expand_as(loc).clone()
     assert ms_deform_attn_reference(value, shapes, starts, far, w).abs().max() == 0
     assert ms_deform_attn_naive(value, shapes, starts, far, w).abs().max() == 0
@@ -63,7 +57,7 @@ def test_points_outside_every_map_read_zeros():
 def test_pixel_centre_reads_that_pixel_exactly():
     """At (j + 0.5) / W, (i + 0.5) / H bilinear interpolation returns value[i, j]."""
     H, W = 3, 5
-    value, shapes, starts, _, _ = make_inputs([(H, W)], 1, 1, 1, 4, 1)
+    value, shapes, starts, _, _ = make_inputs(1, [(H, W)], 1, 4, 1, 1)
     i, j = 2, 1
     loc = torch.tensor([(j + 0.5) / W, (i + 0.5) / H], dtype=value.dtype)
     loc = loc.view(1, 1, 1, 1, 1, 2)
@@ -74,7 +68,7 @@ def test_pixel_centre_reads_that_pixel_exactly():
 
 def test_border_and_edge_locations_match_naive():
     """Exactly on the map's edges (0 and 1) and half a pixel outside: zero padding."""
-    value, shapes, starts, _, _ = make_inputs([(4, 3), (1, 5)], 1, 6, 1, 2, 1)
+    value, shapes, starts, _, _ = make_inputs(1, [(4, 3), (1, 5)], 1, 2, 6, 1)
     edges = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.5], [1.0, 0.3],
                           [-0.1, 0.5], [0.5, 1.1]], dtype=value.dtype)
     loc = edges.view(1, 6, 1, 1, 1, 2).expand(1, 6, 1, 2, 1, 2).contiguous()
@@ -85,14 +79,14 @@ def test_border_and_edge_locations_match_naive():
 
 def test_empty_batch_and_no_queries():
     for N, Lq in ((0, 3), (2, 0)):
-        value, shapes, starts, loc, w = make_inputs([(3, 4), (2, 2)], max(N, 1), 3, 2, 2, 2)
+        value, shapes, starts, loc, w = make_inputs(max(N, 1), [(3, 4), (2, 2)], 2, 2, 3, 2)
         value, loc, w = value[:N], loc[:N, :Lq], w[:N, :Lq]
         out = ms_deform_attn_reference(value, shapes, starts, loc, w)
         assert out.shape == (N, Lq, 4)
 
 
 def test_dispatcher_reference_backend_and_bad_backend():
-    args = make_inputs([(3, 4)], 1, 2, 2, 2, 2)
+    args = make_inputs(1, [(3, 4)], 2, 2, 2, 2)
     torch.testing.assert_close(ms_deform_attn(*args, backend="reference"),
                                ms_deform_attn_reference(*args))
     torch.testing.assert_close(ms_deform_attn(*args), ms_deform_attn_reference(*args))
@@ -103,7 +97,7 @@ def test_dispatcher_reference_backend_and_bad_backend():
 # --- bad input -------------------------------------------------------------------------
 
 def _good():
-    return list(make_inputs([(3, 4), (2, 2)], 2, 3, 2, 4, 2, dtype=torch.float32))
+    return make_inputs(2, [(3, 4), (2, 2)], 2, 4, 3, 2, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("op", [ms_deform_attn_reference, ms_deform_attn_naive,

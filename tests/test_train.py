@@ -61,6 +61,7 @@ def test_train_checkpoint_resume_evaluate(tmp_path):
     assert log[-1]["train_images_per_s"] > 0 and "train_loss" in log[-1]
     # evaluation of the checkpoint, in process and through the CLI
     stats = evaluate_checkpoint(resumed["checkpoint"], progress=False)
+    assert {k: v for k, v in stats.items() if k != "summary"} == resumed["stats"]  # the log's
     # None: not measured (COCOeval's -1, e.g. no large objects in the tiny set)
     assert stats["AP"] is not None
     assert all(stats[k] is None or 0.0 <= stats[k] <= 1.0 for k in METRICS)

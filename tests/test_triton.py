@@ -24,9 +24,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from ddetr.ops import (kernel, level_start_index_of, ms_deform_attn,  # noqa: E402
-                       ms_deform_attn_naive, ms_deform_attn_reference)
+from ddetr.ops import (kernel, ms_deform_attn, ms_deform_attn_naive,  # noqa: E402
+                       ms_deform_attn_reference)
 from ddetr.ops import ms_deform_attn_triton as tri  # noqa: E402
+from op_inputs import make_inputs, outputs_and_grads  # noqa: E402
 
 # the module of the dispatcher (ddetr.ops.ms_deform_attn is the function)
 dispatch = importlib.import_module("ddetr.ops.ms_deform_attn")
@@ -42,36 +43,6 @@ def interpreter(request, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def make_inputs(N, shapes, M, D, Lq, K, dtype=torch.float32, device="cpu", seed=0,
-                spread=0.3):
-    """Random inputs; locations in [-spread, 1 + spread], so some fall outside."""
-    gen = torch.Generator().manual_seed(seed)
-    spatial_shapes = torch.tensor(shapes, dtype=torch.int64).view(-1, 2)
-    level_start_index = level_start_index_of(spatial_shapes)
-    S = int(spatial_shapes.prod(1).sum())
-    L = spatial_shapes.shape[0]
-    value = torch.randn(N, S, M, D, generator=gen, dtype=torch.float64)
-    loc = torch.rand(N, Lq, M, L, K, 2, generator=gen, dtype=torch.float64)
-    loc = loc * (1 + 2 * spread) - spread
-    w = torch.rand(N, Lq, M, L, K, generator=gen, dtype=torch.float64)
-    value, loc, w = (t.to(device=device, dtype=dtype).requires_grad_() for t in (value, loc, w))
-    return [value, spatial_shapes.to(device), level_start_index.to(device), loc, w]
-
-
-def outputs_and_grads(fn, inputs, seed=1):
-    """fn's output and the gradients of value, locations and weights for one random
-    output gradient (the same for every fn)."""
-    out = fn(*inputs)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed),
-                           dtype=torch.float64).to(out)
-    if out.numel() == 0:
-        return [out.detach()] + [torch.zeros_like(inputs[i]) for i in (0, 3, 4)]
-    grads = torch.autograd.grad(out, (inputs[0], inputs[3], inputs[4]), grad_out,
-                                allow_unused=True)
-    grads = [torch.zeros_like(inputs[i]) if g is None else g for g, i in zip(grads, (0, 3, 4))]
-    return [out.detach()] + list(grads)
 
 
 def triton_op(*args):

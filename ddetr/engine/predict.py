@@ -30,14 +30,16 @@ def load_trained(checkpoint, device="cpu", overrides=None, config=None):
 def evaluate_checkpoint(checkpoint, device="cpu", overrides=None, split="val",
                         progress=True, config=None):
     """COCO metrics of a checkpoint on a split of its config's data (a checkpoint's
-    data_path that does not exist here is refused unless overrides name one)."""
+    data_path that does not exist here is refused unless overrides name one), in the
+    precision it trained and was evaluated in (cfg.amp), so that the numbers are those of
+    its log."""
     model, postprocessor, cfg, _ = load_trained(checkpoint, device, overrides, config)
     require_data(cfg, checkpoint, overrides)
     dataset = build_dataset(split, cfg, generate=False)     # a saved config: no new data
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
                         num_workers=cfg.num_workers)
     return evaluate(model, postprocessor, loader, dataset.coco, next(model.parameters()).device,
-                    progress)
+                    progress, cfg.amp)
 
 
 @torch.no_grad()

@@ -35,8 +35,11 @@ def sizes_of(name):
                 levels=levels)
 
 
-def make_inputs(name, device, dtype=torch.float32, requires_grad=False, seed=0):
-    """Inputs like the model's. `name` is a key of SHAPES or a dict like sizes_of's.
+def make_inputs(name, device, dtype=torch.float32, requires_grad=False, seed=0,
+                loc_dtype=None):
+    """Inputs like the model's. `name` is a key of SHAPES or a dict like sizes_of's;
+    value in ``dtype``, locations and weights in ``loc_dtype`` (default ``dtype``; float32
+    with a half value is what MSDeformAttn passes under autocast on a GPU).
 
     Sampling locations are a reference point per query plus offsets of a few pixels,
     as in Deformable DETR: an encoder query (Lq = S) is a pixel and its reference point
@@ -64,16 +67,38 @@ def make_inputs(name, device, dtype=torch.float32, requires_grad=False, seed=0):
     offsets = torch.randn(N, Lq, M, L, K, 2, generator=gen) * 2 * pixel
     loc = reference.view(N, Lq, 1, 1, 1, 2) + offsets
     w = torch.randn(N, Lq, M, L * K, generator=gen).softmax(-1).view(N, Lq, M, L, K)
-    value, loc, w = (t.to(device=device, dtype=dtype).contiguous().requires_grad_(requires_grad)
-                     for t in (value, loc, w))
+    value = value.to(device=device, dtype=dtype)
+    loc, w = (t.to(device=device, dtype=loc_dtype or dtype) for t in (loc, w))
+    value, loc, w = (t.contiguous().requires_grad_(requires_grad) for t in (value, loc, w))
     return [value, spatial_shapes.to(device), level_start_index.to(device), loc, w]
 
 
-def forward_bytes(name, element_size=4):
-    """Bytes the forward must move at least: read value, locations, weights once and
-    write the output once (spatial shapes and start indices are negligible)."""
+def traffic(name, value_size=4, point_size=None):
+    """Bytes one forward moves, by kind, for value elements of ``value_size`` bytes and
+    locations and weights of ``point_size`` (default: value_size); the output has
+    value's type. {"value": value read once, "points": locations and weights (3 numbers
+    a point) read once, "output": written once, "gathered": what the kernel requests of
+    value: 4 corners of D channels for every point, as if no read were shared}."""
     s = sizes_of(name)
+    point_size = point_size or value_size
     points = s["N"] * s["Lq"] * s["M"] * s["L"] * s["K"]
-    value = s["N"] * s["S"] * s["M"] * s["D"]
-    output = s["N"] * s["Lq"] * s["M"] * s["D"]
-    return (value + 3 * points + output) * element_size
+    return {"value": s["N"] * s["S"] * s["M"] * s["D"] * value_size,
+            "points": 3 * points * point_size,
+            "output": s["N"] * s["Lq"] * s["M"] * s["D"] * value_size,
+            "gathered": 4 * points * s["D"] * value_size}
+
+
+def forward_bytes(name, element_size=4, point_size=None):
+    """Bytes the forward must move at least: read value, locations, weights once and
+    write the output once (spatial shapes and start indices are negligible); the floor
+    of its time is this over the memory bandwidth."""
+    t = traffic(name, element_size, point_size)
+    return t["value"] + t["points"] + t["output"]
+
+
+def gather_bytes(name, element_size=4, point_size=None):
+    """Bytes the forward moves if no corner read is shared (every corner of every point
+    from memory): the gathered corners, locations, weights, output. Against
+    forward_bytes it says how much the caches must absorb."""
+    t = traffic(name, element_size, point_size)
+    return t["gathered"] + t["points"] + t["output"]

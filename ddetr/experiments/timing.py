@@ -22,35 +22,57 @@ def call(fn, inputs, backward, grad_out=None):
     return out
 
 
-def synchronize(device):
-    """Wait for the device's queued work (a no-op on the CPU)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_side_by_side(fns, inputs, backward, repeat, device):
     """{key: (median, min) seconds} of `repeat` calls of each fn after one warm-up.
 
     The functions take turns (a, b, a, b, ...) so that both see the same machine: on a
     shared machine other jobs come and go, and timing one after the other would charge
-    a busy minute to whichever ran in it.
+    a busy minute to whichever ran in it. On a CPU the clock is the wall clock around
+    each call. On a GPU it is a pair of CUDA events around each call, and before each
+    call the L2 cache is flushed (``L2Flush``), so that a small shape does not run from
+    the cache that its previous repetition warmed.
     """
     grad_out = None
     if backward:
         with torch.no_grad():
             grad_out = torch.ones_like(next(iter(fns.values()))(*inputs))
+    flush = L2Flush() if device == "cuda" else None
     times = {key: [] for key in fns}
     for i in range(repeat + 1):
         for key, fn in fns.items():
             for t in inputs:
                 t.grad = None
-            synchronize(device)
+            if flush is not None:
+                flush()
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                call(fn, inputs, backward, grad_out)
+                end.record()
+                if i > 0:  # the first round is the warm-up
+                    times[key].append((start, end))
+                continue
             start = time.perf_counter()
             call(fn, inputs, backward, grad_out)
-            synchronize(device)
-            if i > 0:  # the first round is the warm-up
+            if i > 0:
                 times[key].append(time.perf_counter() - start)
+    if flush is not None:
+        torch.cuda.synchronize()
+        times = {key: [s.elapsed_time(e) / 1e3 for s, e in pairs]
+                 for key, pairs in times.items()}
     return {key: (statistics.median(t), min(t)) for key, t in times.items()}
+
+
+class L2Flush:
+    """Calling it evicts the GPU's L2 cache: it writes a buffer of twice the cache's
+    size (the device's L2_cache_size; 64 MiB where torch does not report it)."""
+
+    def __init__(self):
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        size = getattr(props, "L2_cache_size", 0) or 64 * 2**20
+        self.buffer = torch.empty(2 * size, dtype=torch.uint8, device="cuda")
+
+    def __call__(self):
+        self.buffer.fill_(1)
 
 
 def cuda_op_forward_seconds(inputs, runs=20):
