@@ -118,6 +118,27 @@ def test_cuda_matches_reference(cuda_kernel, dtype, case):
 
 @needs_gpu
 @pytest.mark.cuda
+@pytest.mark.parametrize("shape", ["book", "decoder", "encoder"])
+def test_cuda_triton_and_reference_agree_at_the_benchmark_shapes(cuda_kernel, shape):
+    """The shapes that bench kernels times (the book's model, the paper's decoder and
+    encoder; inputs shaped like the model's): the CUDA and Triton kernels in float32
+    against the reference in float64, forward and the three gradients."""
+    pytest.importorskip("triton")
+    from ddetr.experiments.kernel_inputs import make_inputs as model_like_inputs
+
+    inputs = model_like_inputs(shape, "cuda", torch.float32, requires_grad=True)
+    exact = [t.detach().double().requires_grad_() if t.is_floating_point() else t
+             for t in inputs]
+    want = outputs_and_grads(ms_deform_attn_reference, exact)
+    for backend in ("kernel", "triton"):
+        got = outputs_and_grads(lambda *a: ms_deform_attn(*a, backend=backend), inputs)
+        for name, g, w in zip(NAMES, got, want):
+            torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3,
+                                       msg=lambda m: f"{backend}, {name}: {m}")
+
+
+@needs_gpu
+@pytest.mark.cuda
 @pytest.mark.parametrize("case", SHAPES[:5])
 def test_cuda_matches_cpu_kernel(cuda_kernel, case):
     """Same formula on both devices (ddetr/csrc/ms_deform_attn.h): float64 agrees closely,
