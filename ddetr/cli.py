@@ -146,8 +146,13 @@ def build_parser():
     p.add_argument("--models", nargs="+", default=None,
                    help=f"some of {[r[0] for r in RUNS]}")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    p.add_argument("--lr-drop", type=int, default=None,
+                   help="the step after which the rate is 10x lower (default: 7/8 of the "
+                        "steps, rounded to whole evaluations)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the runs train (cuda: all of them share the GPU)")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time (processes)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run")
     p.add_argument("--time-limit-min", type=float, default=None, help="wall cap per run")
@@ -307,6 +312,7 @@ def run_experiment(args):
     run_convergence(args.out, args.quick, args.models, args.seeds, args.steps,
                     args.eval_every, args.jobs, args.threads, args.time_limit_min,
                     args.runs_dir, command="python -m ddetr " + " ".join(sys.argv[1:]),
-                    start_within_min=args.start_within_min)
+                    start_within_min=args.start_within_min, lr_drop=args.lr_drop,
+                    device=args.device)
     print((Path(args.out) / "convergence.md").read_text())
     return 0

@@ -13,7 +13,8 @@ from ddetr.config import get_config
 from ddetr.engine.checkpoint import load_compact
 from ddetr.config import MODEL_KEYS
 from ddetr.experiments.claims import convergence_claim, scale_claim
-from ddetr.experiments.convergence import CORE, FULL, RUNS, run_config, run_order
+from ddetr.experiments.convergence import (BASE, CORE, FULL, RUNS, experiment_settings,
+                                           run_config, run_order)
 from ddetr.experiments.results import (METRIC_KEYS, SCHEMA, eval_curves, load_results,
                                        loss_curves, markdown_summary, models_of, spearman,
                                        summary_table)
@@ -95,11 +96,15 @@ def test_run_order_puts_every_model_first_and_late_seeds_last():
 
 
 def test_the_experiment_models_differ_where_their_names_say():
-    """Every model is the cpu preset with the switches of its row: the dense baseline
-    differs from single-scale deformable attention in the attention only."""
+    """Every model is the experiment's recipe (BASE: the cpu preset as it was, with 2
+    decoder layers where the preset now has 4) with the switches of its row: the dense
+    baseline differs from single-scale deformable attention in the attention only."""
     cfgs = {name: run_config(name, overrides, 0, FULL, "runs/x") for name, _, overrides
             in RUNS}
-    preset = get_config("cpu")
+    preset = get_config("cpu", BASE)
+    now = get_config("cpu")
+    assert {k for k in MODEL_KEYS if getattr(now, k) != getattr(preset, k)} == {
+        "dec_layers", "with_box_refine", "two_stage"}    # BASE: the variants' switches off
     for name, cfg in cfgs.items():
         differ = {k for k in MODEL_KEYS if getattr(cfg, k) != getattr(preset, k)}
         assert differ <= {"attention", "num_feature_levels", "with_box_refine",
@@ -219,6 +224,12 @@ def test_convergence_claim_from_mean_curves():
     assert not c["holds"] and c["verdict"].startswith("Does not hold")
     tiny = _result([("fast", 0, [0.001, 0.002]), ("slow", 0, [0.0, 0.0])])
     assert "too early" in convergence_claim(tiny, "fast", "slow")["verdict"]
+    # a baseline that never starts: the claim holds, but the ratio is only a bound
+    idle = _result([("fast", 0, [0.05, 0.10]), ("slow", 0, [0.001, 0.004])])
+    c = convergence_claim(idle, "fast", "slow")
+    assert c["holds"] and c["first_eval"] == 0.5 and c["epoch_ratio"] == 2.0
+    assert "has not started to detect" in c["verdict"] and "below 1 % AP" in c["verdict"]
+    assert "the ratio is a lower bound" in c["verdict"]
 
 
 def test_scale_claim_sets_the_gap_against_the_seed_spread():
@@ -240,3 +251,25 @@ def test_scale_claim_sets_the_gap_against_the_seed_spread():
     assert not c["holds"] and "within the seed noise" in c["verdict"]
     with pytest.raises(ValueError, match="no runs of model 'multi'"):
         scale_claim(_result([("single", 0, [0.2])]), "single", "multi")
+
+
+def test_a_longer_budget_keeps_the_drop_at_the_same_fraction():
+    assert experiment_settings()["lr_drop"] == FULL["lr_drop"]
+    longer = experiment_settings(steps=3 * FULL["steps"])       # 24 epochs: the drop after 21
+    assert longer["lr_drop"] == 3 * FULL["lr_drop"] and "device" not in longer
+    assert experiment_settings(steps=9000, lr_drop=6000)["lr_drop"] == 6000
+    gpu = experiment_settings(device="cuda", steps=750, eval_every=375)
+    assert gpu["device"] == "cuda" and gpu["lr_drop"] == 750       # whole evaluations
+    assert experiment_settings(quick=True, steps=4)["lr_drop"] is None   # quick: no drop
+    with pytest.raises(ValueError, match="multiple of eval_every"):
+        experiment_settings(steps=1000)
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        experiment_settings(device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_the_experiment_on_cuda_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment", "convergence", "--device", "cuda", "--out", "results"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())          # nothing generated, nothing written

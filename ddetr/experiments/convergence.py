@@ -25,7 +25,8 @@ run is ``steps / eval_every`` engine epochs of ``iters_per_epoch = eval_every`` 
 each (each chunk draws its batches from a fresh shuffle of the training set, seeded by
 (seed, chunk)); in FULL a chunk is one pass over the training set. The learning rate
 drops 10x after ``lr_drop`` steps (FULL: after 7 of 8 epochs, about where the preset
-drops it, 9 of 11; None: never). The epochs reported are real passes over the data:
+drops it, 9 of 11; None: never; a run of other ``steps`` drops at the same fraction
+unless told otherwise). The epochs reported are real passes over the data:
 step * batch_size / number of training images. Time is training time only (evaluation
 excluded), as in the paper's figure, measured two ways: ``wall_s`` (the engine's
 ``train_time_s``) and ``cpu_s`` (its ``train_cpu_s``, the process's CPU time). With one
@@ -40,7 +41,11 @@ results carries.
 
 Runs go to a process pool (``jobs``, see ``runner``), each process with ``threads``
 torch threads. Results are rewritten after every finished run, so an experiment that
-is cut short still leaves what finished.
+is cut short still leaves what finished. ``device="cuda"`` trains every run on the GPU
+(several jobs share it); the paper's claims at a larger budget, e.g. 24 epochs:
+
+    python -m ddetr experiment convergence --device cuda --jobs 8 --steps 9000 \
+        --runs-dir runs/convergence_gpu --out benchmarks/gpu
 
 Output (``out_dir``; the CLI's default is benchmarks/ of the current directory):
 ``convergence.json`` (schema in ``results``),
@@ -62,7 +67,7 @@ from torch.utils.data import DataLoader
 from ..config import get_config
 from ..data import build_dataset, coco_paths, collate, ensure_data, size_class_counts
 from ..engine import evaluate, train
-from ..engine.train import run_progress
+from ..engine.train import resolve_device, run_progress
 from ..models import count_parameters
 from ..engine.checkpoint import load_compact, save_compact
 from .machine import git_commit, load_average, machine_description
@@ -193,7 +198,8 @@ def run_config(model, overrides, seed, settings, output_dir):
               "lr_drop": (10 ** 6 if settings.get("lr_drop") is None
                           else max(1, settings["lr_drop"] // settings["eval_every"])),
               "eval_every": 1, "threads": settings["threads"],   # 0: tuned
-              "time_limit_min": settings["time_limit_min"], "device": "cpu"}
+              "time_limit_min": settings["time_limit_min"],
+              "device": settings.get("device", "cpu")}
     if settings.get("image_size"):
         size = settings["image_size"]
         values.update(synthetic_image_size=size, train_scales=[size], max_size=size,
@@ -274,7 +280,8 @@ def evaluate_compact(path, cfg):
     model, postprocessor = load_compact(path)[:2]
     val_set = build_dataset("val", cfg)
     loader = DataLoader(val_set, batch_size=cfg.batch_size, collate_fn=collate)
-    return evaluate(model, postprocessor, loader, val_set.coco, torch.device("cpu"),
+    device = resolve_device(cfg.device)
+    return evaluate(model.to(device), postprocessor, loader, val_set.coco, device,
                     progress=False)
 
 
@@ -302,9 +309,37 @@ def run_order(runs, seeds, late_seeds):
     return order
 
 
+def experiment_settings(quick=False, device="cpu", **changes):
+    """The budget of the experiment: the mode's (FULL or QUICK) with ``changes`` (keys of
+    FULL, and start_within_min; None: the mode's) applied, checked. A change of steps
+    without one of lr_drop moves the drop to the same fraction of the steps, rounded
+    to whole evaluations; device "cuda" is recorded as "device" (a CPU run's settings
+    stay as they always were)."""
+    mode = QUICK if quick else FULL
+    settings = dict(mode)
+    settings.update({k: v for k, v in changes.items() if v is not None})
+    if changes.get("lr_drop") is None and mode["lr_drop"] and settings["steps"] != mode["steps"]:
+        every = settings["eval_every"]
+        settings["lr_drop"] = max(every, round(mode["lr_drop"] / mode["steps"]
+                                               * settings["steps"] / every) * every)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device != "cpu":
+        settings["device"] = device
+    settings["seeds"] = list(settings["seeds"])
+    settings["late_seeds"] = [s for s in settings["seeds"] if s in settings["late_seeds"]] \
+        or settings["seeds"][:1]
+    settings["start_within_min"] = changes.get("start_within_min")
+    if settings["steps"] % settings["eval_every"]:
+        raise ValueError(f"steps ({settings['steps']}) must be a multiple of eval_every "
+                         f"({settings['eval_every']})")
+    return settings
+
+
 def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
                     eval_every=None, jobs=None, threads=None, time_limit_min=None,
-                    runs_dir="runs/convergence", command=None, start_within_min=None):
+                    runs_dir="runs/convergence", command=None, start_within_min=None,
+                    lr_drop=None, device="cpu"):
     """Train every (model, seed) of the experiment and write the results; returns them.
 
     Args (None = the mode's default, FULL or QUICK above):
@@ -312,29 +347,26 @@ def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
         quick: a few steps on a tiny generated set (CI).
         models: names from RUNS (default all); seeds: iterable of ints.
         steps, eval_every: optimizer steps per run, steps between COCO evaluations.
+        lr_drop: the step after which the rate is 10x lower (default: the mode's, or, with
+            other steps, the same fraction of them, rounded to whole evaluations).
         jobs: runs at a time (processes); threads: torch threads per run (0 = default).
         time_limit_min: wall-clock cap per run (training + evaluation).
         runs_dir: the engine's output folders (checkpoints, logs), one per run.
         command: the command line recorded in the results (default: the CLI's).
         start_within_min: no run starts later than this many minutes after the
             experiment did (those left are listed as "pending"); None = no limit.
+        device: "cpu" or "cuda" (the runs share the one GPU; each jobs process has
+            its own CUDA context).
 
     Returns:
         the results (a dict in the schema of ``ddetr.experiments.results``), also
         written to ``out_dir/convergence.json`` and ``.md`` after every finished run.
     """
-    settings = dict(QUICK if quick else FULL)
-    for key, value in dict(steps=steps, eval_every=eval_every, jobs=jobs, threads=threads,
-                           time_limit_min=time_limit_min, seeds=seeds).items():
-        if value is not None:
-            settings[key] = value
-    settings["seeds"] = list(settings["seeds"])
-    settings["late_seeds"] = [s for s in settings["seeds"] if s in settings["late_seeds"]] \
-        or settings["seeds"][:1]
-    settings["start_within_min"] = start_within_min
-    if settings["steps"] % settings["eval_every"]:
-        raise ValueError(f"steps ({settings['steps']}) must be a multiple of eval_every "
-                         f"({settings['eval_every']})")
+    settings = experiment_settings(quick, steps=steps, eval_every=eval_every, jobs=jobs,
+                                   threads=threads, time_limit_min=time_limit_min,
+                                   seeds=seeds, lr_drop=lr_drop, device=device,
+                                   start_within_min=start_within_min)
+    resolve_device(device)              # a GPU asked for and missing: said before any work
     known = [r[0] for r in RUNS]
     models = list(models or known)
     unknown = sorted(set(models) - set(known))
@@ -352,7 +384,7 @@ def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
               "command": command or "python -m ddetr experiment convergence"
                                     + (" --quick" if quick else ""),
               "commit": commit, "dirty": dirty,
-              "machine": machine_description("cpu"),
+              "machine": machine_description(device),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "quick": quick, "load_average": {"start": load_average(), "end": None},
               "settings": {"preset": "cpu", "batch_size": cfg0.batch_size, **settings},
