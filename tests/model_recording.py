@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ddetr.config import get_config
+from ddetr.experiments.machine import machine_description
 from ddetr.models import build_model
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -71,7 +72,7 @@ def record():
     for preset in PAPER_PRESETS:
         keys[preset] = list(build_model(get_config(preset))[0].state_dict())
     return {"outputs": outputs, "state_dict_keys": keys, "torch": str(torch.__version__),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "cpu": machine_description("cpu")["cpu"]}
 
 
 if __name__ == "__main__":
