@@ -55,6 +55,8 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "ms_deform_attn.h"
@@ -77,82 +79,145 @@ struct Sizes {
   index_t triples;  // N * Lq * M
   index_t S, M, D, Lq;
   int K;
-  int lanes_log2;   // log2 of the threads per triple
+  int lanes_log2;   // log2 of the channel lanes per triple (per level with SPLIT)
+  int split_log2;   // log2 of the level lanes per triple (SPLIT kernels only)
+  int order_mq;     // EXPERIMENT: groups in (n, m, q) order (else (n, q, m))
+  int interleave;   // EXPERIMENT: chunks of a group's lanes side by side
 };
 
-// ---- channel vectors: VEC channels of scalar_t <-> VEC acc_t in registers --------------
+// ---- which (n, q, m) a thread group serves -------------------------------------------------
 
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_channels(const scalar_t* p, acc_t (&out)[VEC]) {
-  if constexpr (VEC == 8 && std::is_same<scalar_t, float>::value) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0];
-    const float4 b = reinterpret_cast<const float4*>(p)[1];
+// A triple's indices; row = (n * Lq + q) * M + m is its row in locations, weights and
+// output. order_mq (EXPERIMENT): consecutive groups take consecutive queries of one head
+// instead of the M heads of one query.
+template <typename index_t>
+struct Triple {
+  index_t n, m, row;
+};
+
+template <typename index_t>
+__device__ __forceinline__ Triple<index_t> triple_of(index_t i, const Sizes<index_t>& s) {
+  Triple<index_t> t;
+  if (s.order_mq) {
+    const index_t q = i % s.Lq, nm = i / s.Lq;
+    t.m = nm % s.M;
+    t.n = nm / s.M;
+    t.row = (t.n * s.Lq + q) * s.M + t.m;
+  } else {
+    t.m = i % s.M;
+    t.n = i / (s.Lq * s.M);
+    t.row = i;
+  }
+  return t;
+}
+
+// ---- channel chunks: CH channels of scalar_t <-> CH acc_t in registers ----------------------
+//
+// A thread owns VEC channels as VEC / CH chunks of CH contiguous channels (16 bytes of
+// float32 or 8-16 bytes of half types: one load instruction each).
+
+template <int CH, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_chunk(const scalar_t* p, acc_t (&out)[CH]) {
+  if constexpr (CH == 4 && std::is_same<scalar_t, float>::value) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
     out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-    out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
-  } else if constexpr (VEC == 8 && std::is_same<scalar_t, at::Half>::value) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+  } else if constexpr ((CH == 4 || CH == 8) && (std::is_same<scalar_t, at::Half>::value ||
+                                                std::is_same<scalar_t, at::BFloat16>::value)) {
+    using pair_t = std::conditional_t<std::is_same<scalar_t, at::Half>::value, __half2,
+                                      __nv_bfloat162>;
+    using raw_t = std::conditional_t<CH == 8, uint4, uint2>;
+    const raw_t raw = *reinterpret_cast<const raw_t*>(p);
+    const pair_t* h = reinterpret_cast<const pair_t*>(&raw);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __half22float2(h[j]);
-      out[2 * j] = f.x; out[2 * j + 1] = f.y;
-    }
-  } else if constexpr (VEC == 8 && std::is_same<scalar_t, at::BFloat16>::value) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(h[j]);
+    for (int j = 0; j < CH / 2; ++j) {
+      float2 f;
+      if constexpr (std::is_same<pair_t, __half2>::value) f = __half22float2(h[j]);
+      else f = __bfloat1622float2(h[j]);
       out[2 * j] = f.x; out[2 * j + 1] = f.y;
     }
   } else {
-    static_assert(VEC == 1, "vector loads are written for 8 float/half/bfloat16 channels");
+    static_assert(CH == 1, "chunk loads are written for 4 float or 4/8 half/bfloat16 channels");
     out[0] = static_cast<acc_t>(p[0]);
   }
 }
 
-template <int VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store_channels(scalar_t* p, const acc_t (&in)[VEC]) {
-  if constexpr (VEC == 8 && std::is_same<scalar_t, float>::value) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(in[4], in[5], in[6], in[7]);
-  } else if constexpr (VEC == 8 && std::is_same<scalar_t, at::Half>::value) {
-    uint4 raw;
-    __half2* h = reinterpret_cast<__half2*>(&raw);
+template <int CH, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_chunk(scalar_t* p, const acc_t* in) {
+  if constexpr (CH == 4 && std::is_same<scalar_t, float>::value) {
+    *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
+  } else if constexpr ((CH == 4 || CH == 8) && (std::is_same<scalar_t, at::Half>::value ||
+                                                std::is_same<scalar_t, at::BFloat16>::value)) {
+    using raw_t = std::conditional_t<CH == 8, uint4, uint2>;
+    raw_t raw;
+    if constexpr (std::is_same<scalar_t, at::Half>::value) {
+      __half2* h = reinterpret_cast<__half2*>(&raw);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(in[2 * j], in[2 * j + 1]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  } else if constexpr (VEC == 8 && std::is_same<scalar_t, at::BFloat16>::value) {
-    uint4 raw;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+      for (int j = 0; j < CH / 2; ++j) h[j] = __floats2half2_rn(in[2 * j], in[2 * j + 1]);
+    } else {
+      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(in[2 * j], in[2 * j + 1]);
-    *reinterpret_cast<uint4*>(p) = raw;
+      for (int j = 0; j < CH / 2; ++j) h[j] = __floats2bfloat162_rn(in[2 * j], in[2 * j + 1]);
+    }
+    *reinterpret_cast<raw_t*>(p) = raw;
   } else {
-    static_assert(VEC == 1, "vector stores are written for 8 float/half/bfloat16 channels");
+    static_assert(CH == 1, "chunk stores are written for 4 float or 4/8 half/bfloat16 channels");
     p[0] = static_cast<scalar_t>(in[0]);
   }
 }
 
-// grad_value[p .. p + VEC) += scale * g[0 .. VEC): float4 atomics where the arch has
-// them (sm_90), one float at a time elsewhere.
-template <int VEC, typename acc_t>
-__device__ __forceinline__ void atomic_add_channels(acc_t* p, acc_t scale, const acc_t (&g)[VEC]) {
+// grad[p .. p + CH) += scale * g[0 .. CH). float32 targets: one 16-byte vector atomic
+// (sm_90) per 4 channels, else one float at a time. bfloat16 targets (EXPERIMENT: the
+// gradient summed in the value's own type): one 16- or 8-byte vector atomic on sm_90.
+template <int CH, typename grad_t, typename acc_t>
+__device__ __forceinline__ void atomic_add_chunk(grad_t* p, acc_t scale, const acc_t* g) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr bool vector = VEC % 4 == 0 && std::is_same<acc_t, float>::value;
+  constexpr bool sm90 = true;
 #else
-  constexpr bool vector = false;
+  constexpr bool sm90 = false;
 #endif
-  if constexpr (vector) {
+  if constexpr (std::is_same<grad_t, at::BFloat16>::value && CH == 1) {
+    atomicAdd(reinterpret_cast<__nv_bfloat16*>(p), __float2bfloat16(scale * g[0]));
+  } else if constexpr (std::is_same<grad_t, at::BFloat16>::value) {
+    uint32_t r[CH / 2];
 #pragma unroll
-    for (int j = 0; j < VEC; j += 4) {
+    for (int j = 0; j < CH / 2; ++j) {
+      __nv_bfloat162 h = __floats2bfloat162_rn(scale * g[2 * j], scale * g[2 * j + 1]);
+      r[j] = *reinterpret_cast<uint32_t*>(&h);
+    }
+    if constexpr (sm90 && CH == 8) {
+      asm volatile("red.global.add.noftz.v4.bf16x2 [%0], {%1, %2, %3, %4};"
+                   :: "l"(p), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+    } else if constexpr (sm90 && CH == 4) {
+      asm volatile("red.global.add.noftz.v2.bf16x2 [%0], {%1, %2};"
+                   :: "l"(p), "r"(r[0]), "r"(r[1]) : "memory");
+    } else {
+#pragma unroll
+      for (int j = 0; j < CH / 2; ++j)
+        atomicAdd(reinterpret_cast<__nv_bfloat162*>(p) + j,
+                  *reinterpret_cast<__nv_bfloat162*>(&r[j]));
+    }
+  } else if constexpr (sm90 && CH % 4 == 0 && std::is_same<acc_t, float>::value) {
+#pragma unroll
+    for (int j = 0; j < CH; j += 4) {
       atomicAdd(reinterpret_cast<float4*>(p + j),
                 make_float4(scale * g[j], scale * g[j + 1], scale * g[j + 2], scale * g[j + 3]));
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) atomicAdd(p + j, scale * g[j]);
+    for (int j = 0; j < CH; ++j) atomicAdd(p + j, scale * g[j]);
   }
+}
+
+// Where chunk j of this lane starts, in round r of the channel loop. Contiguous: a lane
+// owns VEC neighbouring channels. Interleaved (EXPERIMENT): chunk j of the lanes of a
+// group lie side by side, so one warp-wide access covers whole 32-byte sectors.
+template <int VEC, int CH, typename index_t>
+__device__ __forceinline__ index_t chunk_channel(index_t r, int j, int lane,
+                                                 const Sizes<index_t>& s) {
+  constexpr int NCH = VEC / CH;
+  const index_t round_start = (r * VEC) << s.lanes_log2;
+  const int in_round = s.interleave ? ((j << s.lanes_log2) + lane) * CH : (lane * NCH + j) * CH;
+  return round_start + in_round;
 }
 
 // The K weights and 2K coordinates of one level of one triple. K = 4 float32: one 128-bit
@@ -190,34 +255,95 @@ __device__ __forceinline__ bool exceptional(const acc_t a, bool finite_point) {
   return !(finite_point && a - a == acc_t(0));  // a - a is NaN for NaN and +-Inf
 }
 
+// The thread's place: its triple, its channel lane, and (SPLIT) the level it runs.
+template <bool SPLIT, typename index_t>
+struct Place {
+  index_t i;   // the triple
+  int lane;    // channel lane inside the group
+  int lsub;    // SPLIT: this thread's level; else 0
+  int lstep;   // SPLIT: levels are lsub, lsub + lstep, ...; else 1
+};
+
+template <bool SPLIT, typename index_t>
+__device__ __forceinline__ Place<SPLIT, index_t> place_of(const Sizes<index_t>& s) {
+  const index_t t = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int split_log2 = SPLIT ? s.split_log2 : 0;
+  Place<SPLIT, index_t> p;
+  p.i = t >> (s.lanes_log2 + split_log2);
+  p.lane = static_cast<int>(t & ((index_t(1) << s.lanes_log2) - 1));
+  p.lsub = SPLIT ? static_cast<int>((t >> s.lanes_log2) & ((index_t(1) << split_log2) - 1)) : 0;
+  p.lstep = 1 << split_log2;
+  return p;
+}
+
+// The cold pass of the forward: the exceptional points of this thread's levels, the
+// reference's way (rare: NaN or +-Inf in a location or weight).
+template <typename scalar_t, int VEC, int CH, typename index_t, typename acc_t>
+__device__ __forceinline__ void forward_cold_pass(const scalar_t* head, const acc_t* loc,
+                                                  const acc_t* w, const Levels<index_t>& lv,
+                                                  const Sizes<index_t>& s, int L, int K,
+                                                  int lsub, int lstep, const index_t (&ch)[VEC / CH],
+                                                  const bool (&ok)[VEC / CH], acc_t (&acc)[VEC]) {
+  const index_t MD = s.M * s.D;
+#pragma unroll 1
+  for (int p = 0; p < L * K; ++p) {
+    const int l = p / K;
+    if (l % lstep != lsub) continue;  // SPLIT: this thread's level only
+    const index_t H = lv.H[l], W = lv.W[l], start = lv.start[l];
+    if (!level_in_bounds<index_t>(start, H, W, s.S)) continue;
+    const auto cr = bilinear_corners<acc_t, index_t>(loc[2 * p], loc[2 * p + 1], H, W,
+                                                     static_cast<acc_t>(H), static_cast<acc_t>(W));
+    if (!exceptional(w[p], cr.finite)) continue;
+#pragma unroll
+    for (int j = 0; j < VEC / CH; ++j) {
+      if (!ok[j]) continue;
+      const scalar_t* corner[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) corner[c] = head + start * MD + cr.pixel[c] * MD + ch[j];
+      exact_point_forward(cr, corner, w[p], acc + j * CH, CH);
+    }
+  }
+}
+
 // ---- forward -------------------------------------------------------------------------------
 
-template <typename scalar_t, int VEC, int L_, int K_, typename index_t>
+template <typename scalar_t, int VEC, int L_, int K_, bool SPLIT, typename index_t>
 __global__ void __launch_bounds__(kThreads, 2)
 forward_kernel(const scalar_t* __restrict__ value,
                const at::opmath_type<scalar_t>* __restrict__ locations,
                const at::opmath_type<scalar_t>* __restrict__ weights,
                scalar_t* __restrict__ output, const Levels<index_t> lv, const Sizes<index_t> s) {
   using acc_t = at::opmath_type<scalar_t>;
-  const index_t t = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const index_t i = t >> s.lanes_log2;  // the (n, q, m) triple, row-major over (N, Lq, M)
-  if (i >= s.triples) return;
-  const int lane = static_cast<int>(t & ((index_t(1) << s.lanes_log2) - 1));
-  const int L = L_ > 0 ? L_ : lv.L;  // L_ > 0: a constant, the level loop unrolls
+  constexpr int CH = VEC == 1 ? 1 : 16 / static_cast<int>(sizeof(scalar_t));
+  constexpr int NCH = VEC / CH;
+  const auto pl = place_of<SPLIT>(s);
+  // SPLIT: the level lanes of a triple add their sums with shuffles: whole groups
+  const unsigned mask = SPLIT ? __ballot_sync(0xffffffffu, pl.i < s.triples) : 0u;
+  if (pl.i >= s.triples) return;
+  const int L = L_ > 0 ? L_ : lv.L;
   const int K = K_ > 0 ? K_ : s.K;
-  const index_t m = i % s.M, n = i / (s.Lq * s.M);
+  const Triple<index_t> tr = triple_of(pl.i, s);
   const index_t MD = s.M * s.D;  // distance between two pixels in value
-  const acc_t* loc = locations + i * (L * K * 2);
-  const acc_t* w = weights + i * (L * K);
+  const acc_t* loc = locations + tr.row * (L * K * 2);
+  const acc_t* w = weights + tr.row * (L * K);
+  const scalar_t* head = value + (tr.n * s.S * s.M + tr.m) * s.D;  // value[n, 0, m, 0]
   const index_t step = static_cast<index_t>(VEC) << s.lanes_log2;
-  for (index_t c = lane * VEC; c < s.D; c += step) {  // usually one round
-    const scalar_t* head = value + (n * s.S * s.M + m) * s.D + c;  // value[n, 0, m, c]
+  for (index_t r = 0; r * step < s.D; ++r) {  // usually one round
+    index_t ch[NCH];
+    bool ok[NCH];
+#pragma unroll
+    for (int j = 0; j < NCH; ++j) {
+      ch[j] = chunk_channel<VEC, CH>(r, j, pl.lane, s);
+      ok[j] = ch[j] < s.D;
+    }
     acc_t acc[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = 0;
     unsigned special = 0;  // an exceptional point was skipped (an int: predicates are few)
+    const int levels_here = SPLIT ? (pl.lsub < L ? 1 : 0) : L;
 #pragma unroll
-    for (int l = 0; l < L; ++l) {
+    for (int li = 0; li < levels_here; ++li) {
+      const int l = SPLIT ? pl.lsub : li;
       const index_t H = lv.H[l], W = lv.W[l], start = lv.start[l];
       if (!level_in_bounds<index_t>(start, H, W, s.S)) continue;  // never, once checked
       const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
@@ -237,134 +363,211 @@ forward_kernel(const scalar_t* __restrict__ value,
             continue;
           }
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (!cr.inside[j]) continue;  // outside the map: reads zero
-            acc_t v[VEC];
-            load_channels<VEC>(level + cr.pixel[j] * MD, v);
-            const acc_t aw = a * cr.weight[j];
+          for (int c = 0; c < 4; ++c) {
+            if (!cr.inside[c]) continue;  // outside the map: reads zero
+            const scalar_t* px = level + cr.pixel[c] * MD;
+            const acc_t aw = a * cr.weight[c];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[e] += aw * v[e];
+            for (int j = 0; j < NCH; ++j) {
+              if (!ok[j]) continue;
+              acc_t v[CH];
+              load_chunk<CH>(px + ch[j], v);
+#pragma unroll
+              for (int e = 0; e < CH; ++e) acc[j * CH + e] += aw * v[e];
+            }
           }
         }
       }
     }
-    if (special != 0) {  // the cold pass
-#pragma unroll 1
-      for (int p = 0; p < L * K; ++p) {
-        const int l = p / K;
-        const index_t H = lv.H[l], W = lv.W[l], start = lv.start[l];
-        if (!level_in_bounds<index_t>(start, H, W, s.S)) continue;
-        const auto cr = bilinear_corners<acc_t, index_t>(loc[2 * p], loc[2 * p + 1], H, W,
-                                                         static_cast<acc_t>(H),
-                                                         static_cast<acc_t>(W));
-        if (!exceptional(w[p], cr.finite)) continue;
-        const scalar_t* corner[4];
+    if (special != 0) forward_cold_pass<scalar_t, VEC, CH>(head, loc, w, lv, s, L, K, pl.lsub,
+                                                           pl.lstep, ch, ok, acc);
+    if constexpr (SPLIT) {  // add the level lanes' sums
+      for (int off = 1 << s.lanes_log2; off < (1 << (s.lanes_log2 + s.split_log2)); off <<= 1) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) corner[j] = head + start * MD + cr.pixel[j] * MD;
-        exact_point_forward(cr, corner, w[p], acc, VEC);
+        for (int e = 0; e < VEC; ++e) acc[e] += __shfl_xor_sync(mask, acc[e], off);
       }
+      if (pl.lsub != 0) continue;
     }
-    store_channels<VEC>(output + i * s.D + c, acc);
+#pragma unroll
+    for (int j = 0; j < NCH; ++j) {
+      if (ok[j]) store_chunk<CH>(output + tr.row * s.D + ch[j], acc + j * CH);
+    }
   }
 }
 
 // ---- backward ------------------------------------------------------------------------------
 
-// Sum x over the group (lanes a power of two <= 32, aligned inside the warp): every
-// lane of the group gets the total. `mask`: the lanes that take part (whole groups).
+// Sum x over the channel lanes of a group (lanes a power of two <= 32, aligned inside
+// the warp): every lane gets the total. `mask`: the lanes that take part (whole groups).
 template <typename acc_t>
 __device__ __forceinline__ acc_t group_sum(acc_t x, int lanes, unsigned mask) {
   for (int offset = lanes / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(mask, x, offset);
   return x;
 }
 
-template <typename scalar_t, int VEC, int L_, int K_, typename index_t>
+// One finite point's share of the backward, over this thread's channel chunks: its
+// gradient scattered into grad_value, and (returned through g_*) this thread's part of
+// the sums the weight and location gradients need (ms_deform_attn.h, exact_point_*).
+template <typename scalar_t, typename grad_t, int VEC, int CH, typename index_t, typename acc_t>
+__device__ __forceinline__ void point_backward(const Corners<acc_t, index_t>& cr, acc_t a,
+                                               const scalar_t* value, grad_t* grad_value,
+                                               index_t level, index_t MD,
+                                               const index_t (&ch)[VEC / CH],
+                                               const bool (&ok)[VEC / CH], const acc_t (&go)[VEC],
+                                               acc_t& g_weight, acc_t& g_x, acc_t& g_y) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    if (!cr.inside[c]) continue;
+    const index_t offset = level + cr.pixel[c] * MD;
+    acc_t dot = 0;  // this thread's share of grad_out . V[corner]
+#pragma unroll
+    for (int j = 0; j < VEC / CH; ++j) {
+      if (!ok[j]) continue;
+      acc_t v[CH];
+      load_chunk<CH>(value + offset + ch[j], v);
+#pragma unroll
+      for (int e = 0; e < CH; ++e) dot += go[j * CH + e] * v[e];
+      atomic_add_chunk<CH>(grad_value + offset + ch[j], a * cr.weight[c], go + j * CH);
+    }
+    g_weight += cr.weight[c] * dot;
+    g_x += cr.dweight_dx[c] * dot;
+    g_y += cr.dweight_dy[c] * dot;
+  }
+}
+
+// The cold pass of the backward: the exceptional points of this thread's levels, the
+// reference's way, added to what the hot loop wrote (0 for these points).
+template <typename scalar_t, typename grad_t, int VEC, int CH, typename index_t, typename acc_t,
+          typename P>
+__device__ __forceinline__ void backward_cold_pass(
+    const scalar_t* grad_out, const scalar_t* value, grad_t* grad_value, index_t head,
+    const acc_t* loc, const acc_t* w, acc_t* g_loc, acc_t* g_w, const Levels<index_t>& lv,
+    const Sizes<index_t>& s, int L, int K, const P& pl, const index_t (&ch)[VEC / CH],
+    const bool (&ok)[VEC / CH], unsigned cold) {
+  const index_t MD = s.M * s.D;
+  const int lanes = 1 << s.lanes_log2;
+#pragma unroll 1
+  for (int p = 0; p < L * K; ++p) {
+    const int l = p / K;
+    if (l % pl.lstep != pl.lsub) continue;  // SPLIT: this thread's level only
+    const index_t H = lv.H[l], W = lv.W[l], start = lv.start[l];
+    const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
+    const auto cr = bilinear_corners<acc_t, index_t>(loc[2 * p], loc[2 * p + 1], H, W, Hf, Wf);
+    const bool mine = exceptional(w[p], cr.finite);
+    acc_t g_weight = 0, g_x = 0, g_y = 0;
+    if (mine && level_in_bounds<index_t>(start, H, W, s.S)) {
+      const index_t level = head + start * MD;
+#pragma unroll
+      for (int j = 0; j < VEC / CH; ++j) {
+        if (!ok[j]) continue;
+        const scalar_t* corner[4];
+        grad_t* grad_corner[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          corner[c] = value + level + cr.pixel[c] * MD + ch[j];
+          grad_corner[c] = grad_value + level + cr.pixel[c] * MD + ch[j];
+        }
+        exact_point_backward(cr, corner, grad_out + ch[j], w[p], CH, g_weight, g_x, g_y,
+                             [=](int c, int e, acc_t x) {
+                               atomic_add_chunk<1>(grad_corner[c] + e, acc_t(1), &x);
+                             });
+      }
+      g_x *= Wf;  // the weight is inside exact_point_backward's sums already
+      g_y *= Hf;
+    }
+    g_weight = group_sum(g_weight, lanes, cold);
+    g_x = group_sum(g_x, lanes, cold);
+    g_y = group_sum(g_y, lanes, cold);
+    if (pl.lane == 0 && mine) {
+      g_w[p] += g_weight;
+      g_loc[2 * p] += g_x;
+      g_loc[2 * p + 1] += g_y;
+    }
+  }
+}
+
+template <typename scalar_t, typename grad_t, int VEC, int CH, int L_, int K_, bool SPLIT,
+          typename index_t>
 __global__ void __launch_bounds__(kThreads, 2)
 backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                 const at::opmath_type<scalar_t>* __restrict__ locations,
                 const at::opmath_type<scalar_t>* __restrict__ weights,
-                at::opmath_type<scalar_t>* __restrict__ grad_value,  // zero-filled, atomics
+                grad_t* __restrict__ grad_value,  // zero-filled, atomics
                 at::opmath_type<scalar_t>* __restrict__ grad_locations,  // written once
                 at::opmath_type<scalar_t>* __restrict__ grad_weights,    // written once
                 const Levels<index_t> lv, const Sizes<index_t> s) {
   using acc_t = at::opmath_type<scalar_t>;
-  const index_t t = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const index_t i = t >> s.lanes_log2;
+  constexpr int NCH = VEC / CH;
+  const auto pl = place_of<SPLIT>(s);
   // The group sums with shuffles among the threads that have a triple; a whole group
   // has one or not, so a lane's xor partner is always in the mask.
-  const unsigned mask = __ballot_sync(0xffffffffu, i < s.triples);
-  if (i >= s.triples) return;
+  const unsigned mask = __ballot_sync(0xffffffffu, pl.i < s.triples);
+  if (pl.i >= s.triples) return;
   const int lanes = 1 << s.lanes_log2;
-  const int lane = static_cast<int>(t & (lanes - 1));
   const int L = L_ > 0 ? L_ : lv.L;
   const int K = K_ > 0 ? K_ : s.K;
-  const index_t m = i % s.M, n = i / (s.Lq * s.M);
+  const Triple<index_t> tr = triple_of(pl.i, s);
   const index_t MD = s.M * s.D;
-  const acc_t* loc = locations + i * (L * K * 2);
-  const acc_t* w = weights + i * (L * K);
-  acc_t* g_loc = grad_locations + i * (L * K * 2);
-  acc_t* g_w = grad_weights + i * (L * K);
+  const acc_t* loc = locations + tr.row * (L * K * 2);
+  const acc_t* w = weights + tr.row * (L * K);
+  acc_t* g_loc = grad_locations + tr.row * (L * K * 2);
+  acc_t* g_w = grad_weights + tr.row * (L * K);
+  const index_t head = (tr.n * s.S * s.M + tr.m) * s.D;  // offset of value[n, 0, m, 0]
   const index_t step = static_cast<index_t>(VEC) << s.lanes_log2;
   // every lane of a group runs the same number of rounds (the shuffles need them all);
-  // a lane past D takes part with zeros
-  const index_t rounds = (s.D + step - 1) / step;
-  for (index_t r = 0; r < rounds; ++r) {
-    const index_t c = r * step + lane * VEC;
-    const bool has = c < s.D;
-    const index_t cc = has ? c : 0;
+  // a chunk past D takes part with zeros
+  for (index_t r = 0; r * step < s.D; ++r) {
+    index_t ch[NCH];
+    bool ok[NCH];
     acc_t go[VEC];
-    if (has) {
-      load_channels<VEC>(grad_output + i * s.D + cc, go);
-    } else {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) go[e] = 0;
+    for (int j = 0; j < NCH; ++j) {
+      ch[j] = chunk_channel<VEC, CH>(r, j, pl.lane, s);
+      ok[j] = ch[j] < s.D;
+      acc_t* part = go + j * CH;
+      if (ok[j]) {
+        acc_t v[CH];
+        load_chunk<CH>(grad_output + tr.row * s.D + ch[j], v);
+#pragma unroll
+        for (int e = 0; e < CH; ++e) part[e] = v[e];
+      } else {
+#pragma unroll
+        for (int e = 0; e < CH; ++e) part[e] = 0;
+      }
     }
-    const index_t head = (n * s.S * s.M + m) * s.D + cc;  // offset of value[n, 0, m, c]
     unsigned special = 0;  // an int: predicates are few
+    const int levels_here = SPLIT ? (pl.lsub < L ? 1 : 0) : L;
 #pragma unroll
-    for (int l = 0; l < L; ++l) {
+    for (int li = 0; li < levels_here; ++li) {
+      const int l = SPLIT ? pl.lsub : li;
       const index_t H = lv.H[l], W = lv.W[l], start = lv.start[l];
-      const bool level_ok = has && level_in_bounds<index_t>(start, H, W, s.S);
+      const bool level_ok = level_in_bounds<index_t>(start, H, W, s.S);
       const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
-      const index_t level = head + start * MD;
       // one point at a time: the atomics dominate the backward, and unrolling the
       // points only made the compiler hold (and spill) the addresses of all of them
 #pragma unroll 1
       for (int k = 0; k < K; ++k) {
-        {
-          const int p = l * K + k;
-          const acc_t a = w[p];
-          const auto cr = bilinear_corners<acc_t, index_t>(loc[2 * p], loc[2 * p + 1], H, W,
-                                                           Hf, Wf);
-          acc_t g_weight = 0, g_x = 0, g_y = 0;
-          if (exceptional(a, cr.finite)) {
-            special = 1;  // the cold pass adds it; 0 here
-          } else if (level_ok) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              if (!cr.inside[j]) continue;
-              const index_t offset = level + cr.pixel[j] * MD;
-              acc_t v[VEC];
-              load_channels<VEC>(value + offset, v);
-              acc_t dot = 0;  // this thread's share of grad_out . V[corner]
-#pragma unroll
-              for (int e = 0; e < VEC; ++e) dot += go[e] * v[e];
-              atomic_add_channels<VEC>(grad_value + offset, a * cr.weight[j], go);
-              g_weight += cr.weight[j] * dot;
-              g_x += cr.dweight_dx[j] * dot;
-              g_y += cr.dweight_dy[j] * dot;
-            }
-            g_x *= a * Wf;  // d u / d x = W
-            g_y *= a * Hf;  // d v / d y = H
-          }
-          g_weight = group_sum(g_weight, lanes, mask);
-          g_x = group_sum(g_x, lanes, mask);
-          g_y = group_sum(g_y, lanes, mask);
-          if (lane == 0) {  // one writer per entry: plain stores, no atomics
-            g_w[p] = (r == 0 ? acc_t(0) : g_w[p]) + g_weight;
-            g_loc[2 * p] = (r == 0 ? acc_t(0) : g_loc[2 * p]) + g_x;
-            g_loc[2 * p + 1] = (r == 0 ? acc_t(0) : g_loc[2 * p + 1]) + g_y;
-          }
+        const int p = l * K + k;
+        const acc_t a = w[p];
+        const auto cr = bilinear_corners<acc_t, index_t>(loc[2 * p], loc[2 * p + 1], H, W,
+                                                         Hf, Wf);
+        acc_t g_weight = 0, g_x = 0, g_y = 0;
+        if (exceptional(a, cr.finite)) {
+          special = 1;  // the cold pass adds it; 0 here
+        } else if (level_ok) {
+          point_backward<scalar_t, grad_t, VEC, CH>(cr, a, value, grad_value,
+                                                    head + start * MD, MD, ch, ok, go,
+                                                    g_weight, g_x, g_y);
+          g_x *= a * Wf;  // d u / d x = W
+          g_y *= a * Hf;  // d v / d y = H
+        }
+        g_weight = group_sum(g_weight, lanes, mask);
+        g_x = group_sum(g_x, lanes, mask);
+        g_y = group_sum(g_y, lanes, mask);
+        if (pl.lane == 0) {  // one writer per entry: plain stores, no atomics
+          g_w[p] = (r == 0 ? acc_t(0) : g_w[p]) + g_weight;
+          g_loc[2 * p] = (r == 0 ? acc_t(0) : g_loc[2 * p]) + g_x;
+          g_loc[2 * p + 1] = (r == 0 ? acc_t(0) : g_loc[2 * p + 1]) + g_y;
         }
       }
     }
@@ -372,43 +575,12 @@ backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __rest
     // runs it whole (the shuffles), contributing where its point is exceptional
     const unsigned cold = __ballot_sync(mask, special != 0);
     if (special != 0) {
-#pragma unroll 1
-      for (int p = 0; p < L * K; ++p) {
-        const int l = p / K;
-        const index_t H = lv.H[l], W = lv.W[l], start = lv.start[l];
-        const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
-        const auto cr = bilinear_corners<acc_t, index_t>(loc[2 * p], loc[2 * p + 1], H, W,
-                                                         Hf, Wf);
-        const bool mine = exceptional(w[p], cr.finite);
-        acc_t g_weight = 0, g_x = 0, g_y = 0;
-        if (mine && has && level_in_bounds<index_t>(start, H, W, s.S)) {
-          const index_t level = head + start * MD;
-          const scalar_t* corner[4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) corner[j] = value + level + cr.pixel[j] * MD;
-          acc_t* grad_corner[4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) grad_corner[j] = grad_value + level + cr.pixel[j] * MD;
-          exact_point_backward(cr, corner, grad_output + i * s.D + cc, w[p], VEC, g_weight,
-                               g_x, g_y, [=](int j, int e, acc_t x) {
-                                 atomicAdd(grad_corner[j] + e, x);
-                               });
-          g_x *= Wf;  // the weight is inside exact_point_backward's sums already
-          g_y *= Hf;
-        }
-        g_weight = group_sum(g_weight, lanes, cold);
-        g_x = group_sum(g_x, lanes, cold);
-        g_y = group_sum(g_y, lanes, cold);
-        if (lane == 0 && mine) {
-          g_w[p] += g_weight;
-          g_loc[2 * p] += g_x;
-          g_loc[2 * p + 1] += g_y;
-        }
-      }
+      backward_cold_pass<scalar_t, grad_t, VEC, CH>(grad_output + tr.row * s.D, value,
+                                                    grad_value, head, loc, w, g_loc, g_w,
+                                                    lv, s, L, K, pl, ch, ok, cold);
     }
   }
 }
-
 // ---- entry points ----------------------------------------------------------------------------
 
 // The level table, checked on the host, as the by-value struct. Tables on the host
@@ -446,14 +618,24 @@ Levels<index_t> as_index(const Levels<int64_t>& lv) {
 
 // How a call is run: which instantiation, how many threads per triple.
 struct Plan {
-  bool fast;       // VEC = 8 channels per thread, 32-bit offsets
-  int lk;          // 44: L = 4, K = 4; 14: L = 1, K = 4; 0: run time
-  int lanes_log2;
+  bool fast;         // VEC = 8 channels per thread, 32-bit offsets
+  int lk;            // 44: L = 4, K = 4; 14: L = 1, K = 4; 0: run time
+  int lanes_log2;    // channel lanes per triple (or per level)
+  int split_log2;    // level lanes per triple; 0: one group runs every level
+  bool order_mq;     // EXPERIMENT
+  bool interleave;   // EXPERIMENT
+  bool native_grad;  // EXPERIMENT: bfloat16 grad_value summed in bfloat16
   int64_t threads;
 };
 
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// EXPERIMENT: DDETR_MSDA_VARIANT="split,order,interleave,native" (any subset)
+bool variant(const char* name) {
+  const char* v = std::getenv("DDETR_MSDA_VARIANT");
+  return v != nullptr && std::strstr(v, name) != nullptr;
 }
 
 Plan plan_for(const at::Tensor& value, const at::Tensor& locations,
@@ -471,8 +653,15 @@ Plan plan_for(const at::Tensor& value, const at::Tensor& locations,
   const int64_t vectors = plan.fast ? D / 8 : D;  // channel vectors of a triple
   int lanes_log2 = 0;
   while (lanes_log2 < 5 && (int64_t(2) << lanes_log2) <= vectors) ++lanes_log2;
+  if (plan.lk == 44 && variant("split")) {  // 4 level lanes: 2 bits
+    plan.split_log2 = 2;
+    lanes_log2 = std::min(lanes_log2, 3);
+  }
   plan.lanes_log2 = lanes_log2;
-  plan.threads = (N * Lq * M) << lanes_log2;
+  plan.order_mq = variant("order");
+  plan.interleave = plan.fast && variant("interleave");
+  plan.native_grad = plan.lk == 44 && type == at::kBFloat16 && variant("native");
+  plan.threads = (N * Lq * M) << (lanes_log2 + plan.split_log2);
   return plan;
 }
 
@@ -486,6 +675,9 @@ Sizes<index_t> sizes_for(const at::Tensor& value, const at::Tensor& locations, c
   s.Lq = static_cast<index_t>(locations.size(1));
   s.K = static_cast<int>(locations.size(4));
   s.lanes_log2 = plan.lanes_log2;
+  s.split_log2 = plan.split_log2;
+  s.order_mq = plan.order_mq;
+  s.interleave = plan.interleave;
   return s;
 }
 
@@ -493,16 +685,41 @@ unsigned blocks_for(int64_t threads) {
   return static_cast<unsigned>((threads + kThreads - 1) / kThreads);
 }
 
-// Calls f with the instantiation's compile-time (VEC, L_, K_, index_t) for a plan.
+template <int V>
+using Int = std::integral_constant<int, V>;
+template <bool V>
+using Bool = std::integral_constant<bool, V>;
+
+// Calls f with the instantiation's compile-time (VEC, L_, K_, SPLIT, index_t) for a plan.
 template <typename scalar_t, typename F>
 void with_instantiation(const Plan& plan, F f) {
   constexpr bool vectorised = !std::is_same<scalar_t, double>::value;
   if constexpr (vectorised) {
-    if (plan.fast && plan.lk == 44) return f(std::integral_constant<int, 8>(), std::integral_constant<int, 4>(), std::integral_constant<int, 4>(), int32_t());
-    if (plan.fast && plan.lk == 14) return f(std::integral_constant<int, 8>(), std::integral_constant<int, 1>(), std::integral_constant<int, 4>(), int32_t());
-    if (plan.fast) return f(std::integral_constant<int, 8>(), std::integral_constant<int, 0>(), std::integral_constant<int, 0>(), int32_t());
+    if (plan.fast && plan.lk == 44 && plan.split_log2 > 0) return f(Int<8>(), Int<4>(), Int<4>(), Bool<true>(), int32_t());
+    if (plan.fast && plan.lk == 44) return f(Int<8>(), Int<4>(), Int<4>(), Bool<false>(), int32_t());
+    if (plan.fast && plan.lk == 14) return f(Int<8>(), Int<1>(), Int<4>(), Bool<false>(), int32_t());
+    if (plan.fast) return f(Int<8>(), Int<0>(), Int<0>(), Bool<false>(), int32_t());
   }
-  f(std::integral_constant<int, 1>(), std::integral_constant<int, 0>(), std::integral_constant<int, 0>(), int64_t());
+  f(Int<1>(), Int<0>(), Int<0>(), Bool<false>(), int64_t());
+}
+
+// The backward's chunk width and grad_value type: 16-byte chunks of value, except that
+// half types summed into float32 take 4 channels (EXPERIMENT: interleave) and the
+// bfloat16 sum in bfloat16 (EXPERIMENT: native) takes 8.
+template <typename scalar_t, int VEC, typename F>
+void with_grad_layout(const Plan& plan, F f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (VEC == 1) {
+    f(Int<1>(), acc_t());
+  } else if constexpr (std::is_same<scalar_t, float>::value) {
+    f(Int<4>(), acc_t());
+  } else {
+    if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+      if (plan.native_grad) return f(Int<8>(), at::BFloat16());
+    }
+    if (plan.interleave) return f(Int<4>(), acc_t());
+    f(Int<8>(), acc_t());
+  }
 }
 
 void check_cuda_inputs(const char* op, const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -539,10 +756,11 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_instantiation<scalar_t>(plan, [&](auto vec, auto l_, auto k_, auto index) {
+    with_instantiation<scalar_t>(plan, [&](auto vec, auto l_, auto k_, auto split, auto index) {
       using index_t = decltype(index);
       const Levels<index_t> lv = as_index<index_t>(levels);
-      forward_kernel<scalar_t, decltype(vec)::value, decltype(l_)::value, decltype(k_)::value, index_t>
+      forward_kernel<scalar_t, decltype(vec)::value, decltype(l_)::value, decltype(k_)::value,
+                     decltype(split)::value, index_t>
           <<<blocks_for(plan.threads), kThreads, 0, stream>>>(
               value.data_ptr<scalar_t>(), loc.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
               output.data_ptr<scalar_t>(), lv, sizes_for<index_t>(value, loc, plan));
@@ -565,27 +783,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const c10::cuda::CUDAGuard guard(value.device());
   const at::Tensor loc = in_acc_type(sampling_locations, value);
   const at::Tensor w = in_acc_type(attention_weights, value);
-  const auto acc_type = at::toOpMathType(value.scalar_type());
-  // grad_value: an atomic scatter target, zero-filled, float32 for half types;
-  // the location and weight gradients get exactly one store per entry
-  auto grad_value = at::zeros(value.sizes(), value.options().dtype(acc_type));
+  const Plan plan = plan_for(value, loc, w, &grad_output);
+  // grad_value: an atomic scatter target, zero-filled, float32 for half types (but see
+  // native_grad); the location and weight gradients get exactly one store per entry
+  const auto grad_type = plan.native_grad ? value.scalar_type()
+                                          : at::toOpMathType(value.scalar_type());
+  auto grad_value = at::zeros(value.sizes(), value.options().dtype(grad_type));
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_w = at::empty(w.sizes(), w.options());
-  const Plan plan = plan_for(value, loc, w, &grad_output);
   const auto levels = host_levels<int64_t>(op, spatial_shapes, level_start_index, value.size(1));
   if (plan.threads > 0) {
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      with_instantiation<scalar_t>(plan, [&](auto vec, auto l_, auto k_, auto index) {
+      with_instantiation<scalar_t>(plan, [&](auto vec, auto l_, auto k_, auto split, auto index) {
         using index_t = decltype(index);
+        constexpr int VEC = decltype(vec)::value;
         const Levels<index_t> lv = as_index<index_t>(levels);
-        backward_kernel<scalar_t, decltype(vec)::value, decltype(l_)::value, decltype(k_)::value, index_t>
-            <<<blocks_for(plan.threads), kThreads, 0, stream>>>(
-                grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), loc.data_ptr<acc_t>(),
-                w.data_ptr<acc_t>(), grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(),
-                grad_w.data_ptr<acc_t>(), lv, sizes_for<index_t>(value, loc, plan));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        with_grad_layout<scalar_t, VEC>(plan, [&](auto ch, auto grad_zero) {
+          using grad_t = decltype(grad_zero);
+          backward_kernel<scalar_t, grad_t, VEC, decltype(ch)::value, decltype(l_)::value,
+                          decltype(k_)::value, decltype(split)::value, index_t>
+              <<<blocks_for(plan.threads), kThreads, 0, stream>>>(
+                  grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
+                  loc.data_ptr<acc_t>(), w.data_ptr<acc_t>(), grad_value.data_ptr<grad_t>(),
+                  grad_loc.data_ptr<acc_t>(), grad_w.data_ptr<acc_t>(), lv,
+                  sizes_for<index_t>(value, loc, plan));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     });
   } else {
