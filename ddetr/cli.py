@@ -101,6 +101,9 @@ def build_parser():
     kernels.add_argument("--dtypes", default=None,
                          help="comma-separated value types, float32 first (default: float32 "
                               "on a CPU, float32,bfloat16 on a GPU)")
+    kernels.add_argument("--official", default=None, metavar="CHECKOUT",
+                         help="a Deformable-DETR checkout: build its CUDA op at run time and "
+                              "time it beside ddetr's (GPU, float32)")
     kernels.set_defaults(func=run_bench_kernels)
 
     cost = targets.add_parser("cost", help="static cost of the CUDA kernels (no GPU needed): "
@@ -121,7 +124,8 @@ def build_parser():
     step.add_argument("--config", default="paper", help="preset or YAML file (default paper)")
     step.add_argument("--device", choices=("cpu", "cuda"), default=None,
                       help="default: cuda if available, else cpu")
-    step.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
+    step.add_argument("--batch-size", default="2",
+                      help="images per step, or several comma-separated (default 2)")
     step.add_argument("--size", default="800x1066", help="image HEIGHTxWIDTH (default 800x1066)")
     step.add_argument("--backends", default=None,
                       help="comma-separated attention backends: reference, kernel, triton "
@@ -132,6 +136,16 @@ def build_parser():
     step.add_argument("--out", default="benchmarks", help="folder for train_step*.json/.md")
     _overrides_arg(step, "backbone_norm=batch_norm")
     step.set_defaults(func=run_bench_train)
+
+    prof = targets.add_parser("profile", help="where a training step's time goes on a GPU: "
+                                              "host syncs, GPU busy fraction, top kernels")
+    prof.add_argument("--config", default="paper", help="preset or YAML file (default paper)")
+    prof.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
+    prof.add_argument("--size", default="800x1066", help="image HEIGHTxWIDTH (default 800x1066)")
+    prof.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
+    prof.add_argument("--out", default="benchmarks", help="folder for train_profile_cuda.*")
+    _overrides_arg(prof, "backbone_norm=batch_norm")
+    prof.set_defaults(func=run_bench_profile)
 
     # --- experiment --------------------------------------------------------------------
     p = sub.add_parser("experiment", help="reproduce the paper's claims in miniature")
@@ -273,13 +287,27 @@ def run_bench_kernels(args):
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.dtypes else None
     bench_kernels(args.out, args.device, shapes, repeat=args.repeat,
-                  memory=not args.no_memory, dtypes=dtypes)
+                  memory=not args.no_memory, dtypes=dtypes, official=args.official)
     return 0
 
 
 def run_bench_cost(args):
     kernel_cost_report(args.out, baseline_dir=args.baseline)
     print((Path(args.out) / "kernel_cost.md").read_text())
+    return 0
+
+
+def run_bench_profile(args):
+    from .experiments.train_profile import profile_train_step
+    size = re.fullmatch(r"(\d+)x(\d+)", args.size)
+    if not size:
+        raise ValueError(f"--size expects HEIGHTxWIDTH, e.g. 800x1066, got {args.size!r}")
+    if args.batch_size < 1 or args.steps < 1:
+        raise ValueError(f"--batch-size and --steps expect >= 1, got {args.batch_size} and "
+                         f"{args.steps}")
+    profile_train_step(args.out, args.config, args.batch_size, (int(size[1]), int(size[2])),
+                       steps=args.steps, overrides=args.overrides,
+                       command="python -m ddetr " + " ".join(sys.argv[1:]))
     return 0
 
 
@@ -299,7 +327,11 @@ def run_bench_train(args):
     amp = [a.strip() for a in args.amp.split(",") if a.strip()]
     if not amp or any(a not in switch for a in amp):
         raise ValueError(f"--amp expects off and/or on, comma-separated, got {args.amp!r}")
-    bench_train_step(args.out, args.config, args.device, args.batch_size,
+    if not re.fullmatch(r"\d+(,\d+)*", args.batch_size):
+        raise ValueError(f"--batch-size expects a number or numbers separated by commas, "
+                         f"got {args.batch_size!r}")
+    bench_train_step(args.out, args.config, args.device,
+                     [int(n) for n in args.batch_size.split(",")],
                      (int(size[1]), int(size[2])),
                      [b.strip() for b in (args.backends or "").split(",") if b.strip()],
                      [switch[a] for a in amp], args.iters, args.warmup, args.overrides,

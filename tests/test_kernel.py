@@ -285,7 +285,7 @@ def test_auto_falls_back_by_exception_type(monkeypatch):
     want = ms_deform_attn_reference(*inputs)
 
     def check_raising(error):
-        def check_available(value):
+        def check_available(value, num_levels=None):
             raise error
         return check_available
 

@@ -1,19 +1,27 @@
 // Multi-scale deformable attention on the GPU: forward and backward.
 //
 // Work split: a GROUP of `lanes` neighbouring threads per (n, q, m) triple, each thread
-// owning a VECTOR of VEC channels (8 float32 channels = two 128-bit loads, 8 half or
-// bfloat16 channels = one 128-bit load):
+// owning VEC channels (8 float32, float16 or bfloat16 channels) as chunks of 16 bytes:
 //
-//     thread t:  triple i = t / lanes,  lane = t % lanes,
-//                channels [c, c + VEC) with c = (r * lanes + lane) * VEC, r = 0, 1, ...
+//     thread t:  group i = t / lanes,  lane = t % lanes,
+//                chunk j of the lane: channels [c, c + CH) with c = (j * lanes + lane) * CH
 //
 // lanes is the largest power of two <= min(D / VEC, 32): D = 32 float32 channels make
-// groups of 4 threads, a warp serves 8 triples. Per sampling point a thread does the
-// bilinear setup once (where the point lands, which corners are inside, 4 weights)
-// and then reads VEC channels of each corner: the setup is shared by VEC channels
-// instead of repeated per channel (the first version of this kernel ran one thread per
-// channel, so every channel paid the whole setup: about 211 SASS instructions per
-// point and channel, against 20 or fewer here; benchmarks/kernel_cost.md).
+// groups of 4 threads. The chunks of a group's lanes lie side by side, so a warp-wide
+// load or atomic covers whole 32-byte sectors. Groups are numbered in (n, m, q) order:
+// neighbouring groups serve neighbouring queries of one head (triple_of).
+// Per sampling point a thread does the bilinear setup once (where the point lands,
+// which corners are inside, 4 weights) and then reads VEC channels of each corner: the
+// setup is shared by VEC channels instead of repeated per channel (the first version of
+// this kernel ran one thread per channel, so every channel paid the whole setup: about
+// 211 SASS instructions per point and channel, against 20 or fewer here;
+// benchmarks/kernel_cost.md).
+//
+// SPLIT (L = 4, K = 4 only): four groups per triple, one per level, side by side in a
+// warp; the forward adds their sums with shuffles. The backward always splits (shorter
+// threads, more atomics in flight); the forward only when the grid would otherwise fill
+// less than a quarter of the GPU (the decoder's 300 queries). The choices of this file
+// were timed on an H200 (benchmarks/kernel_variants.md).
 //
 // What else makes the inner loop short:
 //   * L and K are template parameters for the common cases (L=4, K=4: the encoder and
@@ -40,8 +48,13 @@
 // atomics, no zero-fill. grad_value is a scatter (other queries hit the same pixels), so
 // it is added with atomics into a float32 buffer (float64 for float64): on sm_90 as
 // float4 vectors (atomicAdd(float4*): one instruction per 4 channels), elsewhere one
-// float at a time. (half2/bfloat162 atomics on the value's own dtype would round at
-// every addition: the float32 buffer keeps the sums exact to float32.) Atomics make the
+// float at a time; in the backward a chunk is 4 channels for every dtype (8-byte loads
+// of half types) so that each atomic is one whole float4. (Summing a bfloat16 value's
+// gradient in bfloat16 with Hopper's 16-byte bfloat16 atomics halves their traffic and
+// was timed at 0.6x the encoder's backward, but rounds at every addition: its relative
+// error rose from 1.7e-3 to 2e-2, and increments below half a bfloat16 step of a large
+// sum are lost, biased toward zero. The float32 buffer keeps the sums exact to
+// float32; benchmarks/kernel_variants.md.) Atomics make the
 // order of additions, hence the last bits of grad_value, vary between runs: the entry
 // point tells torch.use_deterministic_algorithms so (alertNotDeterministic).
 //
@@ -55,8 +68,6 @@
 #include <torch/library.h>
 
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "ms_deform_attn.h"
@@ -81,15 +92,14 @@ struct Sizes {
   int K;
   int lanes_log2;   // log2 of the channel lanes per triple (per level with SPLIT)
   int split_log2;   // log2 of the level lanes per triple (SPLIT kernels only)
-  int order_mq;     // EXPERIMENT: groups in (n, m, q) order (else (n, q, m))
-  int interleave;   // EXPERIMENT: chunks of a group's lanes side by side
 };
 
 // ---- which (n, q, m) a thread group serves -------------------------------------------------
 
 // A triple's indices; row = (n * Lq + q) * M + m is its row in locations, weights and
-// output. order_mq (EXPERIMENT): consecutive groups take consecutive queries of one head
-// instead of the M heads of one query.
+// output. Groups are numbered in (n, m, q) order: neighbouring groups take neighbouring
+// queries of one head, which (in the encoder, where queries are pixels) sample the
+// same pixels of the coarse levels: the forward finds more of them in L1.
 template <typename index_t>
 struct Triple {
   index_t n, m, row;
@@ -98,16 +108,10 @@ struct Triple {
 template <typename index_t>
 __device__ __forceinline__ Triple<index_t> triple_of(index_t i, const Sizes<index_t>& s) {
   Triple<index_t> t;
-  if (s.order_mq) {
-    const index_t q = i % s.Lq, nm = i / s.Lq;
-    t.m = nm % s.M;
-    t.n = nm / s.M;
-    t.row = (t.n * s.Lq + q) * s.M + t.m;
-  } else {
-    t.m = i % s.M;
-    t.n = i / (s.Lq * s.M);
-    t.row = i;
-  }
+  const index_t q = i % s.Lq, nm = i / s.Lq;
+  t.m = nm % s.M;
+  t.n = nm / s.M;
+  t.row = (t.n * s.Lq + q) * s.M + t.m;
   return t;
 }
 
@@ -165,38 +169,16 @@ __device__ __forceinline__ void store_chunk(scalar_t* p, const acc_t* in) {
   }
 }
 
-// grad[p .. p + CH) += scale * g[0 .. CH). float32 targets: one 16-byte vector atomic
-// (sm_90) per 4 channels, else one float at a time. bfloat16 targets (EXPERIMENT: the
-// gradient summed in the value's own type): one 16- or 8-byte vector atomic on sm_90.
-template <int CH, typename grad_t, typename acc_t>
-__device__ __forceinline__ void atomic_add_chunk(grad_t* p, acc_t scale, const acc_t* g) {
+// grad[p .. p + CH) += scale * g[0 .. CH) into a float32 (float64) buffer: one 16-byte
+// vector atomic per 4 float32 channels on sm_90, else one number at a time.
+template <int CH, typename acc_t>
+__device__ __forceinline__ void atomic_add_chunk(acc_t* p, acc_t scale, const acc_t* g) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr bool sm90 = true;
+  constexpr bool vector = CH % 4 == 0 && std::is_same<acc_t, float>::value;
 #else
-  constexpr bool sm90 = false;
+  constexpr bool vector = false;
 #endif
-  if constexpr (std::is_same<grad_t, at::BFloat16>::value && CH == 1) {
-    atomicAdd(reinterpret_cast<__nv_bfloat16*>(p), __float2bfloat16(scale * g[0]));
-  } else if constexpr (std::is_same<grad_t, at::BFloat16>::value) {
-    uint32_t r[CH / 2];
-#pragma unroll
-    for (int j = 0; j < CH / 2; ++j) {
-      __nv_bfloat162 h = __floats2bfloat162_rn(scale * g[2 * j], scale * g[2 * j + 1]);
-      r[j] = *reinterpret_cast<uint32_t*>(&h);
-    }
-    if constexpr (sm90 && CH == 8) {
-      asm volatile("red.global.add.noftz.v4.bf16x2 [%0], {%1, %2, %3, %4};"
-                   :: "l"(p), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
-    } else if constexpr (sm90 && CH == 4) {
-      asm volatile("red.global.add.noftz.v2.bf16x2 [%0], {%1, %2};"
-                   :: "l"(p), "r"(r[0]), "r"(r[1]) : "memory");
-    } else {
-#pragma unroll
-      for (int j = 0; j < CH / 2; ++j)
-        atomicAdd(reinterpret_cast<__nv_bfloat162*>(p) + j,
-                  *reinterpret_cast<__nv_bfloat162*>(&r[j]));
-    }
-  } else if constexpr (sm90 && CH % 4 == 0 && std::is_same<acc_t, float>::value) {
+  if constexpr (vector) {
 #pragma unroll
     for (int j = 0; j < CH; j += 4) {
       atomicAdd(reinterpret_cast<float4*>(p + j),
@@ -208,16 +190,15 @@ __device__ __forceinline__ void atomic_add_chunk(grad_t* p, acc_t scale, const a
   }
 }
 
-// Where chunk j of this lane starts, in round r of the channel loop. Contiguous: a lane
-// owns VEC neighbouring channels. Interleaved (EXPERIMENT): chunk j of the lanes of a
-// group lie side by side, so one warp-wide access covers whole 32-byte sectors.
+// Where chunk j of this lane starts, in round r of the channel loop: chunk j of the
+// lanes of a group lie side by side, so that one warp-wide access covers whole 32-byte
+// sectors. (A lane owning VEC neighbouring channels instead made each 16-byte atomic of
+// the backward half a sector: the L2 did twice the sector operations, and the encoder's
+// backward took 1.5x as long; benchmarks/kernels.md.)
 template <int VEC, int CH, typename index_t>
 __device__ __forceinline__ index_t chunk_channel(index_t r, int j, int lane,
                                                  const Sizes<index_t>& s) {
-  constexpr int NCH = VEC / CH;
-  const index_t round_start = (r * VEC) << s.lanes_log2;
-  const int in_round = s.interleave ? ((j << s.lanes_log2) + lane) * CH : (lane * NCH + j) * CH;
-  return round_start + in_round;
+  return ((r * VEC) << s.lanes_log2) + ((j << s.lanes_log2) + lane) * CH;
 }
 
 // The K weights and 2K coordinates of one level of one triple. K = 4 float32: one 128-bit
@@ -408,9 +389,9 @@ __device__ __forceinline__ acc_t group_sum(acc_t x, int lanes, unsigned mask) {
 // One finite point's share of the backward, over this thread's channel chunks: its
 // gradient scattered into grad_value, and (returned through g_*) this thread's part of
 // the sums the weight and location gradients need (ms_deform_attn.h, exact_point_*).
-template <typename scalar_t, typename grad_t, int VEC, int CH, typename index_t, typename acc_t>
+template <typename scalar_t, int VEC, int CH, typename index_t, typename acc_t>
 __device__ __forceinline__ void point_backward(const Corners<acc_t, index_t>& cr, acc_t a,
-                                               const scalar_t* value, grad_t* grad_value,
+                                               const scalar_t* value, acc_t* grad_value,
                                                index_t level, index_t MD,
                                                const index_t (&ch)[VEC / CH],
                                                const bool (&ok)[VEC / CH], const acc_t (&go)[VEC],
@@ -437,10 +418,9 @@ __device__ __forceinline__ void point_backward(const Corners<acc_t, index_t>& cr
 
 // The cold pass of the backward: the exceptional points of this thread's levels, the
 // reference's way, added to what the hot loop wrote (0 for these points).
-template <typename scalar_t, typename grad_t, int VEC, int CH, typename index_t, typename acc_t,
-          typename P>
+template <typename scalar_t, int VEC, int CH, typename index_t, typename acc_t, typename P>
 __device__ __forceinline__ void backward_cold_pass(
-    const scalar_t* grad_out, const scalar_t* value, grad_t* grad_value, index_t head,
+    const scalar_t* grad_out, const scalar_t* value, acc_t* grad_value, index_t head,
     const acc_t* loc, const acc_t* w, acc_t* g_loc, acc_t* g_w, const Levels<index_t>& lv,
     const Sizes<index_t>& s, int L, int K, const P& pl, const index_t (&ch)[VEC / CH],
     const bool (&ok)[VEC / CH], unsigned cold) {
@@ -461,7 +441,7 @@ __device__ __forceinline__ void backward_cold_pass(
       for (int j = 0; j < VEC / CH; ++j) {
         if (!ok[j]) continue;
         const scalar_t* corner[4];
-        grad_t* grad_corner[4];
+        acc_t* grad_corner[4];
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           corner[c] = value + level + cr.pixel[c] * MD + ch[j];
@@ -486,17 +466,18 @@ __device__ __forceinline__ void backward_cold_pass(
   }
 }
 
-template <typename scalar_t, typename grad_t, int VEC, int CH, int L_, int K_, bool SPLIT,
-          typename index_t>
+template <typename scalar_t, int VEC, int L_, int K_, bool SPLIT, typename index_t>
 __global__ void __launch_bounds__(kThreads, 2)
 backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                 const at::opmath_type<scalar_t>* __restrict__ locations,
                 const at::opmath_type<scalar_t>* __restrict__ weights,
-                grad_t* __restrict__ grad_value,  // zero-filled, atomics
+                at::opmath_type<scalar_t>* __restrict__ grad_value,  // zero-filled, atomics
                 at::opmath_type<scalar_t>* __restrict__ grad_locations,  // written once
                 at::opmath_type<scalar_t>* __restrict__ grad_weights,    // written once
                 const Levels<index_t> lv, const Sizes<index_t> s) {
   using acc_t = at::opmath_type<scalar_t>;
+  // 4 channels a chunk (one float4 atomic of grad_value; 8-byte loads of half types)
+  constexpr int CH = VEC == 1 ? 1 : 4;
   constexpr int NCH = VEC / CH;
   const auto pl = place_of<SPLIT>(s);
   // The group sums with shuffles among the threads that have a triple; a whole group
@@ -555,7 +536,7 @@ backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __rest
         if (exceptional(a, cr.finite)) {
           special = 1;  // the cold pass adds it; 0 here
         } else if (level_ok) {
-          point_backward<scalar_t, grad_t, VEC, CH>(cr, a, value, grad_value,
+          point_backward<scalar_t, VEC, CH>(cr, a, value, grad_value,
                                                     head + start * MD, MD, ch, ok, go,
                                                     g_weight, g_x, g_y);
           g_x *= a * Wf;  // d u / d x = W
@@ -575,7 +556,7 @@ backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __rest
     // runs it whole (the shuffles), contributing where its point is exceptional
     const unsigned cold = __ballot_sync(mask, special != 0);
     if (special != 0) {
-      backward_cold_pass<scalar_t, grad_t, VEC, CH>(grad_output + tr.row * s.D, value,
+      backward_cold_pass<scalar_t, VEC, CH>(grad_output + tr.row * s.D, value,
                                                     grad_value, head, loc, w, g_loc, g_w,
                                                     lv, s, L, K, pl, ch, ok, cold);
     }
@@ -618,13 +599,10 @@ Levels<index_t> as_index(const Levels<int64_t>& lv) {
 
 // How a call is run: which instantiation, how many threads per triple.
 struct Plan {
-  bool fast;         // VEC = 8 channels per thread, 32-bit offsets
-  int lk;            // 44: L = 4, K = 4; 14: L = 1, K = 4; 0: run time
-  int lanes_log2;    // channel lanes per triple (or per level)
-  int split_log2;    // level lanes per triple; 0: one group runs every level
-  bool order_mq;     // EXPERIMENT
-  bool interleave;   // EXPERIMENT
-  bool native_grad;  // EXPERIMENT: bfloat16 grad_value summed in bfloat16
+  bool fast;       // VEC = 8 channels per thread, 32-bit offsets
+  int lk;          // 44: L = 4, K = 4; 14: L = 1, K = 4; 0: run time
+  int lanes_log2;  // channel lanes per triple (per level when split)
+  int split_log2;  // level lanes per triple: 2 (four levels side by side) or 0
   int64_t threads;
 };
 
@@ -632,12 +610,8 @@ bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-// EXPERIMENT: DDETR_MSDA_VARIANT="split,order,interleave,native" (any subset)
-bool variant(const char* name) {
-  const char* v = std::getenv("DDETR_MSDA_VARIANT");
-  return v != nullptr && std::strstr(v, name) != nullptr;
-}
-
+// Whether the levels run side by side (SPLIT): always in the backward, in the forward
+// only when the grid would fill less than a quarter of the GPU.
 Plan plan_for(const at::Tensor& value, const at::Tensor& locations,
               const at::Tensor& weights, const at::Tensor* grad_output) {
   const int64_t N = value.size(0), S = value.size(1), M = value.size(2), D = value.size(3);
@@ -653,14 +627,15 @@ Plan plan_for(const at::Tensor& value, const at::Tensor& locations,
   const int64_t vectors = plan.fast ? D / 8 : D;  // channel vectors of a triple
   int lanes_log2 = 0;
   while (lanes_log2 < 5 && (int64_t(2) << lanes_log2) <= vectors) ++lanes_log2;
-  if (plan.lk == 44 && variant("split")) {  // 4 level lanes: 2 bits
-    plan.split_log2 = 2;
-    lanes_log2 = std::min(lanes_log2, 3);
+  const int64_t unsplit = (N * Lq * M) << lanes_log2;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int64_t gpu_threads =
+      int64_t(props->multiProcessorCount) * props->maxThreadsPerMultiProcessor;
+  if (plan.lk == 44 && (grad_output != nullptr || 4 * unsplit < gpu_threads)) {
+    plan.split_log2 = 2;                      // 4 level lanes
+    lanes_log2 = std::min(lanes_log2, 3);     // a group stays inside a warp
   }
   plan.lanes_log2 = lanes_log2;
-  plan.order_mq = variant("order");
-  plan.interleave = plan.fast && variant("interleave");
-  plan.native_grad = plan.lk == 44 && type == at::kBFloat16 && variant("native");
   plan.threads = (N * Lq * M) << (lanes_log2 + plan.split_log2);
   return plan;
 }
@@ -676,8 +651,6 @@ Sizes<index_t> sizes_for(const at::Tensor& value, const at::Tensor& locations, c
   s.K = static_cast<int>(locations.size(4));
   s.lanes_log2 = plan.lanes_log2;
   s.split_log2 = plan.split_log2;
-  s.order_mq = plan.order_mq;
-  s.interleave = plan.interleave;
   return s;
 }
 
@@ -701,25 +674,6 @@ void with_instantiation(const Plan& plan, F f) {
     if (plan.fast) return f(Int<8>(), Int<0>(), Int<0>(), Bool<false>(), int32_t());
   }
   f(Int<1>(), Int<0>(), Int<0>(), Bool<false>(), int64_t());
-}
-
-// The backward's chunk width and grad_value type: 16-byte chunks of value, except that
-// half types summed into float32 take 4 channels (EXPERIMENT: interleave) and the
-// bfloat16 sum in bfloat16 (EXPERIMENT: native) takes 8.
-template <typename scalar_t, int VEC, typename F>
-void with_grad_layout(const Plan& plan, F f) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if constexpr (VEC == 1) {
-    f(Int<1>(), acc_t());
-  } else if constexpr (std::is_same<scalar_t, float>::value) {
-    f(Int<4>(), acc_t());
-  } else {
-    if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
-      if (plan.native_grad) return f(Int<8>(), at::BFloat16());
-    }
-    if (plan.interleave) return f(Int<4>(), acc_t());
-    f(Int<8>(), acc_t());
-  }
 }
 
 void check_cuda_inputs(const char* op, const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -784,11 +738,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const at::Tensor loc = in_acc_type(sampling_locations, value);
   const at::Tensor w = in_acc_type(attention_weights, value);
   const Plan plan = plan_for(value, loc, w, &grad_output);
-  // grad_value: an atomic scatter target, zero-filled, float32 for half types (but see
-  // native_grad); the location and weight gradients get exactly one store per entry
-  const auto grad_type = plan.native_grad ? value.scalar_type()
-                                          : at::toOpMathType(value.scalar_type());
-  auto grad_value = at::zeros(value.sizes(), value.options().dtype(grad_type));
+  // grad_value: an atomic scatter target, zero-filled, float32 for half types;
+  // the location and weight gradients get exactly one store per entry
+  auto grad_value = at::zeros(value.sizes(), value.options().dtype(at::toOpMathType(value.scalar_type())));
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_w = at::empty(w.sizes(), w.options());
   const auto levels = host_levels<int64_t>(op, spatial_shapes, level_start_index, value.size(1));
@@ -798,19 +750,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
       using acc_t = at::opmath_type<scalar_t>;
       with_instantiation<scalar_t>(plan, [&](auto vec, auto l_, auto k_, auto split, auto index) {
         using index_t = decltype(index);
-        constexpr int VEC = decltype(vec)::value;
         const Levels<index_t> lv = as_index<index_t>(levels);
-        with_grad_layout<scalar_t, VEC>(plan, [&](auto ch, auto grad_zero) {
-          using grad_t = decltype(grad_zero);
-          backward_kernel<scalar_t, grad_t, VEC, decltype(ch)::value, decltype(l_)::value,
-                          decltype(k_)::value, decltype(split)::value, index_t>
-              <<<blocks_for(plan.threads), kThreads, 0, stream>>>(
-                  grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
-                  loc.data_ptr<acc_t>(), w.data_ptr<acc_t>(), grad_value.data_ptr<grad_t>(),
-                  grad_loc.data_ptr<acc_t>(), grad_w.data_ptr<acc_t>(), lv,
-                  sizes_for<index_t>(value, loc, plan));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        backward_kernel<scalar_t, decltype(vec)::value, decltype(l_)::value, decltype(k_)::value,
+                        decltype(split)::value, index_t>
+            <<<blocks_for(plan.threads), kThreads, 0, stream>>>(
+                grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), loc.data_ptr<acc_t>(),
+                w.data_ptr<acc_t>(), grad_value.data_ptr<acc_t>(), grad_loc.data_ptr<acc_t>(),
+                grad_w.data_ptr<acc_t>(), lv, sizes_for<index_t>(value, loc, plan));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   } else {

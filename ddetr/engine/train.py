@@ -83,7 +83,11 @@ def build_optimizer(model, cfg):
     """AdamW over param_groups, each group's base rate kept as its "initial_lr" (the
     rate ddetr.engine.schedule.Schedule multiplies)."""
     groups = param_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # on a GPU the fused AdamW: one kernel for all parameters instead of several per
+    # tensor (same update, same state; 7 ms of a 57 ms step on an H200 before)
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=fused or None)
     set_base_rates(optimizer, groups)
     return optimizer
 
@@ -113,9 +117,10 @@ def build_loaders(cfg, rank=0, world=1):
                          f"({cfg.batch_size} per process x {world} processes)")
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                  seed=cfg.seed)
+    pin = torch.cuda.is_available() and resolve_device(cfg.device).type == "cuda"
     train_loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, cfg.batch_size,
                                                                     drop_last=True),
-                              collate_fn=collate, num_workers=cfg.num_workers)
+                              collate_fn=collate, num_workers=cfg.num_workers, pin_memory=pin)
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size,
                             sampler=ShardSampler(len(val_set), rank, world),
                             collate_fn=collate, num_workers=cfg.num_workers)
@@ -161,9 +166,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
         lrs.append(optimizer.param_groups[0]["lr"])
         if tuner is not None:
             tuner.before()
-        imgs, masks = imgs.to(device, non_blocking=True), masks.to(device)
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
+        imgs, masks, targets = to_device(imgs, masks, targets, device)
         with autocast(device, cfg.amp):
             outputs = model(imgs, masks)
         outputs = _to_float(outputs)
@@ -177,9 +180,14 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
                                        f"{', '.join(bad)} are not finite") from e
             raise
         loss = sum(loss_dict[k] * weights[k] for k in weights if k in loss_dict)
-        if not math.isfinite(loss.item()):
+        # the losses read back once per step, before the backward (the GPU has run
+        # the forward by now: the matcher waited for it)
+        values = dict(zip(["loss", *loss_dict],
+                          torch.stack([loss.detach(), *(v.detach().float() for v in
+                                                        loss_dict.values())]).tolist()))
+        if not math.isfinite(values["loss"]):
             bad = _not_finite(loss_dict) or _not_finite(outputs)
-            raise TrainingDiverged(f"training diverged {where}: loss is {loss.item()} "
+            raise TrainingDiverged(f"training diverged {where}: loss is {values['loss']} "
                                    f"(not finite: {', '.join(bad)})")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
@@ -196,11 +204,11 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
             optimizer.step()
         if tuner is not None:
             tuner.after(imgs.shape[0] * imgs.shape[2] * imgs.shape[3])
-        for k, v in {"loss": loss, **loss_dict}.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
         count += 1
         images += imgs.shape[0]
-        per_iter.append(round(float(loss.detach()), 4))
+        per_iter.append(round(values["loss"], 4))
         rate = images * dist.get_world_size() / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", img_s=f"{rate:.1f}",
                         refresh=False)
@@ -217,6 +225,15 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
         means["threads"] = {str(k): v for k, v in sorted(tuner.used.items())}
         tuner.used.clear()
     return means
+
+
+def to_device(imgs, masks, targets, device):
+    """A collated batch on `device`. From pinned memory (the loaders pin it when training
+    on a GPU) the copies are queued without waiting for the GPU."""
+    imgs, masks = imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in t.items()} for t in targets]
+    return imgs, masks, targets
 
 
 def _to_float(outputs):

@@ -14,8 +14,15 @@ The fused kernel against the reference (``python -m ddetr bench build | kernels`
 
     kernels         build the kernel; time and measure both; kernels_<device>.json/.md
     kernel_inputs   the benchmark's shapes and model-like inputs (also chapter 5's)
-    timing          side-by-side timing, CUDA events, memory bandwidth
+    timing          side-by-side timing, CUDA events, bare ops, DRAM and L2 bandwidth
     memory          peak memory of one call (fresh subprocess on the CPU)
+    official_op     the official Deformable-DETR CUDA op, built at run time from a
+                    checkout the user names (``bench kernels --official``)
+
+The training step (``python -m ddetr bench train | profile``):
+
+    train_step      images/s and peak memory per backend, amp setting and batch size
+    train_profile   where a GPU step's time goes: host syncs, GPU busy fraction, kernels
 
 Training on the CPU (``python -m ddetr bench contention``, the training chapter):
 

@@ -75,40 +75,58 @@ class L2Flush:
         self.buffer.fill_(1)
 
 
-def cuda_op_forward_seconds(inputs, runs=20):
-    """Seconds per forward of the bare CUDA op, from CUDA events around `runs`
-    back-to-back launches: GPU time without the Python wrapper's overhead, which
-    would otherwise dominate the small shapes."""
-    op = torch.ops.ddetr.ms_deform_attn
-    args = [t.detach() for t in inputs]
-    for _ in range(3):
-        op(*args)
+def cuda_bare_seconds(fn, runs=20, warmup=3):
+    """Seconds per call of fn() from CUDA events around `runs` back-to-back calls: the
+    GPU time of a bare op (no autograd, no Python wrapper) when each call's GPU work
+    outlasts its launch, which the caller checks against the returned host time.
+
+    Returns:
+        (GPU seconds per call, host seconds per call to enqueue it)
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    host = time.perf_counter()
     start.record()
     for _ in range(runs):
-        op(*args)
+        fn()
     end.record()
+    host = (time.perf_counter() - host) / runs
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / runs
+    return start.elapsed_time(end) / 1e3 / runs, host
+
+
+def cuda_bare_ops(inputs, runs=20):
+    """{"forward_ms", "backward_ms"} of the bare CUDA ops torch.ops.ddetr.* (GPU time,
+    level tables on the host as the wrapper passes them; the backward with a random
+    output gradient), plus the host time of each call."""
+    value, ss, lsi, loc, w = [t.detach() for t in inputs]
+    ss, lsi = ss.cpu(), lsi.cpu()
+    N, Lq, M, D = value.shape[0], loc.shape[1], value.shape[2], value.shape[3]
+    grad = torch.randn(N, Lq, M * D, device=value.device).to(value.dtype)
+    fwd = cuda_bare_seconds(lambda: torch.ops.ddetr.ms_deform_attn(value, ss, lsi, loc, w), runs)
+    bwd = cuda_bare_seconds(lambda: torch.ops.ddetr.ms_deform_attn_backward(
+        grad, value, ss, lsi, loc, w), runs)
+    return dict(forward_ms=fwd[0] * 1e3, backward_ms=bwd[0] * 1e3,
+                forward_host_ms=fwd[1] * 1e3, backward_host_ms=bwd[1] * 1e3)
 
 
 def cuda_bandwidth():
-    """(theoretical, measured) device memory bandwidth in bytes/s."""
+    """(theoretical, measured DRAM, measured L2) bandwidths in bytes/s: the DRAM figure
+    from a 256 MiB device copy, the L2 one from a copy of a buffer a quarter of the L2
+    size, repeated (it stays in the cache)."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     theoretical = None
     clock_khz = getattr(props, "memory_clock_rate", 0)
     bus_bits = getattr(props, "memory_bus_width", 0)
     if clock_khz and bus_bits:
         theoretical = 2 * clock_khz * 1e3 * bus_bits / 8  # double data rate
-    x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 256 MiB
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    runs = 20
-    for _ in range(runs):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    measured = 2 * x.numel() * runs / (time.perf_counter() - start)  # read + write
-    return theoretical, measured
+    l2_bytes = getattr(props, "L2_cache_size", 0) or 64 * 2**20
+    measured = []
+    for nbytes, runs in ((256 * 2**20, 20), (l2_bytes // 4, 200)):
+        x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        y = torch.empty_like(x)
+        seconds, _ = cuda_bare_seconds(lambda: y.copy_(x), runs)  # noqa: B023
+        measured.append(2 * nbytes / seconds)  # read + write
+    return theoretical, measured[0], measured[1]

@@ -55,9 +55,10 @@ def random_batch(batch_size, height, width, num_classes, seed=0, boxes_per_image
     return images, masks, targets
 
 
-def time_train_step(cfg, batch, iters=10, warmup=3):
-    """{"images_per_s", "step_ms", "peak_MB" (None on a CPU), "loss"} of cfg's model
-    trained on ``batch`` (random_batch's) for warmup + iters steps."""
+def step_runner(cfg, batch):
+    """A function n -> the engine's training loop (train_one_epoch) over n copies of
+    ``batch``, for a fresh model of cfg with the seed's weights; returns the epoch's
+    result."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model, criterion, _ = build_model(cfg)
@@ -65,11 +66,15 @@ def time_train_step(cfg, batch, iters=10, warmup=3):
     criterion.to(device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
+    return lambda n: train_one_epoch(model, criterion, [batch] * n, optimizer, device, 0,
+                                     cfg, scaler=scaler, progress=False)
 
-    def steps(n):
-        return train_one_epoch(model, criterion, [batch] * n, optimizer, device, 0, cfg,
-                               scaler=scaler, progress=False)
 
+def time_train_step(cfg, batch, iters=10, warmup=3):
+    """{"images_per_s", "step_ms", "peak_MB" (None on a CPU), "loss"} of cfg's model
+    trained on ``batch`` (random_batch's) for warmup + iters steps."""
+    device = resolve_device(cfg.device)
+    steps = step_runner(cfg, batch)
     steps(warmup)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -94,7 +99,8 @@ def bench_train_step(out_dir="benchmarks", config="paper", device=None, batch_si
         config: a preset name or YAML file; overrides: a dict or "key=value" list on top
             of it (every key checked).
         device: "cpu" or "cuda" (None: cuda if available).
-        size: (height, width) of the images; batch_size: images per step.
+        size: (height, width) of the images; batch_size: images per step, or a list
+            of batch sizes to measure each setting at.
         backends: attention backends (BACKENDS; None: DEFAULT_BACKENDS of the device);
         amp: mixed-precision settings.
     """
@@ -107,25 +113,32 @@ def bench_train_step(out_dir="benchmarks", config="paper", device=None, batch_si
         raise ValueError("backend 'triton' runs on a GPU only (device='cuda'), "
                          f"got device={device!r}")
     height, width = size
-    if min(batch_size, height, width, iters) < 1 or warmup < 0:
+    sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
+    if not sizes or min(*sizes, height, width, iters) < 1 or warmup < 0:
         raise ValueError(f"batch_size, size, iters expect >= 1 and warmup >= 0, got "
                          f"batch_size={batch_size}, size={size}, iters={iters}, "
                          f"warmup={warmup}")
     overrides = parse_overrides(overrides)
-    base = {**overrides, "device": device, "batch_size": batch_size, "iters_per_epoch": 0}
-    cfgs = {(b, a): get_config(config, {**base, "attention_backend": b, "amp": a})
-            for b in backends for a in amp}        # every setting checked before any runs
-    batch = random_batch(batch_size, height, width, next(iter(cfgs.values())).num_classes)
+    base = {**overrides, "device": device, "iters_per_epoch": 0}
+    cfgs = {(n, b, a): get_config(config, {**base, "batch_size": n, "attention_backend": b,
+                                           "amp": a})
+            for n in sizes for b in backends for a in amp}  # all checked before any runs
     commit, dirty = git_commit()
     result = {"command": command, "commit": commit, "uncommitted_changes": dirty,
               "machine": machine_description(device), "load_average_at_start": load_average(),
-              "config": config, "overrides": overrides, "batch_size": batch_size,
+              "config": config, "overrides": overrides, "batch_sizes": sizes,
               "size": [height, width], "iters": iters, "warmup": warmup, "runs": []}
-    print(f"training step of {config!r} on {device}, batch {batch_size} of {height}x{width}, "
+    print(f"training step of {config!r} on {device}, batches of {sizes} at {height}x{width}, "
           f"{warmup} + {iters} steps per setting")
-    for (backend, use_amp), cfg in cfgs.items():
+    batches = {}
+    for (n, backend, use_amp), cfg in cfgs.items():
+        if n not in batches:
+            batches = {n: random_batch(n, height, width, cfg.num_classes)}
+            if device == "cuda":  # as the training loaders give it: pinned
+                batches[n] = torch.utils.data._utils.pin_memory.pin_memory(batches[n])
+        batch = batches[n]
         half = autocast_dtype(resolve_device(device)) if use_amp else None
-        row = {"backend": backend, "amp": use_amp,
+        row = {"batch_size": n, "backend": backend, "amp": use_amp,
                "autocast_dtype": None if half is None else str(half).replace("torch.", ""),
                **time_train_step(cfg, batch, iters, warmup)}
         result["runs"].append(row)
@@ -156,13 +169,14 @@ def write_markdown(out_dir):
         lines += [f"## {where}, torch {m['torch']}", "",
                   f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`"
                   + (" (with uncommitted changes)" if r["uncommitted_changes"] else "") + "  ",
-                  f"Preset `{r['config']}` with {r['overrides'] or 'no overrides'}, batch "
-                  f"{r['batch_size']} of {r['size'][0]}x{r['size'][1]}, {r['warmup']} "
-                  f"untimed + {r['iters']} timed steps per row", "",
-                  "| backend | amp | images/s | ms/step | peak MB | loss |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  f"Preset `{r['config']}` with {r['overrides'] or 'no overrides'}, images "
+                  f"of {r['size'][0]}x{r['size'][1]}, {r['warmup']} untimed + "
+                  f"{r['iters']} timed steps per row", "",
+                  "| batch | backend | amp | images/s | ms/step | peak MB | loss |",
+                  "|---:|---|---|---:|---:|---:|---:|"]
         for row in r["runs"]:
-            lines.append(f"| {row['backend']} | {row['autocast_dtype'] or 'off'} | "
+            lines.append(f"| {row.get('batch_size', r.get('batch_size'))} | "
+                         f"{row['backend']} | {row['autocast_dtype'] or 'off'} | "
                          f"{row['images_per_s']:.2f} | {row['step_ms']:.1f} | "
                          f"{'-' if row['peak_MB'] is None else row['peak_MB']} | "
                          f"{row['loss']:.3f} |")

@@ -29,13 +29,26 @@ from .matcher import build_matcher
 
 
 def num_boxes_across_processes(targets, device):
-    """The number of objects per process, averaged over processes, at least 1."""
-    num = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    world = 1
+    """The number of objects per process, averaged over processes, at least 1: a 0-dim
+    float32 tensor on `device` (a tensor, so that the losses divide by it without
+    waiting for the GPU)."""
+    num = torch.full((), float(sum(len(t["labels"]) for t in targets)), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(num)
-        world = dist.get_world_size()
-    return torch.clamp(num / world, min=1).item()
+        num = num / dist.get_world_size()
+    return num.clamp(min=1)
+
+
+def indices_on(indices_lists, device):
+    """The matcher's CPU (query, target) index pairs, for several outputs, on `device`:
+    one copy for all of them (from pinned memory, not waiting for the GPU). Indexing a
+    GPU tensor with CPU indices would copy (and wait) once per index tensor."""
+    flat = [t for indices in indices_lists for pair in indices for t in pair]
+    if torch.device(device).type != "cuda" or not flat:
+        return indices_lists
+    joined = torch.cat(flat).pin_memory().to(device, non_blocking=True)
+    parts = iter(joined.split([len(t) for t in flat]))
+    return [[(next(parts), next(parts)) for _ in indices] for indices in indices_lists]
 
 
 class SetCriterion(nn.Module):
@@ -66,7 +79,7 @@ class SetCriterion(nn.Module):
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         labels = labels.to(logits.device)
         onehot = torch.zeros_like(logits)
-        onehot[batch, query, labels] = 1
+        onehot[batch, query, labels] = onehot.new_ones(())  # a Python 1 would be copied
         loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha,
                                   gamma=self.focal_gamma, reduction="sum")
         losses = {"loss_ce": loss / num_boxes}
@@ -84,8 +97,8 @@ class SetCriterion(nn.Module):
         """|number of confident (> 0.5) queries - number of objects|, averaged: a log."""
         logits = outputs["pred_logits"]
         predicted = (logits.sigmoid().max(-1)[0] > 0.5).sum(1).float()
-        lengths = torch.as_tensor([float(len(t["labels"])) for t in targets],
-                                  device=logits.device)
+        lengths = torch.stack([torch.full((), float(len(t["labels"])), device=logits.device)
+                               for t in targets])  # filled there: no copy from the host
         return {"cardinality_error": F.l1_loss(predicted, lengths)}
 
     def loss_boxes(self, outputs, targets, indices, num_boxes):
@@ -98,8 +111,8 @@ class SetCriterion(nn.Module):
         return {"loss_bbox": loss_bbox / num_boxes,
                 "loss_giou": (1 - giou).sum() / num_boxes}
 
-    def losses_of(self, outputs, targets, num_boxes, suffix="", log=False):
-        indices = self.matcher(outputs, targets)
+    def losses_of(self, outputs, targets, indices, num_boxes, suffix="", log=False):
+        """The losses of one output given its matching (on the outputs' device)."""
         losses = {}
         losses.update(self.loss_labels(outputs, targets, indices, num_boxes, log=log))
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
@@ -118,23 +131,34 @@ class SetCriterion(nn.Module):
         Returns:
             dict of scalar tensors: the unweighted losses (and two logged errors).
         """
-        for t in targets:
-            labels = t["labels"]
-            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
-                                 f"{labels.min().item()}..{labels.max().item()}")
-            if t["boxes"].shape != (len(labels), 4):
-                raise ValueError(f"boxes must be (T, 4) = ({len(labels)}, 4), got "
-                                 f"{tuple(t['boxes'].shape)}")
-        num_boxes = num_boxes_across_processes(targets, outputs["pred_logits"].device)
-        losses = self.losses_of(outputs, targets, num_boxes, log=True)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self.losses_of(aux, targets, num_boxes, suffix=f"_{i}"))
+        self.check_targets(targets)
+        device = outputs["pred_logits"].device
+        num_boxes = num_boxes_across_processes(targets, device)
+        # every output's matching, solved together (one wait for the GPU)
+        pairs = [(outputs, targets, "", True)]
+        pairs += [(aux, targets, f"_{i}", False)
+                  for i, aux in enumerate(outputs.get("aux_outputs", []))]
         if "enc_outputs" in outputs:
             binary = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
-            losses.update(self.losses_of(outputs["enc_outputs"], binary, num_boxes,
-                                         suffix="_enc"))
+            pairs.append((outputs["enc_outputs"], binary, "_enc", False))
+        matchings = self.matcher.match_all([(out, tgt) for out, tgt, _, _ in pairs])
+        losses = {}
+        for (out, tgt, suffix, log), indices in zip(pairs, indices_on(matchings, device)):
+            losses.update(self.losses_of(out, tgt, indices, num_boxes, suffix, log))
         return losses
+
+    def check_targets(self, targets):
+        """Labels in [0, num_classes) (read in one copy) and boxes (T, 4)."""
+        for t in targets:
+            if t["boxes"].shape != (len(t["labels"]), 4):
+                raise ValueError(f"boxes must be (T, 4) = ({len(t['labels'])}, 4), got "
+                                 f"{tuple(t['boxes'].shape)}")
+        labels = torch.cat([t["labels"].reshape(-1) for t in targets])
+        if len(labels):
+            low, high = torch.stack(labels.aminmax()).tolist()
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
+                                 f"{low}..{high}")
 
 
 def build_weight_dict(cfg):

@@ -60,17 +60,36 @@ class HungarianMatcher(nn.Module):
             targets: N dicts with "labels" (T_i,) int64 and "boxes" (T_i, 4) cxcywh.
 
         Returns:
-            N pairs (query_index, target_index) of int64 tensors of length min(Lq, T_i):
-            query query_index[j] predicts object target_index[j].
+            N pairs (query_index, target_index) of int64 CPU tensors of length
+            min(Lq, T_i): query query_index[j] predicts object target_index[j].
         """
-        N, Lq = outputs["pred_logits"].shape[:2]
-        if len(targets) != N:
-            raise ValueError(f"{N} predictions but {len(targets)} targets")
-        sizes = [len(t["boxes"]) for t in targets]
+        return self.match_all([(outputs, targets)])[0]
+
+    @torch.no_grad()
+    def match_all(self, pairs):
+        """forward for several (outputs, targets) pairs at once (the decoder's layers and
+        the proposals): the assignment runs on the CPU, and the cost matrices of all
+        pairs cross to it in one copy (one wait for the GPU instead of one per pair).
+        Returns a list of forward's results."""
+        costs, layouts = [], []
+        for outputs, targets in pairs:
+            N, Lq = outputs["pred_logits"].shape[:2]
+            if len(targets) != N:
+                raise ValueError(f"{N} predictions but {len(targets)} targets")
+            sizes = [len(t["boxes"]) for t in targets]
+            cost = (self.cost_matrix(outputs, targets) if sum(sizes) else
+                    outputs["pred_logits"].new_zeros(0, dtype=torch.float32))
+            costs.append(cost.flatten())
+            layouts.append((N, Lq, sizes))
+        flat = torch.cat(costs).cpu()
+        parts = flat.split([c.numel() for c in costs])
+        return [self.assign(c.view(N, Lq, -1), sizes)
+                for (N, Lq, sizes), c in zip(layouts, parts)]
+
+    @staticmethod
+    def assign(C, sizes):
+        """C (N, Lq, sum T) CPU costs, sizes [T_i] -> N (query_index, target_index)."""
         empty = torch.empty(0, dtype=torch.int64)
-        if sum(sizes) == 0:
-            return [(empty, empty) for _ in range(N)]
-        C = self.cost_matrix(outputs, targets).view(N, Lq, -1).cpu()
         indices = []
         for i, c in enumerate(C.split(sizes, -1)):
             if sizes[i] == 0:

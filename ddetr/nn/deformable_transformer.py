@@ -124,7 +124,7 @@ class DeformableTransformerEncoder(nn.Module):
         points = []
         for lvl, (H, W) in enumerate(spatial_shapes):
             # the valid image's size in pixels of this map: (valid W, valid H)
-            size = valid_ratios[:, lvl] * valid_ratios.new_tensor([W, H])
+            size = torch.stack([valid_ratios[:, lvl, 0] * W, valid_ratios[:, lvl, 1] * H], -1)
             points.append(pixel_centres(H, W, size[:, None], device=valid_ratios.device))
         points = torch.cat(points, 1)  # (N, S, 2) in the valid frame
         return to_padded_levels(points, valid_ratios)

@@ -31,8 +31,8 @@ def pixel_centres(H, W, size=None, dtype=torch.float32, device=None):
     xs = torch.arange(W, dtype=dtype, device=device) + 0.5
     y, x = torch.meshgrid(ys, xs, indexing="ij")
     centres = torch.stack((x, y), -1).view(H * W, 2)
-    if size is None:
-        size = centres.new_tensor([W, H])
+    if size is None:  # divided column by column: no (W, H) tensor to copy to the device
+        return torch.stack([centres[:, 0] / W, centres[:, 1] / H], -1)
     return centres / size
 
 
@@ -47,8 +47,8 @@ def valid_size(mask):
 def valid_ratio(mask):
     """mask (N, H, W) bool (True = padding) -> (N, 2) float32 (valid W / W, valid H / H)."""
     _, H, W = mask.shape
-    return valid_size(mask).float() / torch.tensor([W, H], dtype=torch.float32,
-                                                     device=mask.device)
+    size = valid_size(mask).float()
+    return torch.stack([size[:, 0] / W, size[:, 1] / H], -1)  # no (W, H) tensor to copy
 
 
 def to_padded_levels(points, valid_ratios):

@@ -54,6 +54,9 @@ SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
+# the CUDA kernel takes its level table by value, with room for this many levels
+# (kMaxLevels in ddetr/csrc/ms_deform_attn_cuda.cu)
+CUDA_MAX_LEVELS = 16
 
 
 class KernelUnavailableError(RuntimeError):
@@ -180,13 +183,15 @@ def _first_load(device):
     load_kernel(with_cuda=(device == "cuda"))
 
 
-def check_available(value):
-    """Raise unless the fused kernel can run on ``value``'s device and dtype.
+def check_available(value, num_levels=None):
+    """Raise unless the fused kernel can run on ``value``'s device and dtype (and, when
+    given, ``num_levels`` levels).
 
     Builds the kernel for the device on first use.
 
     Raises:
-        KernelUnsupportedError: the kernel has no implementation for the device or dtype.
+        KernelUnsupportedError: the kernel has no implementation for the device, dtype
+            or number of levels.
         KernelBuildError: the kernel for the device failed to build or load.
     """
     device = value.device.type
@@ -197,6 +202,9 @@ def check_available(value):
         names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES[device])
         raise KernelUnsupportedError(
             f"the fused {device} kernel supports {names}; got {value.dtype}")
+    if device == "cuda" and num_levels is not None and num_levels > CUDA_MAX_LEVELS:
+        raise KernelUnsupportedError(f"the fused CUDA kernel takes at most {CUDA_MAX_LEVELS} "
+                                     f"levels, got L={num_levels}")
     if _loaded[device] is None:
         _first_load(device)
     if _loaded["cpu"] is not True:
@@ -235,7 +243,7 @@ def ms_deform_attn_kernel(value, spatial_shapes, level_start_index, sampling_loc
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
                                 sampling_locations, attention_weights, check_values=False)
     try:
-        check_available(value)
+        check_available(value, spatial_shapes.shape[0])
     except KernelUnavailableError as err:
         raise type(err)(f"ms_deform_attn backend='kernel': {err}") from None
     if not torch.compiler.is_compiling():

@@ -15,10 +15,10 @@ BACKENDS = ("auto", "reference", "kernel", "triton")
 
 # What "auto" runs on a CUDA tensor, by the dtype of value: the first choice that can
 # run there ("kernel": the CUDA op of ddetr/csrc, if it builds; "triton": the Triton
-# kernels, if Triton imports; "reference": always). Neither fused implementation has
-# been timed on a GPU yet, so the order is a prior, not a measurement: the CUDA op
-# first (compile-time L and K, vector loads), Triton when the CUDA op cannot be built
-# (a GPU machine without nvcc). Change this table after the GPU benchmark.
+# kernels, if Triton imports; "reference": always). Timed on an H200
+# (benchmarks/kernels.md): the CUDA op's forward+backward is faster than Triton's at
+# every benchmark shape and dtype, so it comes first; Triton serves a GPU machine
+# without nvcc.
 AUTO_ON_CUDA = {
     torch.float32: ("kernel", "triton", "reference"),
     torch.float64: ("kernel", "triton", "reference"),
@@ -27,7 +27,13 @@ AUTO_ON_CUDA = {
 }
 
 
-def _auto_on_cuda(value):
+def _num_levels(spatial_shapes):
+    """L of a (L, 2) table, None for anything else (the implementations say what is wrong)."""
+    ok = isinstance(spatial_shapes, torch.Tensor) and spatial_shapes.dim() > 0
+    return spatial_shapes.shape[0] if ok else None
+
+
+def _auto_on_cuda(value, num_levels):
     """The first entry of AUTO_ON_CUDA[value.dtype] that can run on ``value``; "auto"
     (the rule for every device below, with its warning) if none of the fused ones can."""
     for choice in AUTO_ON_CUDA.get(value.dtype, ()):
@@ -35,7 +41,7 @@ def _auto_on_cuda(value):
             return choice
         if choice == "kernel":
             try:
-                kernel.check_available(value)
+                kernel.check_available(value, num_levels)
                 return choice
             except kernel.KernelUnavailableError:
                 continue
@@ -79,7 +85,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto" and isinstance(value, torch.Tensor) and value.device.type == "cuda":
-        backend = _auto_on_cuda(value)
+        backend = _auto_on_cuda(value, _num_levels(spatial_shapes))
     if backend == "triton":
         try:
             from .ms_deform_attn_triton import ms_deform_attn_triton
@@ -90,7 +96,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                      sampling_locations, attention_weights)
     if backend == "auto" and isinstance(value, torch.Tensor):
         try:
-            kernel.check_available(value)
+            kernel.check_available(value, _num_levels(spatial_shapes))
             backend = "kernel"
         except kernel.KernelBuildError as err:
             kernel.warn_once(str(err))

@@ -5,7 +5,8 @@ questions the build asks of the machine:
 
 * the build folder (``$DDETR_BUILD_DIR``, else torch's default extensions folder);
 * the compiler flags of the C++ part, and those the CUDA part adds: the include and
-  library folders of the torch wheel's CUDA companion package and of the CUDA runtime;
+  library folders of the torch wheel's CUDA companion package and of the CUDA runtime
+  (and, for both, the shared C++ runtime: SHARED_CXX_RUNTIME);
 * the CUDA architectures to compile for when no GPU can be asked (``cuda_arch_list``).
 """
 import contextlib
@@ -23,6 +24,17 @@ except ImportError:
 
 # arch list used when compiling CUDA code on a machine without a GPU (A100, H100)
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+
+# Link the C++ runtime that torch itself uses, the shared libstdc++, even where the
+# compiler links its own copy statically (a GPU image's g++ wrapper did: CXX=/opt/gcc/
+# bin/g++). Named by its file name (present wherever a C++ runtime is, development files
+# or not) before the compiler's implicit libraries, the shared library resolves every
+# std:: symbol and the static archive adds nothing. Two
+# copies of libstdc++ in one process share no locale state: an extension's
+# `stream << integer` then read the other copy's facets, and every error message with a
+# number in it (TORCH_CHECK_VALUE(..., "got L=", L)) ended the process with a
+# segmentation fault instead of raising (tests/test_toolchain.py reproduces it).
+SHARED_CXX_RUNTIME = ["-l:libstdc++.so.6"]
 
 
 def build_directory():
@@ -102,12 +114,13 @@ def build_flags(include_dir, cuda):
         # -O3 and OpenMP as torch itself is built: at::parallel_for only runs in
         # parallel when the code that calls it is compiled with OpenMP.
         extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=["-fopenmp"] + SHARED_CXX_RUNTIME,
     )
     if cuda:
         includes, libs = cuda_companion_paths()
         flags["extra_include_paths"] += includes
-        flags["extra_ldflags"] = [f"-L{lib}" for lib in libs + cuda_runtime_lib_dirs()]
+        flags["extra_ldflags"] = ([f"-L{lib}" for lib in libs + cuda_runtime_lib_dirs()]
+                                  + SHARED_CXX_RUNTIME)
         flags["extra_cuda_cflags"] = ["-O3"]
     return flags
 
