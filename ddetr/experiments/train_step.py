@@ -169,6 +169,7 @@ def write_markdown(out_dir):
         lines += [f"## {where}, torch {m['torch']}", "",
                   f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`"
                   + (" (with uncommitted changes)" if r["uncommitted_changes"] else "") + "  ",
+                  *([r["provenance"] + "  "] if r.get("provenance") else []),
                   f"Preset `{r['config']}` with {r['overrides'] or 'no overrides'}, images "
                   f"of {r['size'][0]}x{r['size'][1]}, {r['warmup']} untimed + "
                   f"{r['iters']} timed steps per row", "",
