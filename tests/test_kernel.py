@@ -155,12 +155,12 @@ def test_points_far_outside_read_zero_and_have_zero_gradient():
 
 # ---- empty inputs ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("N, Lq", [(0, 5), (2, 0), (0, 0)])
-def test_empty_batch_or_no_queries(N, Lq):
-    inputs = make_inputs(N, [(3, 4), (2, 2)], 2, 4, Lq, 2)
+@pytest.mark.parametrize("N, Lq, D", [(0, 5, 4), (2, 0, 4), (0, 0, 4), (2, 5, 0)])
+def test_empty_batch_or_no_queries(N, Lq, D):
+    inputs = make_inputs(N, [(3, 4), (2, 2)], 2, D, Lq, 2)
     out = fused(*inputs)
-    assert out.shape == (N, Lq, 8)
-    out.sum().backward()
+    assert out.shape == (N, Lq, 2 * D)
+    out.backward(torch.zeros_like(out))  # called even for an empty output
     for i in (0, 3, 4):
         assert inputs[i].grad.shape == inputs[i].shape
         assert inputs[i].grad.abs().sum() == 0

@@ -299,14 +299,23 @@ def test_cuda_no_device_sync_with_level_tables(cuda_kernel):
 
 @needs_gpu
 @pytest.mark.cuda
-@pytest.mark.parametrize("N, Lq", [(0, 5), (2, 0)])
-def test_cuda_empty(cuda_kernel, N, Lq):
-    inputs = make_inputs(N, [(3, 4), (2, 2)], 2, 4, Lq, 2)
+@pytest.mark.parametrize("N, Lq, D", [(0, 5, 4), (2, 0, 4), (2, 5, 0), (2, 5, 8)])
+def test_cuda_empty(cuda_kernel, N, Lq, D):
+    """No batch, no queries or no channels: with a zero output gradient every gradient
+    comes out exactly zero, never uninitialised memory (D = 8 is the control that has
+    work to do)."""
+    inputs = make_inputs(N, [(3, 4), (2, 2)], 2, D, Lq, 2)
     out = fused(*inputs)
-    assert out.shape == (N, Lq, 8)
-    out.sum().backward()
-    for i in (0, 3, 4):
-        assert inputs[i].grad.shape == inputs[i].shape and inputs[i].grad.abs().sum() == 0
+    assert out.shape == (N, Lq, 2 * D)
+    grad = torch.zeros_like(out)  # zero: every gradient must come out exactly zero
+    for _ in range(3):  # fresh allocations each time; garbage would show in one of them
+        for t in (inputs[0], inputs[3], inputs[4]):
+            t.grad = None
+        out = fused(*inputs)
+        out.backward(grad)
+        for i in (0, 3, 4):
+            assert inputs[i].grad.shape == inputs[i].shape
+            assert inputs[i].grad.abs().sum() == 0, (i, inputs[i].grad)
 
 
 @needs_gpu

@@ -327,21 +327,25 @@ def test_auto_on_cpu_never_takes_triton(monkeypatch):
     torch.testing.assert_close(ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs))
 
 
-def test_auto_on_cuda_follows_the_table(monkeypatch):
-    """The choice rule, run on a CPU tensor (the interpreter makes Triton available)."""
+def test_the_chooser_follows_the_order(monkeypatch):
+    """choose_backend's rule for a GPU tensor, run on a CPU tensor with the GPU's order
+    (the interpreter makes Triton available): the first that can run; a failed build
+    warns once and is passed over; with neither, the reference."""
     def no_nvcc(value, num_levels=None):
         raise kernel.KernelBuildError("no nvcc in this test")
 
-    value = torch.zeros(1, 1, 1, 1)
-    assert dispatch.AUTO_ON_CUDA[torch.float32][0] == "kernel"
+    value, ss = torch.zeros(1, 1, 1, 1), torch.ones(1, 2, dtype=torch.int64)
+    assert dispatch.AUTO_ORDER["cuda"] == ("kernel", "triton")
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", dispatch.AUTO_ORDER["cuda"])
     monkeypatch.setattr(kernel, "check_available", lambda value, num_levels=None: None)
-    assert dispatch._auto_on_cuda(value, 1) == "kernel"
+    assert dispatch.choose_backend(value, ss) == "kernel"
     monkeypatch.setattr(kernel, "check_available", no_nvcc)
-    assert dispatch._auto_on_cuda(value, 1) == "triton"
+    monkeypatch.setattr(kernel, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="no nvcc in this test"):
+        assert dispatch.choose_backend(value, ss) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")  # now neither fused one can run
-    assert dispatch._auto_on_cuda(value, 1) == "reference"
-    monkeypatch.setitem(dispatch.AUTO_ON_CUDA, torch.float32, ("kernel", "triton"))
-    assert dispatch._auto_on_cuda(value, 1) == "auto"
+    assert dispatch.choose_backend(value, ss) == "reference"
+    assert dispatch.choose_backend(value, ss, "kernel") == "kernel"  # asked for: as asked
 
 
 def test_bad_backend_lists_triton():
@@ -554,7 +558,7 @@ def test_cuda_auto_takes_the_first_available_of_the_table(monkeypatch, dtype):
         first = "kernel"
     except kernel.KernelUnavailableError:
         first = "triton"
-    assert dispatch._auto_on_cuda(inputs[0], 1) == first
+    assert dispatch.choose_backend(inputs[0], inputs[1]) == first
 
     def no_nvcc(value, num_levels=None):
         raise kernel.KernelBuildError("no nvcc in this test")
@@ -564,5 +568,6 @@ def test_cuda_auto_takes_the_first_available_of_the_table(monkeypatch, dtype):
     monkeypatch.setattr(tri, "ms_deform_attn_triton",
                         lambda *a: (calls.append("triton"), real(*a))[1])
     monkeypatch.setattr(kernel, "check_available", no_nvcc)
-    torch.testing.assert_close(ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs))
+    with pytest.warns(RuntimeWarning, match="no nvcc in this test"):
+        torch.testing.assert_close(ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs))
     assert calls == ["triton"]

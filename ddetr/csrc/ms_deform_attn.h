@@ -110,7 +110,9 @@ DDETR_UNROLL
 // makes a kernel skip a level that would still read or write outside `value`.
 template <typename index_t>
 DDETR_HOST_DEVICE bool level_in_bounds(index_t start, index_t H, index_t W, index_t S) {
-  return start >= 0 && H > 0 && W > 0 && H <= S && W <= S && start <= S - H * W;
+  // H * W in 64 bits: with 32-bit offsets two sides <= S can still overflow their product
+  return start >= 0 && H > 0 && W > 0 && H <= S && W <= S &&
+         static_cast<int64_t>(start) <= static_cast<int64_t>(S) - static_cast<int64_t>(H) * W;
 }
 
 // ---- one sampling point exactly as the reference computes it ---------------------------

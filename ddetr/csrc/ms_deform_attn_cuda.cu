@@ -744,7 +744,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_w = at::empty(w.sizes(), w.options());
   const auto levels = host_levels<int64_t>(op, spatial_shapes, level_start_index, value.size(1));
-  if (plan.threads > 0) {
+  // D = 0: no channels, so no rounds of the channel loop and nothing to write; the
+  // location and weight gradients are then zero (set below)
+  if (plan.threads > 0 && value.size(3) > 0) {
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;

@@ -23,15 +23,13 @@ machine without a GPU). Keeping them apart means a CPU-only machine never needs 
 
 When the kernel cannot run some tensors, ``check_available`` says why with one of two
 exceptions: ``KernelBuildError`` (the build failed: ``backend="auto"`` warns once and
-uses the reference) or ``KernelUnsupportedError`` (no kernel for that device or dtype:
-``auto`` uses the reference silently). ``backend="kernel"`` raises either.
+takes the next implementation) or ``KernelUnsupportedError`` (no kernel for that device,
+dtype or number of levels: ``auto`` takes the next one silently). ``backend="kernel"``
+raises either. (``ddetr.ops.ms_deform_attn.choose_backend`` is that choice.)
 
-Once loaded, Python tells PyTorch the two things C++ did not:
-
-* ``torch.library.register_fake``: the output shapes, so torch.compile and
-  torch.export can trace the op without running it;
-* ``torch.library.register_autograd``: the backward of ``ms_deform_attn`` is the op
-  ``ms_deform_attn_backward``.
+Once loaded, Python tells PyTorch the two things C++ did not (``registration.py``, the
+same for the Triton operator): the output shapes for torch.compile and torch.export,
+and that the backward of ``ms_deform_attn`` is the op ``ms_deform_attn_backward``.
 """
 import time
 import warnings
@@ -41,6 +39,7 @@ import torch
 
 from . import toolchain
 from .checks import check_ms_deform_attn_inputs, checked_levels
+from .registration import register_pair
 from .toolchain import (DEFAULT_CUDA_ARCH_LIST, cuda_arch_list,  # noqa: F401 (kernel.*)
                         cuda_library_name)
 
@@ -138,35 +137,9 @@ def load_kernel(with_cuda=None, verbose=False):
 
 def _register_python_parts():
     global _registered
-    if _registered:
-        return
-    _registered = True
-
-    @torch.library.register_fake("ddetr::ms_deform_attn")
-    def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations,
-                      attention_weights):
-        N, _, M, D = value.shape
-        Lq = sampling_locations.shape[1]
-        return value.new_empty(N, Lq, M * D)
-
-    @torch.library.register_fake("ddetr::ms_deform_attn_backward")
-    def _backward_fake(grad_output, value, spatial_shapes, level_start_index,
-                       sampling_locations, attention_weights):
-        return (torch.empty_like(value), torch.empty_like(sampling_locations),
-                torch.empty_like(attention_weights))
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
-        grad_value, grad_locations, grad_weights = torch.ops.ddetr.ms_deform_attn_backward(
-            grad_output.contiguous(), value, spatial_shapes, level_start_index, locations,
-            weights)
-        return grad_value, None, None, grad_locations, grad_weights
-
-    torch.library.register_autograd("ddetr::ms_deform_attn", backward,
-                                    setup_context=setup_context)
+    if not _registered:
+        _registered = True
+        register_pair("ddetr::ms_deform_attn", "ddetr::ms_deform_attn_backward")
 
 
 # ---- choosing and calling the kernel ---------------------------------------------------

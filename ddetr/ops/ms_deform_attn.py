@@ -1,10 +1,10 @@
 """The public multi-scale deformable attention operator and its backend choice.
 
-``ms_deform_attn`` is what the model calls. It runs the fused kernel (C++ on CPU,
-CUDA on GPU) when one can be used for the tensors' device, and otherwise the pure
-PyTorch reference. On a GPU the Triton kernels are a second fused implementation
-(``AUTO_ON_CUDA`` says which is tried first). The result is the same either way, up
-to floating-point rounding.
+``ms_deform_attn`` is what the model calls. ``choose_backend`` decides what runs:
+with ``backend="auto"``, the first fused implementation of ``AUTO_ORDER`` for the
+tensor's device that can run these tensors (the C++/CUDA op of ``ddetr/csrc``, then on a
+GPU the Triton kernels), else the pure PyTorch reference. The result is the same
+whichever runs, up to floating-point rounding.
 """
 import torch
 
@@ -13,18 +13,11 @@ from .ms_deform_attn_reference import ms_deform_attn_reference
 
 BACKENDS = ("auto", "reference", "kernel", "triton")
 
-# What "auto" runs on a CUDA tensor, by the dtype of value: the first choice that can
-# run there ("kernel": the CUDA op of ddetr/csrc, if it builds; "triton": the Triton
-# kernels, if Triton imports; "reference": always). Timed on an H200
+# What "auto" tries, by device, before the reference. Timed on an H200
 # (benchmarks/kernels.md): the CUDA op's forward+backward is faster than Triton's at
-# every benchmark shape and dtype, so it comes first; Triton serves a GPU machine
-# without nvcc.
-AUTO_ON_CUDA = {
-    torch.float32: ("kernel", "triton", "reference"),
-    torch.float64: ("kernel", "triton", "reference"),
-    torch.float16: ("kernel", "triton", "reference"),
-    torch.bfloat16: ("kernel", "triton", "reference"),
-}
+# every benchmark shape and dtype; Triton serves a GPU machine without nvcc. On a CPU,
+# Triton runs only under its interpreter, which is for tests: never chosen there.
+AUTO_ORDER = {"cuda": ("kernel", "triton"), "cpu": ("kernel",)}
 
 
 def _num_levels(spatial_shapes):
@@ -33,29 +26,34 @@ def _num_levels(spatial_shapes):
     return spatial_shapes.shape[0] if ok else None
 
 
-def _auto_on_cuda(value, num_levels):
-    """The first entry of AUTO_ON_CUDA[value.dtype] that can run on ``value``; "auto"
-    (the rule for every device below, with its warning) if none of the fused ones can."""
-    for choice in AUTO_ON_CUDA.get(value.dtype, ()):
-        if choice == "reference":
+def _check_available(choice, value, num_levels):
+    """Raise unless the fused implementation `choice` can run on these tensors."""
+    if choice == "kernel":
+        kernel.check_available(value, num_levels)
+    else:
+        from . import ms_deform_attn_triton  # imported on first use: only its users need Triton
+        ms_deform_attn_triton.check_available(value)
+
+
+def choose_backend(value, spatial_shapes, backend="auto"):
+    """The implementation ``ms_deform_attn`` runs for these tensors: ``backend`` itself,
+    unless it is "auto"; then the first entry of ``AUTO_ORDER[device]`` that can run
+    them, else "reference". A fused implementation that failed to build is reported with
+    one warning (per reason, per process); one that does not support the device, the
+    dtype or the number of levels is skipped silently."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto" or not isinstance(value, torch.Tensor):
+        return "reference" if backend == "auto" else backend
+    for choice in AUTO_ORDER.get(value.device.type, ()):
+        try:
+            _check_available(choice, value, _num_levels(spatial_shapes))
             return choice
-        if choice == "kernel":
-            try:
-                kernel.check_available(value, num_levels)
-                return choice
-            except kernel.KernelUnavailableError:
-                continue
-        if choice == "triton":
-            try:  # imported on first use: only its users need Triton
-                from . import ms_deform_attn_triton
-            except ImportError:
-                continue
-            try:
-                ms_deform_attn_triton.check_available(value)
-                return choice
-            except ms_deform_attn_triton.TritonUnavailableError:
-                continue
-    return "auto"
+        except kernel.KernelBuildError as err:
+            kernel.warn_once(str(err))
+        except (kernel.KernelUnsupportedError, ImportError):  # Triton's too, or no Triton
+            pass
+    return "reference"
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
@@ -68,24 +66,16 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         level_start_index: (L,) int64.
         sampling_locations: (N, Lq, M, L, K, 2), (x, y) normalised to [0, 1].
         attention_weights: (N, Lq, M, L, K).
-        backend: "auto" (fused kernel for the device if it can be used, else the
-            reference), "reference" (pure PyTorch), "kernel" (fused; raises if it
-            cannot be built or does not support the device or dtype) or "triton"
-            (the Triton kernels; raises on a CPU tensor unless TRITON_INTERPRET=1).
+        backend: "auto" (``choose_backend``: a fused implementation where one can run,
+            else the reference), "reference" (pure PyTorch), "kernel" (the fused C++/CUDA
+            op; raises if it cannot be built or does not support the device, dtype or
+            number of levels) or "triton" (the Triton kernels; raises on a CPU tensor
+            unless TRITON_INTERPRET=1).
 
     Returns:
         (N, Lq, M * D)
-
-    With "auto", a kernel that fails to build gives one warning (with the compiler's
-    reason) and the reference from then on; a dtype the kernel does not support on
-    that device (float16 on the CPU) goes to the reference silently. On a CUDA tensor
-    "auto" takes the first implementation of ``AUTO_ON_CUDA[value.dtype]`` that can
-    run; on a CPU tensor it never takes Triton (the interpreter is for tests).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto" and isinstance(value, torch.Tensor) and value.device.type == "cuda":
-        backend = _auto_on_cuda(value, _num_levels(spatial_shapes))
+    backend = choose_backend(value, spatial_shapes, backend)
     if backend == "triton":
         try:
             from .ms_deform_attn_triton import ms_deform_attn_triton
@@ -94,15 +84,6 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                f"({err})") from err
         return ms_deform_attn_triton(value, spatial_shapes, level_start_index,
                                      sampling_locations, attention_weights)
-    if backend == "auto" and isinstance(value, torch.Tensor):
-        try:
-            kernel.check_available(value, _num_levels(spatial_shapes))
-            backend = "kernel"
-        except kernel.KernelBuildError as err:
-            kernel.warn_once(str(err))
-            backend = "reference"
-        except kernel.KernelUnsupportedError:
-            backend = "reference"
     if backend == "kernel":
         return kernel.ms_deform_attn_kernel(value, spatial_shapes, level_start_index,
                                             sampling_locations, attention_weights)

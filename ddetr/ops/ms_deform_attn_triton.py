@@ -54,6 +54,8 @@ import triton
 import triton.language as tl
 
 from .checks import check_ms_deform_attn_inputs
+from .kernel import KernelUnsupportedError
+from .registration import register_pair
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -279,8 +281,10 @@ def _backward(grad_output, value, spatial_shapes, level_start_index, sampling_lo
 
 # ---- the operator: torch.library registration ------------------------------------------
 
-class TritonUnavailableError(RuntimeError):
-    """The Triton kernels cannot run the given tensors (device, dtype, no interpreter)."""
+class TritonUnavailableError(KernelUnsupportedError):
+    """The Triton kernels cannot run the given tensors (device, dtype, no interpreter):
+    for ``backend="auto"`` the same as the fused op's KernelUnsupportedError, a reason
+    to try the next implementation."""
 
 
 def check_available(value):
@@ -337,32 +341,7 @@ def ms_deform_attn_triton_backward_op(
     return _backward(grad_output.contiguous(), *args)
 
 
-@ms_deform_attn_triton_op.register_fake
-def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights):
-    N, _, M, D = value.shape
-    return value.new_empty(N, sampling_locations.shape[1], M * D)
-
-
-@ms_deform_attn_triton_backward_op.register_fake
-def _backward_fake(grad_output, value, spatial_shapes, level_start_index,
-                   sampling_locations, attention_weights):
-    return (torch.empty_like(value), torch.empty_like(sampling_locations),
-            torch.empty_like(attention_weights))
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward_formula(ctx, grad_output):
-    value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = ms_deform_attn_triton_backward_op(
-        grad_output, value, spatial_shapes, level_start_index, locations, weights)
-    return grad_value, None, None, grad_locations, grad_weights
-
-
-ms_deform_attn_triton_op.register_autograd(_backward_formula, setup_context=_setup_context)
+register_pair("ddetr::ms_deform_attn_triton", "ddetr::ms_deform_attn_triton_backward")
 
 
 def ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations,
