@@ -6,7 +6,8 @@ The paper's claims in miniature (``python -m ddetr experiment convergence``):
     runner          runs the trainings one after the other or in a process pool
     results         convergence.json: read, write, summary statistics, markdown table
     claims          the paper's two claims tested on a results file, with verdicts
-    probes          what a trained model learned: where its decoder queries sample
+    probes          what a trained model learned: where its decoder queries sample,
+                    how its boxes move through the decoder (decoder_trace)
                     (the int8 weights the book loads instead of training are
                     ``ddetr.engine.checkpoint.save_compact``'s)
 
@@ -16,6 +17,11 @@ The fused kernel against the reference (``python -m ddetr bench build | kernels`
     kernel_inputs   the benchmark's shapes and model-like inputs (also chapter 5's)
     timing          side-by-side timing, CUDA events, memory bandwidth
     memory          peak memory of one call (fresh subprocess on the CPU)
+
+What attention learns, for the book's figures:
+
+    toy_attention   toy trainings with a known answer (chapters 3 and 4): deformable,
+                    dense and multi-scale attention, in seconds on a CPU
 
 Training on the CPU (``python -m ddetr bench contention``, the training chapter):
 
