@@ -1,5 +1,6 @@
 """The built book in a real browser: every chapter page shows its figures and its math,
-and the browser console stays free of errors (nothing is fetched from the network).
+and the browser console stays free of errors (nothing is fetched from the network);
+the animations and slider views play, offline.
 
 Uses the ``built_book`` fixture (tests/conftest.py), so the book is built once per
 session. Needs Debian's chromium and chromium-driver (``make browser`` installs them)
@@ -63,7 +64,7 @@ def browser():
                  "--disable-dev-shm-usage", "--window-size=1280,1600",
                  f"--user-data-dir={profile}"):
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     driver.set_page_load_timeout(60)
     driver.set_script_timeout(60)
@@ -178,3 +179,82 @@ def test_code_lines_fit_at_1280_pixels(browser, site):
     overflowing = [b for b in short if b["scroll"] > b["client"]]
     assert not overflowing, (f"{len(overflowing)} of {len(short)} code blocks with lines of "
                              f"at most 88 characters scroll sideways: {overflowing[:3]}")
+
+
+# pages with animations or slider views (matplotlib's player, ddetr.viz.animation), and
+# how many each has
+ANIMATION_PAGES = {"notebooks/03_deformable_attention": 1, "notebooks/04_multiscale": 1,
+                   "notebooks/06_model": 4}
+PLAYERS = """
+return Array.from(document.querySelectorAll("div.animation")).map(div => {
+  const img = div.querySelector("img");
+  return {src: img.src.length, hash: img.src.slice(-200), width: img.naturalWidth,
+          frames: parseInt(div.querySelector("input.anim-slider").max) + 1};
+});
+"""
+PICK_LAST = """
+const div = document.querySelectorAll("div.animation")[arguments[0]];
+const slider = div.querySelector("input.anim-slider");
+slider.value = slider.max;
+slider.dispatchEvent(new Event("input"));
+return div.querySelector("img").src.slice(-200);
+"""
+PRESS = """
+const div = document.querySelectorAll("div.animation")[arguments[0]];
+div.querySelector('button[title="' + arguments[1] + '"]').click();
+return div.querySelector("img").src.slice(-200);
+"""
+
+
+def _requests(browser):
+    """URLs the page asked for since the last call (Chromium's performance log)."""
+    import json
+
+    urls = []
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+@pytest.mark.slow
+def test_animations_and_views_play_offline(browser, site):
+    """Each page with an animation or slider view: every player shows a frame, picking
+    the last frame on the slider and pressing play change what is drawn, and the page
+    requests nothing but its own files and data: URLs (no CDN, no network). Saves
+    _build/artifacts/model_view.png."""
+    import time
+
+    problems = []
+    for page, expected in ANIMATION_PAGES.items():
+        _requests(browser)                                  # forget earlier pages
+        browser.get(f"{site}/{page}.html")
+        time.sleep(0.5)
+        players = browser.execute_script(PLAYERS)
+        if len(players) < expected:
+            problems.append(f"{page}: {len(players)} players, expected {expected}")
+        for i, player in enumerate(players):
+            if player["width"] == 0 or player["frames"] < 2:
+                problems.append(f"{page} player {i}: no frame shown ({player})")
+                continue
+            if browser.execute_script(PICK_LAST, i) == player["hash"]:
+                problems.append(f"{page} player {i}: the slider did not change the frame")
+            browser.execute_script(PRESS, i, "First frame")
+            first = browser.execute_script(PRESS, i, "Play")
+            time.sleep(2.5)                                 # a few frame intervals
+            if browser.execute_script(PRESS, i, "Pause") == first:
+                problems.append(f"{page} player {i}: playing did not change the frame")
+        if page == "notebooks/06_model":
+            browser.execute_script(
+                "document.querySelectorAll('div.animation')[2].scrollIntoView();")
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            browser.save_screenshot(str(ARTIFACTS / "model_view.png"))
+        foreign = [u for u in _requests(browser)
+                   if not (u.startswith(site) or u.startswith("data:"))]
+        if foreign:
+            problems.append(f"{page}: requests outside the book: {foreign[:5]}")
+        for entry in browser.get_log("browser"):
+            if entry["level"] == "SEVERE":
+                problems.append(f"{page}: console error: {entry['message']}")
+    assert not problems, "\n".join(problems)

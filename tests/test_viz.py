@@ -190,3 +190,100 @@ def test_convergence_figures_take_models_and_colours_from_the_results():
     assert len(plot_convergence(result).axes) == 2
     ax = plot_size_breakdown(summary_table(result))
     assert len(ax.patches) == 3 * 3                     # 3 models x APs, APm, APl
+
+
+def test_animation_plays_offline():
+    """ddetr.viz.animate: matplotlib's player, with no link to a CDN and its icons as
+    text; one embedded frame per call of draw."""
+    from ddetr.viz.animation import animate, offline_player
+
+    fig, ax = plt.subplots(figsize=(1, 1))
+    drawn = []
+
+    def draw(i):
+        drawn.append(i)
+        ax.clear()
+        ax.plot([0, i], [0, 1])
+    anim = animate(fig, draw, 3)
+    assert anim.frames == 3 and set(drawn) >= {0, 1, 2}
+    assert anim.html.count("data:image/png;base64,") == 3 and anim.frame_bytes > 100
+    assert "http" not in anim.html and "<link" not in anim.html
+    assert 'class="fa' not in anim.html and "&#9654;" in anim.html
+    assert anim._repr_html_() == anim.html
+    with pytest.raises(ValueError, match="frames must be a positive int"):
+        animate(plt.figure(), draw, 0)
+    with pytest.raises(ValueError, match="frame_format"):
+        animate(plt.figure(), draw, 1, frame_format="gif")
+    with pytest.raises(ValueError, match="unknown player icon"):
+        offline_player('<i class="fa fa-rocket"></i>')
+
+
+def test_matching_and_cost_figures():
+    from ddetr.viz.curves import plot_cost_terms, plot_focal_loss
+    from ddetr.viz.matching import plot_colour_swatches, plot_matching_vs_nms
+
+    image = np.ones((32, 32, 3))
+    targets = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])
+    preds = torch.cat([targets + 0.01, targets[:1] + 0.02])
+    fig = plot_matching_vs_nms(image, targets, preds, [[(0, 0), (1, 1), (2, 0)],
+                                                       [(0, 0), (1, 1)]], [0, 1], ["a", "b", "c"])
+    assert len(fig.axes) == 3 and len(fig.axes[0].patches) == 2 * 2 + 3
+    assert len(fig.axes[2].patches) == 2 * 2 + 2                        # NMS kept two
+    fig = plot_colour_swatches(np.random.rand(5, 2, 3), list("abcde"), ["x", "y"])
+    assert fig.axes[0].get_images()[0].get_array().shape == (5, 2, 3)
+    ax = plot_focal_loss(0.25, 2.0)
+    assert len(ax.lines) == 4
+    hw = np.logspace(1, 4, 10)
+    ax = plot_cost_terms(hw, {"a": hw, "b": hw ** 2}, crossings=[("here", 100)])
+    assert len(ax.lines) == 3
+
+
+@pytest.fixture(scope="module")
+def reference_trace():
+    from ddetr.data.synthetic import draw_image
+    from ddetr.engine.checkpoint import load_compact
+    from ddetr.experiments.probes import decoder_trace, model_input
+
+    root = Path(__file__).resolve().parents[1]
+    model, _, cfg, categories, _ = load_compact(root / "benchmarks" / "train_cpu_reference.pth")
+    image, _ = draw_image(np.random.default_rng(5))
+    return image, decoder_trace(model, model_input(cfg, image)), categories, cfg
+
+
+def test_decoder_trace_follows_refinement_and_two_stage(reference_trace):
+    """The trace of the trained reference model (two-stage, refinement): each layer's
+    reference is the box of the layer before, and layer 0's are the encoder's top-k
+    proposals (an independent recomputation from the model's outputs)."""
+    _, trace, _, cfg = reference_trace
+    D, Lq = cfg.dec_layers, cfg.num_queries
+    assert trace["boxes"].shape == (D, Lq, 4) and trace["references"].shape == (D, Lq, 4)
+    assert torch.allclose(trace["references"][1:], trace["boxes"][:-1], atol=1e-5)
+    enc = trace["outputs"]["enc_outputs"]
+    top = enc["pred_logits"][0, :, 0].topk(Lq)
+    assert torch.allclose(trace["references"][0], enc["pred_boxes"][0, top.indices], atol=1e-5)
+    assert torch.allclose(trace["proposal_scores"], top.values.sigmoid())
+    assert torch.equal(trace["boxes"][-1], trace["outputs"]["pred_boxes"][0])
+    assert set(trace["sampling"]) == set(range(D))
+    assert trace["encoder"]["sampling_locations"].shape[0] == \
+        int(trace["encoder"]["spatial_shapes"].prod(-1).sum())
+
+
+def test_decoder_figures_and_views(reference_trace):
+    from ddetr.viz.decoder import (animate_refinement, animate_two_stage, explore_sampling,
+                                   plot_refinement, position_frames, query_frames)
+
+    image, trace, categories, cfg = reference_trace
+    best = trace["scores"][-1].argsort(descending=True)[:2].tolist()
+    fig = plot_refinement(image, trace, best)
+    assert len(fig.axes) == cfg.dec_layers
+    assert animate_refinement(image, trace, best).frames == cfg.dec_layers
+    anim = animate_two_stage(image, trace, 0.3, categories)
+    assert anim.frames == cfg.dec_layers + 2 and "data:image/jpeg" in anim.html
+    frames = query_frames(trace, best, categories)
+    assert frames[0]["locations"].shape == (cfg.n_heads, cfg.num_feature_levels,
+                                            cfg.dec_n_points, 2)
+    view = explore_sampling(image, trace["encoder"]["spatial_shapes"],
+                            frames + position_frames(trace["encoder"], [0, 1000]))
+    assert view.frames == 4 and "http" not in view.html
+    with pytest.raises(ValueError, match="two-stage"):
+        animate_two_stage(image, {**trace, "proposal_scores": None})

@@ -6,7 +6,8 @@ The paper's claims in miniature (``python -m ddetr experiment convergence``):
     runner          runs the trainings one after the other or in a process pool
     results         convergence.json: read, write, summary statistics, markdown table
     claims          the paper's two claims tested on a results file, with verdicts
-    probes          what a trained model learned: where its decoder queries sample
+    probes          what a trained model learned: where its decoder queries sample,
+                    how its boxes move through the decoder (decoder_trace)
                     (the int8 weights the book loads instead of training are
                     ``ddetr.engine.checkpoint.save_compact``'s)
 
@@ -23,6 +24,11 @@ The training step (``python -m ddetr bench train | profile``):
 
     train_step      images/s and peak memory per backend, amp setting and batch size
     train_profile   where a GPU step's time goes: host syncs, GPU busy fraction, kernels
+
+What attention learns, for the book's figures:
+
+    toy_attention   toy trainings with a known answer (chapters 3 and 4): deformable,
+                    dense and multi-scale attention, in seconds on a CPU
 
 Training on the CPU (``python -m ddetr bench contention``, the training chapter):
 

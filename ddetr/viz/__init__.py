@@ -1,6 +1,11 @@
 """Plots for the book: architecture diagrams with tensor shapes, attention maps,
 reference and sampling points (weights as marker sizes), per-level panels, boxes, log-log cost curves and the convergence experiment's
-figures; and what the early figures show: a toy scene and two hand-built heads."""
+figures; and what the early figures show: a toy scene and two hand-built heads.
+
+Animations and slider views (``animation.animate``) play in the static book, offline;
+``toy`` draws the toy trainings of chapters 3-4, ``decoder`` a trained model's decoder
+(chapter 6), ``matching`` chapter 1-2's matching and pooling pictures. Import those
+modules themselves (``from ddetr.viz.toy import ...``)."""
 from .architecture import architecture_shapes, plot_architecture
 from .attention import (plot_attention_maps, plot_level_sampling, plot_sampling_points,
                         sampling_points_on_axes)

@@ -56,3 +56,53 @@ def plot_kernel_benchmark(result, title=None, ax=None):
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+def plot_focal_loss(alpha, gamma, ax=None):
+    """Focal loss against binary cross-entropy, as functions of the predicted
+    probability p, for a target of 1 and of 0 (torchvision's ``sigmoid_focal_loss``
+    with the given alpha and gamma). Returns the axes."""
+    import torch
+    from torchvision.ops import sigmoid_focal_loss
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.2, 3.2))
+    p = torch.linspace(0.002, 0.998, 400, dtype=torch.float64)
+    for target, colour in ((1.0, "tab:green"), (0.0, "tab:red")):
+        y = torch.full_like(p, target)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(p.logit(), y, reduction="none")
+        fl = sigmoid_focal_loss(p.logit(), y, alpha=alpha, gamma=gamma, reduction="none")
+        ax.plot(p, bce, color=colour, linestyle="--", label=f"cross-entropy, target {target:.0f}")
+        ax.plot(p, fl, color=colour, label=f"focal, target {target:.0f}")
+    ax.set_yscale("log")
+    ax.set_ylim(1e-5, 10)
+    ax.set_xlabel("predicted probability p")
+    ax.set_ylabel("loss (log scale)")
+    ax.set_title(f"focal loss (alpha {alpha}, gamma {gamma}) against cross-entropy", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_cost_terms(pixels, terms, crossings=(), ax=None, title=None):
+    """FLOP terms of an attention layer against the pixels HW, on log-log axes.
+
+    Args:
+        pixels: (P,) HW values; terms: {label: (P,) FLOPs}; crossings: (label, HW)
+            pairs, drawn as dotted vertical lines where one term overtakes another.
+    Returns the axes."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.6, 3.3))
+    for label, flops in terms.items():
+        ax.loglog(pixels, flops, label=label, linewidth=1.5)
+    for label, hw in crossings:
+        ax.axvline(hw, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(label, (hw, ax.get_ylim()[0]), xytext=(3, 6), textcoords="offset points",
+                    fontsize=7, rotation=90, va="bottom")
+    ax.set_xlabel("pixels HW")
+    ax.set_ylabel("FLOPs")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
