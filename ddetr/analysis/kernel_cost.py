@@ -219,17 +219,27 @@ def hot_loop(instructions, expected_loads=None):
     return best
 
 
+def points_per_iteration(d):
+    """Sampling points one iteration of the forward's hot loop reads: all L * K where
+    both are compile-time, K of one level where the levels run side by side (split),
+    else one."""
+    if not (d["L"] and d["K"]):
+        return 1
+    return d["K"] if d.get("split") else d["L"] * d["K"]
+
+
 def expected_loads(d):
     """Global loads of one iteration of the forward's hot loop for a kernel described by
     ``describe`` (METHOD, step 3)."""
-    points = d["L"] * d["K"] if d["L"] and d["K"] else 1
+    points = points_per_iteration(d)
     per_corner = 2 if (d["vec"] == 8 and d["dtype"] == "float32") else 1
-    locations_and_weights = 3 * d["L"] if (d["K"] == 4 and d["vec"] == 8) else 3 * points
+    levels = points // d["K"] if d["K"] else 1
+    locations_and_weights = 3 * levels if (d["K"] == 4 and d["vec"] == 8) else 3 * points
     return points * 4 * per_corner + locations_and_weights
 
 
 _TEMPLATE = re.compile(r"(forward|backward)_kernelI(f|d|N3c104HalfE|N3c108BFloat16E)"
-                       r"(?:Li(\d+)ELi(\d+)ELi(\d+)E([il]))?")
+                       r"(?:Li(\d+)ELi(\d+)ELi(\d+)E(?:Lb([01])E)?([il]))?")
 _DTYPES = {"f": "float32", "d": "float64", "N3c104HalfE": "float16",
            "N3c108BFloat16E": "bfloat16"}
 
@@ -241,14 +251,15 @@ def describe(name):
     m = _TEMPLATE.search(name)
     if m is None:
         return None
-    kind, dtype, vec, L, K, index = m.groups()
+    kind, dtype, vec, L, K, split, index = m.groups()
     return dict(kind=kind, dtype=_DTYPES[dtype], vec=int(vec or 1), L=int(L or 0),
-                K=int(K or 0), index="int32" if index == "i" else "int64")
+                K=int(K or 0), split=split == "1", index="int32" if index == "i" else "int64")
 
 
 def label(d):
     lk = f"L={d['L']},K={d['K']}" if d["L"] else "L,K at run time"
-    return f"{d['kind']} {d['dtype']} VEC={d['vec']} {lk} {d['index']}"
+    return (f"{d['kind']} {d['dtype']} VEC={d['vec']} {lk}"
+            f"{' levels split' if d.get('split') else ''} {d['index']}")
 
 
 # ---- the measurement ---------------------------------------------------------------------
@@ -282,7 +293,7 @@ def kernel_costs(source=SOURCE, archs=("sm_90", "sm_80"), count_arch="sm_90"):
                     if loop is None:
                         raise RuntimeError(f"kernel cost: no loop of {row['kernel']} has the "
                                            f"{expected_loads(row)} loads of its hot loop")
-                    points = row["L"] * row["K"] if row["L"] and row["K"] else 1
+                    points = points_per_iteration(row)
                     row.update(hot_loop_instructions=loop["instructions"],
                                hot_loop_loads=loop["loads"], points_per_iteration=points,
                                channels_per_iteration=row["vec"],
@@ -290,7 +301,7 @@ def kernel_costs(source=SOURCE, archs=("sm_90", "sm_80"), count_arch="sm_90"):
                                    loop["instructions"] / (points * row["vec"]), 2))
     order = {"forward": 0, "backward": 1}
     return sorted(rows.values(), key=lambda r: (order[r["kind"]], r["dtype"], -r["vec"],
-                                                -r["L"], r["K"]))
+                                                -r["L"], r["K"], r.get("split", False)))
 
 
 def _tool_version(tool):

@@ -1,15 +1,18 @@
 // Multi-scale deformable attention on the GPU: forward and backward.
 //
 // Work split: a GROUP of `lanes` neighbouring threads per (n, q, m) triple, each thread
-// owning VEC channels (8 float32, float16 or bfloat16 channels) as chunks of 16 bytes:
+// owning VEC channels (8 float32, float16 or bfloat16 channels) as chunks of 16 bytes
+// (backward: 4 channels):
 //
 //     thread t:  group i = t / lanes,  lane = t % lanes,
-//                chunk j of the lane: channels [c, c + CH) with c = (j * lanes + lane) * CH
+//                forward:  channels [lane * VEC, lane * VEC + VEC)
+//                backward: chunk j at channels [c, c + 4), c = (j * lanes + lane) * 4
 //
 // lanes is the largest power of two <= min(D / VEC, 32): D = 32 float32 channels make
-// groups of 4 threads. The chunks of a group's lanes lie side by side, so a warp-wide
-// load or atomic covers whole 32-byte sectors. Groups are numbered in (n, m, q) order:
-// neighbouring groups serve neighbouring queries of one head (triple_of).
+// groups of 4 threads. In the backward the chunks of a group's lanes lie side by side,
+// so a warp-wide 16-byte atomic covers whole 32-byte sectors (chunk_channel). Groups are
+// numbered in (n, m, q) order: neighbouring groups serve neighbouring queries of one
+// head (triple_of).
 // Per sampling point a thread does the bilinear setup once (where the point lands,
 // which corners are inside, 4 weights) and then reads VEC channels of each corner: the
 // setup is shared by VEC channels instead of repeated per channel (the first version of
@@ -190,11 +193,13 @@ __device__ __forceinline__ void atomic_add_chunk(acc_t* p, acc_t scale, const ac
   }
 }
 
-// Where chunk j of this lane starts, in round r of the channel loop: chunk j of the
-// lanes of a group lie side by side, so that one warp-wide access covers whole 32-byte
-// sectors. (A lane owning VEC neighbouring channels instead made each 16-byte atomic of
-// the backward half a sector: the L2 did twice the sector operations, and the encoder's
-// backward took 1.5x as long; benchmarks/kernels.md.)
+// The backward's channels: where chunk j of this lane starts, in round r of the channel
+// loop. Chunk j of the lanes of a group lie side by side, so that one warp-wide 16-byte
+// atomic covers whole 32-byte sectors. (A lane owning VEC neighbouring channels, as in
+// the forward, made each atomic half a sector: the L2 did twice the sector operations,
+// and the encoder's backward took 1.5x as long; benchmarks/kernel_variants.md. The
+// forward keeps neighbouring channels: its loads gain nothing from side-by-side chunks,
+// and the second chunk then sits at an immediate offset, fewer instructions.)
 template <int VEC, int CH, typename index_t>
 __device__ __forceinline__ index_t chunk_channel(index_t r, int j, int lane,
                                                  const Sizes<index_t>& s) {
@@ -258,13 +263,14 @@ __device__ __forceinline__ Place<SPLIT, index_t> place_of(const Sizes<index_t>& 
 }
 
 // The cold pass of the forward: the exceptional points of this thread's levels, the
-// reference's way (rare: NaN or +-Inf in a location or weight).
-template <typename scalar_t, int VEC, int CH, typename index_t, typename acc_t>
+// reference's way (rare: NaN or +-Inf in a location or weight), into the VEC channels
+// from channel c.
+template <typename scalar_t, int VEC, typename index_t, typename acc_t>
 __device__ __forceinline__ void forward_cold_pass(const scalar_t* head, const acc_t* loc,
                                                   const acc_t* w, const Levels<index_t>& lv,
                                                   const Sizes<index_t>& s, int L, int K,
-                                                  int lsub, int lstep, const index_t (&ch)[VEC / CH],
-                                                  const bool (&ok)[VEC / CH], acc_t (&acc)[VEC]) {
+                                                  int lsub, int lstep, index_t c,
+                                                  acc_t (&acc)[VEC]) {
   const index_t MD = s.M * s.D;
 #pragma unroll 1
   for (int p = 0; p < L * K; ++p) {
@@ -275,14 +281,10 @@ __device__ __forceinline__ void forward_cold_pass(const scalar_t* head, const ac
     const auto cr = bilinear_corners<acc_t, index_t>(loc[2 * p], loc[2 * p + 1], H, W,
                                                      static_cast<acc_t>(H), static_cast<acc_t>(W));
     if (!exceptional(w[p], cr.finite)) continue;
+    const scalar_t* corner[4];
 #pragma unroll
-    for (int j = 0; j < VEC / CH; ++j) {
-      if (!ok[j]) continue;
-      const scalar_t* corner[4];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) corner[c] = head + start * MD + cr.pixel[c] * MD + ch[j];
-      exact_point_forward(cr, corner, w[p], acc + j * CH, CH);
-    }
+    for (int q = 0; q < 4; ++q) corner[q] = head + start * MD + cr.pixel[q] * MD + c;
+    exact_point_forward(cr, corner, w[p], acc, VEC);
   }
 }
 
@@ -310,13 +312,12 @@ forward_kernel(const scalar_t* __restrict__ value,
   const scalar_t* head = value + (tr.n * s.S * s.M + tr.m) * s.D;  // value[n, 0, m, 0]
   const index_t step = static_cast<index_t>(VEC) << s.lanes_log2;
   for (index_t r = 0; r * step < s.D; ++r) {  // usually one round
-    index_t ch[NCH];
-    bool ok[NCH];
-#pragma unroll
-    for (int j = 0; j < NCH; ++j) {
-      ch[j] = chunk_channel<VEC, CH>(r, j, pl.lane, s);
-      ok[j] = ch[j] < s.D;
-    }
+    // this lane's VEC neighbouring channels (its chunks at immediate offsets); a lane
+    // past D reads channel 0 instead and stores nothing: no test in the hot loop, and
+    // every lane runs every round (SPLIT's shuffles need them all)
+    const index_t first = r * step + static_cast<index_t>(pl.lane) * VEC;
+    const bool ok = first < s.D;
+    const index_t c = ok ? first : 0;
     acc_t acc[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = 0;
@@ -328,7 +329,7 @@ forward_kernel(const scalar_t* __restrict__ value,
       const index_t H = lv.H[l], W = lv.W[l], start = lv.start[l];
       if (!level_in_bounds<index_t>(start, H, W, s.S)) continue;  // never, once checked
       const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
-      const scalar_t* level = head + start * MD;
+      const scalar_t* level = head + start * MD + c;
       constexpr int KK = LevelPoints<K_, acc_t>::K;  // points per pass: K_, or 1
 #pragma unroll 1  // one point per iteration at run-time K
       for (int k0 = 0; k0 < K; k0 += KK) {           // one pass for compile-time K
@@ -344,15 +345,14 @@ forward_kernel(const scalar_t* __restrict__ value,
             continue;
           }
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            if (!cr.inside[c]) continue;  // outside the map: reads zero
-            const scalar_t* px = level + cr.pixel[c] * MD;
-            const acc_t aw = a * cr.weight[c];
+          for (int q = 0; q < 4; ++q) {
+            if (!cr.inside[q]) continue;  // outside the map: reads zero
+            const scalar_t* px = level + cr.pixel[q] * MD;
+            const acc_t aw = a * cr.weight[q];
 #pragma unroll
             for (int j = 0; j < NCH; ++j) {
-              if (!ok[j]) continue;
               acc_t v[CH];
-              load_chunk<CH>(px + ch[j], v);
+              load_chunk<CH>(px + j * CH, v);
 #pragma unroll
               for (int e = 0; e < CH; ++e) acc[j * CH + e] += aw * v[e];
             }
@@ -360,8 +360,9 @@ forward_kernel(const scalar_t* __restrict__ value,
         }
       }
     }
-    if (special != 0) forward_cold_pass<scalar_t, VEC, CH>(head, loc, w, lv, s, L, K, pl.lsub,
-                                                           pl.lstep, ch, ok, acc);
+    if (special != 0 && ok) {
+      forward_cold_pass<scalar_t, VEC>(head, loc, w, lv, s, L, K, pl.lsub, pl.lstep, c, acc);
+    }
     if constexpr (SPLIT) {  // add the level lanes' sums
       for (int off = 1 << s.lanes_log2; off < (1 << (s.lanes_log2 + s.split_log2)); off <<= 1) {
 #pragma unroll
@@ -369,9 +370,9 @@ forward_kernel(const scalar_t* __restrict__ value,
       }
       if (pl.lsub != 0) continue;
     }
+    if (ok) {
 #pragma unroll
-    for (int j = 0; j < NCH; ++j) {
-      if (ok[j]) store_chunk<CH>(output + tr.row * s.D + ch[j], acc + j * CH);
+      for (int j = 0; j < NCH; ++j) store_chunk<CH>(output + tr.row * s.D + c + j * CH, acc + j * CH);
     }
   }
 }
