@@ -147,7 +147,6 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
     a tuner, "threads" ({count: iterations})."""
     model.train()
     criterion.train()
-    weights = criterion.weight_dict
     n_iters = len(loader)
     if cfg.iters_per_epoch > 0:
         n_iters = min(n_iters, cfg.iters_per_epoch)
@@ -160,48 +159,15 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
         schedule.start_epoch(epoch, n_iters)
     lrs = []
     start = time.perf_counter()
-    for it, (imgs, masks, targets) in enumerate(loader):
+    for it, batch in enumerate(loader):
         if it >= n_iters or (schedule is not None and not schedule.step(optimizer, it)):
             break
         lrs.append(optimizer.param_groups[0]["lr"])
         if tuner is not None:
             tuner.before()
-        imgs, masks, targets = to_device(imgs, masks, targets, device)
-        with autocast(device, cfg.amp):
-            outputs = model(imgs, masks)
-        outputs = _to_float(outputs)
-        where = f"at epoch {epoch + 1}, iteration {it + 1}"
-        try:
-            loss_dict = criterion(outputs, targets)
-        except ValueError as e:           # the matcher's cost holds NaN: scipy refuses it
-            bad = _not_finite(outputs)
-            if bad:
-                raise TrainingDiverged(f"training diverged {where}: the model's outputs "
-                                       f"{', '.join(bad)} are not finite") from e
-            raise
-        loss = sum(loss_dict[k] * weights[k] for k in weights if k in loss_dict)
-        # the losses read back once per step, before the backward (the GPU has run
-        # the forward by now: the matcher waited for it)
-        values = dict(zip(["loss", *loss_dict],
-                          torch.stack([loss.detach(), *(v.detach().float() for v in
-                                                        loss_dict.values())]).tolist()))
-        if not math.isfinite(values["loss"]):
-            bad = _not_finite(loss_dict) or _not_finite(outputs)
-            raise TrainingDiverged(f"training diverged {where}: loss is {values['loss']} "
-                                   f"(not finite: {', '.join(bad)})")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if cfg.clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
-        if scaler is not None and scaler.is_enabled():
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        values = train_step(model, criterion, optimizer, batch, device, cfg, scaler,
+                            where=f"at epoch {epoch + 1}, iteration {it + 1}")
+        imgs = batch[0]
         if tuner is not None:
             tuner.after(imgs.shape[0] * imgs.shape[2] * imgs.shape[3])
         for k, v in values.items():
@@ -225,6 +191,58 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, sca
         means["threads"] = {str(k): v for k, v in sorted(tuner.used.items())}
         tuner.used.clear()
     return means
+
+
+def train_step(model, criterion, optimizer, batch, device, cfg, scaler=None, where=""):
+    """One optimisation step on a collated batch (images, masks, targets): the forward
+    (under autocast when cfg.amp), the set loss, the backward, gradient clipping and the
+    optimizer's step. Returns the step's losses as floats ("loss", the weighted total,
+    and every unweighted term), read back from the device in one copy; raises
+    TrainingDiverged (saying `where`) when the loss or the model's outputs are not
+    finite."""
+    imgs, masks, targets = to_device(*batch, device)
+    with autocast(device, cfg.amp):
+        outputs = model(imgs, masks)
+    outputs = _to_float(outputs)
+    try:
+        loss_dict = criterion(outputs, targets)
+    except ValueError as e:               # the matcher's cost holds NaN: scipy refuses it
+        bad = _not_finite(outputs)
+        if bad:
+            raise TrainingDiverged(f"training diverged {where}: the model's outputs "
+                                   f"{', '.join(bad)} are not finite") from e
+        raise
+    weights = criterion.weight_dict
+    loss = sum(loss_dict[k] * weights[k] for k in weights if k in loss_dict)
+    # read back once per step, before the backward (the matcher waited for the forward)
+    values = dict(zip(["loss", *loss_dict],
+                      torch.stack([loss.detach(), *(v.detach().float()
+                                                    for v in loss_dict.values())]).tolist()))
+    if not math.isfinite(values["loss"]):
+        bad = _not_finite(loss_dict) or _not_finite(outputs)
+        raise TrainingDiverged(f"training diverged {where}: loss is {values['loss']} "
+                               f"(not finite: {', '.join(bad)})")
+    _optimise(loss, model, optimizer, cfg, scaler)
+    return values
+
+
+def _optimise(loss, model, optimizer, cfg, scaler):
+    """Backward, clipping (cfg.clip_max_norm) and the step, with loss scaling when the
+    scaler is on (float16)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaling = scaler is not None and scaler.is_enabled()
+    if scaling:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if cfg.clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+    if scaling:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def to_device(imgs, masks, targets, device):
