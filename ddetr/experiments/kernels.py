@@ -115,44 +115,12 @@ def measure_kernels(device, names, repeat=5, memory=True, dtypes=None, official=
     floors); on a GPU each further dtype of ``dtypes`` adds an entry of the same form
     under its name, with ``over_float32``: how many times faster each implementation
     runs than in float32."""
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        raise ValueError(f"shapes must be some of {list(SHAPES)}, got unknown {unknown}")
-    dtypes = list(dtypes or DTYPES[device])
-    if not dtypes or dtypes[0] != "float32" or not set(dtypes) <= set(DTYPES[device]):
-        raise ValueError(f"dtypes on {device} must be float32 first, then some of "
-                         f"{list(DTYPES[device][1:])}; got {dtypes}")
-    if official is not None and device != "cuda":
-        raise ValueError(f"--official times the official CUDA op: it needs device 'cuda', "
-                         f"got {device!r}")
+    dtypes = _checked_request(device, names, dtypes, official)
     status = kernel.load_kernel(with_cuda=(device == "cuda"))
     if status[device] is not True:
         raise kernel.KernelBuildError(f"the fused {device} kernel is not available: "
                                       f"{status[device]}")
-    result = dict(device=device, machine=machine_description(device), repeat=repeat,
-                  dtype="float32", dtypes=dtypes,
-                  timing=("median (and min) of repeat runs after one warm-up round; "
-                          "the implementations take turns" +
-                          ("; CUDA events around each call, the L2 cache flushed before it"
-                           if device == "cuda" else "")),
-                  memory=("CPU: extra peak RSS of one call (VmHWM after clear_refs, fresh "
-                          "subprocess, inputs excluded)" if device == "cpu" else
-                          "CUDA: max_memory_allocated during one call minus allocated "
-                          "before (inputs excluded)"),
-                  shapes={})
-    if load_average() is not None:  # a busy machine slows both sides: say how busy it was
-        result["load_average_at_start"] = load_average()
-    if device == "cuda":
-        theoretical, measured, l2 = cuda_bandwidth()
-        result["bandwidth_GBps"] = dict(
-            theoretical=None if theoretical is None else round(theoretical / 1e9, 1),
-            measured_copy=round(measured / 1e9, 1), measured_l2_copy=round(l2 / 1e9, 1))
-    print(f"ms_deform_attn on {device}: {result['machine'].get('gpu') or result['machine']['cpu']}"
-          f", {repeat} timed runs")
+    result = _result_header(device, repeat, dtypes)
     impls = IMPLS + (("triton",) if device == "cuda" else ())  # Triton: GPUs only
     fns = {impl: implementation(impl) for impl in impls}
     if official is not None:
@@ -178,6 +146,51 @@ def measure_kernels(device, names, repeat=5, memory=True, dtypes=None, official=
         result["shapes"][name] = entry
     if load_average() is not None:
         result["load_average_at_end"] = load_average()
+    return result
+
+
+def _checked_request(device, names, dtypes, official):
+    """The dtypes to measure, after every argument is checked (before anything runs)."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        raise ValueError(f"shapes must be some of {list(SHAPES)}, got unknown {unknown}")
+    dtypes = list(dtypes or DTYPES[device])
+    if not dtypes or dtypes[0] != "float32" or not set(dtypes) <= set(DTYPES[device]):
+        raise ValueError(f"dtypes on {device} must be float32 first, then some of "
+                         f"{list(DTYPES[device][1:])}; got {dtypes}")
+    if official is not None and device != "cuda":
+        raise ValueError(f"--official times the official CUDA op: it needs device 'cuda', "
+                         f"got {device!r}")
+    return dtypes
+
+
+def _result_header(device, repeat, dtypes):
+    """The result's description of the machine and the method (and, on a GPU, the
+    bandwidths the floors use), before any case is measured."""
+    result = dict(device=device, machine=machine_description(device), repeat=repeat,
+                  dtype="float32", dtypes=dtypes,
+                  timing=("median (and min) of repeat runs after one warm-up round; "
+                          "the implementations take turns" +
+                          ("; CUDA events around each call, the L2 cache flushed before it"
+                           if device == "cuda" else "")),
+                  memory=("CPU: extra peak RSS of one call (VmHWM after clear_refs, fresh "
+                          "subprocess, inputs excluded)" if device == "cpu" else
+                          "CUDA: max_memory_allocated during one call minus allocated "
+                          "before (inputs excluded)"),
+                  shapes={})
+    if load_average() is not None:  # a busy machine slows both sides: say how busy it was
+        result["load_average_at_start"] = load_average()
+    if device == "cuda":
+        theoretical, measured, l2 = cuda_bandwidth()
+        result["bandwidth_GBps"] = dict(
+            theoretical=None if theoretical is None else round(theoretical / 1e9, 1),
+            measured_copy=round(measured / 1e9, 1), measured_l2_copy=round(l2 / 1e9, 1))
+    print(f"ms_deform_attn on {device}: {result['machine'].get('gpu') or result['machine']['cpu']}"
+          f", {repeat} timed runs")
     return result
 
 

@@ -118,7 +118,14 @@ def bench_train_step(out_dir="benchmarks", config="paper", device=None, batch_si
         raise ValueError(f"batch_size, size, iters expect >= 1 and warmup >= 0, got "
                          f"batch_size={batch_size}, size={size}, iters={iters}, "
                          f"warmup={warmup}")
-    overrides = parse_overrides(overrides)
+    return _measure_all(out_dir, config, device, sizes, size, backends, amp, iters, warmup,
+                        parse_overrides(overrides), command)
+
+
+def _measure_all(out_dir, config, device, sizes, size, backends, amp, iters, warmup,
+                 overrides, command):
+    """bench_train_step after its checks: every setting timed, the files written."""
+    height, width = size
     base = {**overrides, "device": device, "iters_per_epoch": 0}
     cfgs = {(n, b, a): get_config(config, {**base, "batch_size": n, "attention_backend": b,
                                            "amp": a})
