@@ -178,10 +178,13 @@ def followups_markdown(records=None):
 def followups_html(records=None):
     """The same table as an HTML table (the book renders it; `code` becomes <code>)."""
     records = [DEFORMABLE_DETR, *FOLLOWUPS] if records is None else records
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
-    rows = "".join("<tr>" + "".join(f"<td>{_html(c)}</td>" for c in _cells(r)) + "</tr>"
-                   for r in records)
-    return f'<table class="followups"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    cell = 'style="vertical-align: top; text-align: left; padding: 4px 6px; ' \
+           'border-top: 1px solid #bbb"'
+    head = "".join(f"<th {cell}>{html.escape(h)}</th>" for h in HEADER)
+    rows = "".join("<tr>" + "".join(f"<td {cell}>{_html(c)}</td>" for c in _cells(r))
+                   + "</tr>" for r in records)
+    return (f'<table class="followups" style="font-size: 0.82em; border-collapse: collapse; '
+            f'width: 100%"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>')
 
 
 def _html(cell):
