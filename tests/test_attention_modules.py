@@ -109,6 +109,25 @@ def test_paper_initialisation_of_ms_deform_attn():
         assert proj.weight.abs().max() <= bound and proj.bias.abs().max() == 0
 
 
+def test_initial_offsets_are_the_papers_list_of_appendix_a4():
+    """M = 8: the same (point, offset) pairs as A.4, in another head order; with a box
+    reference the initial points of head m sit at k / (2K) of the box, as A.4 says
+    (the bias scaled by 1 / (2K), the offset by the box size), inside the box."""
+    from ddetr.nn.deformable_attention import PAPER_A4_DIRECTIONS, star_offsets
+    K = 3
+    ours = star_offsets(8, 1, K)[:, 0].round()                      # (M, K, 2)
+    paper = torch.tensor(PAPER_A4_DIRECTIONS, dtype=torch.float32)  # (8, 2)
+    for k in range(K):
+        assert sorted(map(tuple, ours[:, k].tolist())) == \
+            sorted(map(tuple, ((k + 1) * paper).tolist()))
+    attn = MSDeformAttn(d_model=16, n_levels=1, n_heads=8, n_points=K)
+    box = torch.tensor([0.5, 0.5, 0.2, 0.4]).view(1, 1, 1, 4)
+    loc, _ = attn.sampling(torch.zeros(1, 1, 16), box, torch.tensor([[8, 8]]))
+    expected = 0.5 + star_offsets(8, 1, K) / (2 * K) * torch.tensor([0.2, 0.4])
+    torch.testing.assert_close(loc[0, 0], expected)
+    assert ((loc - 0.5).abs() <= torch.tensor([0.1, 0.2]) + 1e-6).all()
+
+
 def test_box_reference_points_scale_offsets_by_box_size():
     torch.manual_seed(3)
     attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)

@@ -30,6 +30,9 @@ def test_book_builds_without_warnings_and_renders_every_page(built_book):
         text = html.read_text()
         # an executed notebook that raised would show a traceback in its output
         assert "Traceback (most recent call last)" not in text, f"{page} shows an error"
+        # a cell ending in a plotting call that returns axes prints "<Axes: ...>"
+        for stray in ("&lt;Axes", "&lt;matplotlib."):
+            assert stray not in text, f"{page} prints a stray {stray[4:]}... line"
 
 
 def test_every_chapter_notebook_is_in_the_table_of_contents():

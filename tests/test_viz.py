@@ -287,3 +287,23 @@ def test_decoder_figures_and_views(reference_trace):
     assert view.frames == 4 and "http" not in view.html
     with pytest.raises(ValueError, match="two-stage"):
         animate_two_stage(image, {**trace, "proposal_scores": None})
+
+
+def test_deformable_attention_diagram_traces_the_module():
+    """Fig. 2 as a diagram: the trace's tensors have the module's shapes, the weighted
+    sums are the operator's (checked inside the trace), and the figure shows them."""
+    from ddetr.nn import DeformableAttention
+    from ddetr.viz.module_diagram import (deformable_attention_trace,
+                                          plot_deformable_attention)
+    attn = DeformableAttention(d_model=32, n_heads=4, n_points=3)
+    trace = deformable_attention_trace(attn, (5, 7))             # every pixel a query
+    assert trace["offsets"].shape == (1, 35, 4, 3, 2)
+    assert trace["samples"].shape == (1, 35, 4, 3, 8)
+    assert trace["value"].shape == (1, 35, 4, 8) and trace["out"].shape == (1, 35, 32)
+    torch.testing.assert_close(trace["out"], attn(trace["query"], trace["reference"],
+                                                  trace["x"], (5, 7)).detach())
+    assert deformable_attention_trace(attn, (5, 7), n_queries=6)["weights"].shape == (1, 6, 4, 3)
+    fig = plot_deformable_attention(attn, (5, 7))
+    texts = " ".join(t.get_text() for t in fig.axes[0].texts)
+    assert "(1, 35, 4, 3, 8)" in texts and "2MK=24" in texts
+    plt.close(fig)

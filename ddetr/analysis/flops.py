@@ -86,19 +86,48 @@ def measure_flops(fn, *args, **kwargs):
     return int(mode.get_total_flops()), per_op
 
 
-def model_flops(model, height=800, width=1216):
-    """FLOPs (``measure_flops``: matrix products and convolutions, a multiply-add counted
-    as 2) of one forward pass of a detector on a zero image of height x width, batch 1.
-    The model's parameters are set to requires_grad=False for the pass and restored."""
+def model_flops(model, height=800, width=1216, with_sampling=False, by_op=False):
+    """FLOPs of one forward pass of a detector on a zero image of height x width, batch 1.
+
+    The matrix products and convolutions are measured (``measure_flops``: a multiply-add
+    counts 2). With ``with_sampling=True`` the bilinear sampling of every deformable
+    attention call, which the flop counter does not see, is added:
+    ``deformable_sampling_flops`` of the queries each MSDeformAttn / DeformableAttention
+    module received in this very pass (so two-stage, padding and the number of levels
+    are whatever the model did). The model's parameters are set to requires_grad=False
+    for the pass and restored.
+
+    Returns the total, or with ``by_op=True`` (total, {operator: FLOPs}) where the
+    sampling, when counted, is the entry "bilinear sampling".
+    """
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     model.eval().requires_grad_(False)
+    sampling = []
+    hooks = [m.register_forward_pre_hook(_count_sampling(sampling))
+             for m in model.modules() if with_sampling and hasattr(m, "n_points")]
     try:
         with torch.no_grad():
             images = torch.zeros(1, 3, height, width)
             masks = torch.zeros(1, height, width, dtype=torch.bool)
-            return measure_flops(model, images, masks)[0]
+            total, per_op = measure_flops(model, images, masks)
     finally:
+        for hook in hooks:
+            hook.remove()
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         model.train(was_training)
+    if with_sampling:
+        per_op["bilinear sampling"] = sum(sampling)
+        total += per_op["bilinear sampling"]
+    return (total, per_op) if by_op else total
+
+
+def _count_sampling(counts):
+    """A forward pre-hook for a deformable attention module: append the sampling FLOPs
+    of its call (query (N, Lq, C) is the first argument) to the list counts."""
+    def hook(module, args):
+        N, Lq, C = args[0].shape
+        counts.append(deformable_sampling_flops(N * Lq, C, getattr(module, "n_levels", 1),
+                                                module.n_points))
+    return hook

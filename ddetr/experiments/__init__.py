@@ -6,6 +6,8 @@ The paper's claims in miniature (``python -m ddetr experiment convergence``):
     runner          runs the trainings one after the other or in a process pool
     results         convergence.json: read, write, summary statistics, markdown table
     claims          the paper's two claims tested on a results file, with verdicts
+    followups       the detectors after Deformable DETR side by side, with the
+                    sources of every number (chapter 7's table)
     probes          what a trained model learned: where its decoder queries sample,
                     how its boxes move through the decoder (decoder_trace)
                     (the int8 weights the book loads instead of training are

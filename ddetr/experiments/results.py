@@ -207,6 +207,19 @@ def paper_table1_text(table):
     return lines
 
 
+def paper_table3_text(table):
+    """Table 3 of the paper (``convergence.PAPER_TABLE3``, COCO test-dev) as text lines."""
+    def metric(value):
+        return f"{value:5.1f}" if value is not None else f"{'-':>5}"
+    lines = [f"{'method':<16} {'backbone':<18} {'TTA':>3} {'AP':>5} {'AP50':>5} {'AP75':>5} "
+             f"{'APs':>5} {'APm':>5} {'APl':>5}"]
+    for r in table["rows"]:
+        lines.append(f"{r['method']:<16} {r['backbone']:<18} {'yes' if r['tta'] else 'no':>3} "
+                     + " ".join(metric(r[k]) for k in ("AP", "AP50", "AP75", "APs", "APm",
+                                                       "APl")))
+    return lines
+
+
 def paper_table2_text(table):
     """Table 2 of the paper (``convergence.PAPER_TABLE2``) as fixed-width text lines, each
     row with its gain in AP and APs over the row above."""

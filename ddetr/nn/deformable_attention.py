@@ -15,24 +15,41 @@ from .checks import (check_heads, check_padding_mask, check_positive_ints, check
                      check_tensor, check_width, shape)
 
 
-def init_deformable_attention(module, n_heads, n_levels, n_points):
-    """The paper's initialisation of a (multi-scale) deformable attention module.
+# Appendix A.4 of the paper (Zhu et al., ICLR 2021): with M = 8 heads, the offset biases
+# put point k = 1..K of head m at k times direction m, in pixels of the map (x, y):
+PAPER_A4_DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
-    Offset predictor: weights zero; the bias points head m in the direction of angle
-    2 pi m / M, scaled so that the larger of |dx|, |dy| is 1 pixel, and point k at k + 1
-    times that offset: at initialisation the M*K points form rays around the reference
-    point. Attention-weight predictor: all zero, so the weights start uniform. Value and
-    output projections: Xavier-uniform weights, zero bias.
+
+def star_offsets(n_heads, n_levels, n_points):
+    """The initial sampling offsets (M, L, K, 2), in pixels of each level, as (x, y).
+
+    Head m points in the direction of angle 2 pi m / M, scaled so that the larger of
+    |dx|, |dy| is 1 pixel; point k = 0..K-1 sits at k + 1 times that step, the same on
+    every level. For M = 8 the directions are the paper's eight of Appendix A.4 in
+    another head order; the paper gives no rule for other M, and this one spreads any M
+    evenly around the circle (the official implementation's).
     """
-    sampling_offsets = module.sampling_offsets
-    nn.init.zeros_(sampling_offsets.weight)
     angles = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
     grid = torch.stack([angles.cos(), angles.sin()], -1)  # (M, 2)
     grid = grid / grid.abs().max(-1, keepdim=True)[0]
     grid = grid.view(n_heads, 1, 1, 2).repeat(1, n_levels, n_points, 1)
-    grid = grid * torch.arange(1, n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+    return grid * torch.arange(1, n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+
+
+def init_deformable_attention(module, n_heads, n_levels, n_points):
+    """The paper's initialisation of a (multi-scale) deformable attention module (A.4).
+
+    Offset predictor: weights zero, bias ``star_offsets``: at initialisation the M*K
+    points form rays around the reference point. Attention-weight predictor: all zero,
+    so the weights start uniform, 1 / (L K). Value and output projections:
+    Xavier-uniform weights, zero bias. (With box references, A.4 also scales the
+    decoder's initial offsets by 1 / (2K); ``MSDeformAttn.sampling`` does it for every
+    offset, by dividing by K and multiplying by half the box.)
+    """
+    sampling_offsets = module.sampling_offsets
+    nn.init.zeros_(sampling_offsets.weight)
     with torch.no_grad():
-        sampling_offsets.bias.copy_(grid.flatten())
+        sampling_offsets.bias.copy_(star_offsets(n_heads, n_levels, n_points).flatten())
     nn.init.zeros_(module.attention_weights.weight)
     nn.init.zeros_(module.attention_weights.bias)
     for proj in (module.value_proj, module.output_proj):

@@ -351,7 +351,8 @@ class DeformableTransformer(nn.Module):
 
     def gen_encoder_output_proposals(self, memory, padding_mask, spatial_shapes):
         """One proposal per encoder token: a box centred on its pixel, of size 0.05 * 2^l
-        of the valid image on level l.
+        of the valid image on level l = 0, 1, ... (the paper's 0.05 * 2^(l-1) with levels
+        counted from 1, Appendix A.4).
 
         Args:
             memory (N, S, C), padding_mask (N, S), spatial_shapes list of (H_l, W_l).

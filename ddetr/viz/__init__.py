@@ -1,4 +1,5 @@
-"""Plots for the book: architecture diagrams with tensor shapes, attention maps,
+"""Plots for the book: architecture diagrams with tensor shapes (the whole model, and
+the deformable attention module of the paper's Fig. 2), attention maps,
 reference and sampling points (weights as marker sizes), per-level panels, boxes, log-log cost curves and the convergence experiment's
 figures; and what the early figures show: a toy scene and two hand-built heads.
 
@@ -12,12 +13,13 @@ from .attention import (plot_attention_maps, plot_level_sampling, plot_sampling_
 from .boxes import draw_boxes
 from .curves import plot_kernel_benchmark, plot_loglog
 from .handmade_heads import handmade_heads
+from .module_diagram import deformable_attention_trace, plot_deformable_attention
 from .source import show_source
 from .toy_scene import pixel_features, synthetic_scene
 
 __all__ = [
-    "architecture_shapes", "draw_boxes", "handmade_heads", "pixel_features",
-    "plot_architecture", "plot_attention_maps", "plot_level_sampling",
+    "architecture_shapes", "deformable_attention_trace", "draw_boxes", "handmade_heads", "pixel_features",
+    "plot_architecture", "plot_attention_maps", "plot_deformable_attention", "plot_level_sampling",
     "plot_kernel_benchmark", "plot_loglog", "plot_sampling_points",
     "sampling_points_on_axes", "show_source", "synthetic_scene",
 ]
