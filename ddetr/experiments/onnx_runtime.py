@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..config import get_config
+from ..engine.precision import cpu_has_native_bf16
 from ..engine.export_onnx import (Detector, attention_backend, check_images, export_onnx,
                                   image_batch, onnx_session, run_onnx, run_torch)
 from ..models import build_model
@@ -46,8 +47,10 @@ def bench_onnx(out_dir, cases, threads=2, repeat=5, command=None):
     torch.set_num_threads(threads)
     commit, dirty = git_commit()
     result = {"command": command, "commit": commit, "uncommitted_changes": dirty,
-              "machine": machine_description("cpu"), "threads": threads, "repeat": repeat,
-              "load_average_at_start": load_average(), "runs": []}
+              "machine": {**machine_description("cpu"), "bf16_native": cpu_has_native_bf16()},
+              "threads": threads, "repeat": repeat,
+              "onnxruntime": onnxruntime_version(), "load_average_at_start": load_average(),
+              "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in presets:
             torch.manual_seed(0)
@@ -72,6 +75,11 @@ def bench_onnx(out_dir, cases, threads=2, repeat=5, command=None):
     (out / "onnx_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
     write_markdown(out)
     return result
+
+
+def onnxruntime_version():
+    import onnxruntime
+    return onnxruntime.__version__
 
 
 def time_runtimes(model, postprocessor, session, size, repeat):
@@ -110,7 +118,9 @@ def write_markdown(out_dir):
              f"on {r['threads']} threads, medians of {r['repeat']} rounds taken in turns. "
              "`onnx` is the exported graph in ONNX Runtime, `reference` and `fused` the "
              "PyTorch model with the grid_sample reference and the fused C++ kernel.", "",
-             f"Machine: {m['cpu']}, {m['cpu_cores']} cores; torch {m['torch']}  ",
+             f"Machine: {m['cpu']}, {m['cpu_cores']} cores, bfloat16 "
+             f"{'native' if m.get('bf16_native') else 'not native'} (every runtime computes "
+             f"in float32 here); torch {m['torch']}, onnxruntime {r.get('onnxruntime')}  ",
              f"Command: `{r['command']}`  ",
              f"Commit: `{r['commit']}`" + (" (with uncommitted changes)"
                                           if r["uncommitted_changes"] else "") + "  ",
