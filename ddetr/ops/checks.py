@@ -219,9 +219,10 @@ def checked_levels(spatial_shapes, level_start_index, S):
 
 
 def level_shapes(spatial_shapes):
-    """The L (H, W) of spatial_shapes as Python ints: from the remembered table when the
-    tensor came from level_tables (no device sync), else read from the tensor (one sync
-    for a table on a GPU)."""
+    """The L (H, W) of spatial_shapes as Python ints (symbolic ones while torch.export
+    traces with dynamic sizes): from the remembered table when the tensor came from
+    level_tables (no device sync), else read from the tensor (one sync for a table on a
+    GPU)."""
     entry = None if torch.compiler.is_dynamo_compiling() else _checked.get(spatial_shapes)
     if entry is not None and entry[0] == spatial_shapes._version:
         return list(entry[3].shapes)
