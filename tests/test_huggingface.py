@@ -155,6 +155,28 @@ def test_transformers_own_resnet_backbone_loads_too(tmp_path):
     assert logits < TOL and boxes < TOL
 
 
+def test_a_dilated_backbone_loads_as_dc5(tmp_path):
+    """dilation=True (timm's output_stride 16; a ResNet-50, as ResNet-18's basic blocks
+    cannot dilate) is ddetr's dilation=True: C5 at stride 16."""
+    torch.manual_seed(3)
+    config = DeformableDetrConfig(backbone="resnet50", use_pretrained_backbone=False,
+                                  dilation=True, d_model=64, encoder_layers=1,
+                                  decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                  num_queries=10, num_labels=5, dropout=0.0)
+    hf = DeformableDetrForObjectDetection(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "hf")
+    model, _, cfg, _ = load_trained(tmp_path / "hf")
+    assert cfg.dilation and model.backbone.strides == [8, 16, 16]
+    images, padding, pixel_mask = padded_batch()
+    with torch.no_grad():
+        logits, boxes = compare(hf(pixel_values=images, pixel_mask=pixel_mask),
+                                model(images, padding))
+    assert logits < TOL and boxes < TOL
+
+
 def test_transformers_in_memory_names_load_too(tmp_path):
     """transformers 5 renames some weights in memory (backbone.model, mlp.fc1, o_proj);
     a file written from its state_dict is read as well."""
