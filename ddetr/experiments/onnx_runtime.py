@@ -119,8 +119,9 @@ def write_markdown(out_dir):
              "`onnx` is the exported graph in ONNX Runtime, `reference` and `fused` the "
              "PyTorch model with the grid_sample reference and the fused C++ kernel.", "",
              f"Machine: {m['cpu']}, {m['cpu_cores']} cores, bfloat16 "
-             f"{'native' if m.get('bf16_native') else 'not native'} (every runtime computes "
-             f"in float32 here); torch {m['torch']}, onnxruntime {r.get('onnxruntime')}  ",
+             f"{ {True: 'native', False: 'not native'}.get(m.get('bf16_native'), 'not recorded')} "
+             f"(every runtime computes in float32 here); torch {m['torch']}, onnxruntime "
+             f"{r.get('onnxruntime', 'not recorded')}  ",
              f"Command: `{r['command']}`  ",
              f"Commit: `{r['commit']}`" + (" (with uncommitted changes)"
                                           if r["uncommitted_changes"] else "") + "  ",
