@@ -141,7 +141,10 @@ def write_markdown(out_dir):
     lines += ["", "A ratio above 1 means ONNX Runtime is faster. The differences are those "
               "of the export's own check (largest score difference; largest box-corner "
               "difference as a fraction of the image side), over its two checked batches.",
-              ""]
+              "", "On a CPU that other processes share, PyTorch's times grow far more than "
+              "ONNX Runtime's (its OpenMP threads spin-wait, benchmarks/contention.md), which "
+              "skews the ratios towards ONNX Runtime: compare runs made at a low load "
+              "average.", ""]
     path = out / "onnx.md"
     path.write_text("\n".join(lines))
     return path
