@@ -1,13 +1,18 @@
-"""The command line: python -m ddetr [--debug] train | evaluate | demo | bench | experiment
+"""The command line: python -m ddetr [--debug] train | evaluate | demo | export | bench |
+experiment
 
     python -m ddetr train --config cpu epochs=20 lr=1e-4
     python -m ddetr train --config runs/cpu/my.yaml --resume epochs=30
     python -m ddetr evaluate --checkpoint runs/cpu/checkpoint.pth
     python -m ddetr evaluate --checkpoint r50_deformable_detr-checkpoint.pth --config paper
     python -m ddetr demo --checkpoint runs/cpu/checkpoint.pth --image img.jpg --output out.png
+    python -m ddetr export --checkpoint runs/cpu/checkpoint.pth --format onnx --out model.onnx
+    python -m ddetr export --checkpoint runs/paper/checkpoint.pth --format huggingface --out hf/
+    python -m ddetr evaluate --checkpoint hf_folder/ data_path=/data/coco
     python -m ddetr bench kernels --device cpu
     python -m ddetr bench train --device cuda --config paper --size 800x1066
     python -m ddetr bench contention
+    python -m ddetr bench onnx --threads 2
     python -m ddetr experiment convergence --quick
 
 Config overrides (``key=value``) may stand anywhere after the verb, also right after
@@ -33,7 +38,7 @@ from .experiments.convergence import RUNS, run_convergence
 from .experiments.kernel_inputs import SHAPES
 from .experiments.kernels import bench_kernels, build_kernel
 
-VERBS_WITH_OVERRIDES = ("train", "evaluate", "demo")
+VERBS_WITH_OVERRIDES = ("train", "evaluate", "demo", "export")
 OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")   # key=value, key a config name
 
 
@@ -79,6 +84,25 @@ def build_parser():
     _overrides_arg(p, "num_queries=100")
     p.set_defaults(func=run_demo)
 
+    p = sub.add_parser("export", help="write a checkpoint as ONNX (checked with ONNX "
+                                      "Runtime) or as a Hugging Face folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="a ddetr checkpoint, an official release or a Hugging Face folder")
+    p.add_argument("--config", default=None, metavar="PRESET_OR_YAML",
+                   help="the config of a checkpoint that carries none (official releases)")
+    p.add_argument("--format", choices=("onnx", "huggingface"), default="onnx")
+    p.add_argument("--out", required=True,
+                   help="the .onnx file, or the new folder for --format huggingface")
+    p.add_argument("--size", default=None, metavar="HxW",
+                   help="ONNX: image size to trace and check at (default: the config's "
+                        "val_scale, 4:3, e.g. 800x1066); the graph takes any size")
+    p.add_argument("--image", nargs="+", default=None,
+                   help="ONNX: images to check the graph on (default: synthetic scenes)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime threads for the check (default: all)")
+    _overrides_arg(p, "data_path=/data/coco")
+    p.set_defaults(func=run_export)
+
     # --- bench -------------------------------------------------------------------------
     p = sub.add_parser("bench", help="build the fused operator, run benchmarks")
     targets = p.add_subparsers(dest="target", required=True)
@@ -118,6 +142,15 @@ def build_parser():
     cont.add_argument("--out", default="benchmarks", help="folder for contention.json/.md")
     cont.add_argument("--iters", type=int, default=40, help="timed iterations per setting")
     cont.set_defaults(func=run_bench_contention)
+
+    onnx = targets.add_parser("onnx", help="ONNX Runtime against PyTorch (reference and "
+                                           "fused attention) on the CPU")
+    onnx.add_argument("--cases", default="cpu:256x256,cpu:800x1066,paper:800x1066",
+                      help="comma-separated PRESET:HxW (one export per preset)")
+    onnx.add_argument("--threads", type=int, default=2, help="threads of every runtime")
+    onnx.add_argument("--repeat", type=int, default=5, help="timed runs per case")
+    onnx.add_argument("--out", default="benchmarks", help="folder for onnx_cpu.json, onnx.md")
+    onnx.set_defaults(func=run_bench_onnx)
 
     step = targets.add_parser("train", help="images/s and peak memory of the training "
                                             "step, per attention backend and amp setting")
@@ -279,6 +312,56 @@ def run_demo(args):
     return 0
 
 
+def parse_size(text, option="--size"):
+    """'800x1066' -> (800, 1066)."""
+    size = re.fullmatch(r"(\d+)x(\d+)", text or "")
+    if not size or min(int(size[1]), int(size[2])) < 1:
+        raise ValueError(f"{option} expects HEIGHTxWIDTH, e.g. 800x1066, got {text!r}")
+    return int(size[1]), int(size[2])
+
+
+def run_export(args):
+    from .engine.export_onnx import export_onnx
+    from .engine.huggingface import save_huggingface
+    if args.format == "huggingface" and (args.size or args.image or args.threads):
+        raise ValueError("--size, --image and --threads apply to --format onnx only")
+    size = parse_size(args.size) if args.size else None
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads expects >= 1, got {args.threads}")
+    model, post, cfg, categories = load_trained(args.checkpoint, "cpu", args.overrides,
+                                                config=args.config)
+    if args.format == "huggingface":
+        save_huggingface(model, cfg, categories, args.out)
+        print(f"wrote {args.out} (config.json, model.safetensors): "
+              f"DeformableDetrForObjectDetection.from_pretrained({str(args.out)!r})")
+        return 0
+    report = export_onnx(model, post, cfg, args.out, size, args.image, args.threads,
+                         categories)
+    for check in report["checks"]:
+        N, H, W = check["shape"]
+        print(f"ONNX Runtime vs PyTorch, {N} image(s) at {H}x{W}: scores within "
+              f"{check['score']:.1e}, boxes within {check['box']:.1e} of the image side, "
+              f"labels equal")
+    print(f"wrote {report['path']} (opset {report['opset']}; any batch size, images of at "
+          f"least {report['min_side']} pixels a side)")
+    return 0
+
+
+def run_bench_onnx(args):
+    from .experiments.onnx_runtime import bench_onnx
+    cases = []
+    for item in (c.strip() for c in args.cases.split(",") if c.strip()):
+        preset, _, size = item.partition(":")
+        cases.append((preset, parse_size(size, "--cases")))
+    if not cases or min(args.threads, args.repeat) < 1:
+        raise ValueError(f"--cases expects PRESET:HxW items, --threads and --repeat >= 1; "
+                         f"got {args.cases!r}, {args.threads}, {args.repeat}")
+    bench_onnx(args.out, cases, args.threads, args.repeat,
+               command="python -m ddetr " + " ".join(sys.argv[1:]))
+    print((Path(args.out) / "onnx.md").read_text())
+    return 0
+
+
 def run_bench_build(args):
     return 0 if build_kernel(cuda=args.cuda, verbose=args.verbose) else 1
 
@@ -299,13 +382,11 @@ def run_bench_cost(args):
 
 def run_bench_profile(args):
     from .experiments.train_profile import profile_train_step
-    size = re.fullmatch(r"(\d+)x(\d+)", args.size)
-    if not size:
-        raise ValueError(f"--size expects HEIGHTxWIDTH, e.g. 800x1066, got {args.size!r}")
+    size = parse_size(args.size)
     if args.batch_size < 1 or args.steps < 1:
         raise ValueError(f"--batch-size and --steps expect >= 1, got {args.batch_size} and "
                          f"{args.steps}")
-    profile_train_step(args.out, args.config, args.batch_size, (int(size[1]), int(size[2])),
+    profile_train_step(args.out, args.config, args.batch_size, size,
                        steps=args.steps, overrides=args.overrides,
                        command="python -m ddetr " + " ".join(sys.argv[1:]))
     return 0
@@ -320,9 +401,7 @@ def run_bench_contention(args):
 
 def run_bench_train(args):
     from .experiments.train_step import bench_train_step
-    size = re.fullmatch(r"(\d+)x(\d+)", args.size)
-    if not size:
-        raise ValueError(f"--size expects HEIGHTxWIDTH, e.g. 800x1066, got {args.size!r}")
+    size = parse_size(args.size)
     switch = {"off": False, "on": True}
     amp = [a.strip() for a in args.amp.split(",") if a.strip()]
     if not amp or any(a not in switch for a in amp):
@@ -331,8 +410,7 @@ def run_bench_train(args):
         raise ValueError(f"--batch-size expects a number or numbers separated by commas, "
                          f"got {args.batch_size!r}")
     bench_train_step(args.out, args.config, args.device,
-                     [int(n) for n in args.batch_size.split(",")],
-                     (int(size[1]), int(size[2])),
+                     [int(n) for n in args.batch_size.split(",")], size,
                      [b.strip() for b in (args.backends or "").split(",") if b.strip()],
                      [switch[a] for a in amp], args.iters, args.warmup, args.overrides,
                      command="python -m ddetr " + " ".join(sys.argv[1:]))

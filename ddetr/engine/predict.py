@@ -9,12 +9,14 @@ from torchvision import tv_tensors
 from ..data import build_dataset, collate, make_transforms
 from .checkpoint import load_model, require_data
 from .evaluate import evaluate
+from .huggingface import is_huggingface_folder, load_huggingface
 from .train import resolve_device
 
 
 def load_trained(checkpoint, device="cpu", overrides=None, config=None):
     """(model in eval mode on device, postprocessor, cfg, categories {id: name}) from a
-    checkpoint: ddetr's own, compact weights, or an official release.
+    checkpoint: ddetr's own, compact weights, an official release, or a Hugging Face
+    DeformableDetrForObjectDetection folder (config.json + model.safetensors).
 
     overrides: dict or "key=value" list applied on top of the checkpoint's config
         (e.g. a different data_path); the model's keys cannot change.
@@ -22,7 +24,10 @@ def load_trained(checkpoint, device="cpu", overrides=None, config=None):
         official releases: ``load_trained("r50_deformable_detr-checkpoint.pth",
         config="paper")``, whose boxes get COCO's category names).
     """
-    model, postprocessor, cfg, categories = load_model(checkpoint, config, overrides)
+    if is_huggingface_folder(checkpoint):
+        model, postprocessor, cfg, categories = load_huggingface(checkpoint, overrides, config)
+    else:
+        model, postprocessor, cfg, categories = load_model(checkpoint, config, overrides)
     model.to(resolve_device(device))
     return model, postprocessor, cfg, categories
 

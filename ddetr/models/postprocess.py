@@ -29,20 +29,26 @@ class PostProcess(nn.Module):
             N dicts {"scores" (k,), "labels" (k,) int64, "boxes" (k, 4) x0y0x1y1},
             best score first, k = min(num_select, Lq * num_classes).
         """
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        logits = outputs["pred_logits"]
         target_sizes = torch.as_tensor(target_sizes, device=logits.device)
         if target_sizes.shape != (logits.shape[0], 2):
             raise ValueError(f"target_sizes must be (N, 2) = ({logits.shape[0]}, 2), got "
                              f"{tuple(target_sizes.shape)}")
+        scores, labels, boxes = self.detections(logits, outputs["pred_boxes"], target_sizes)
+        return [{"scores": s, "labels": l, "boxes": b}
+                for s, l, b in zip(scores, labels, boxes)]
+
+    def detections(self, logits, boxes, target_sizes):
+        """The same as batched tensors (what an exported graph returns): logits
+        (N, Lq, num_classes), boxes (N, Lq, 4), target_sizes (N, 2) -> scores (N, k),
+        labels (N, k) int64, boxes (N, k, 4) x0y0x1y1 in pixels."""
         N, Lq, num_classes = logits.shape
-        prob = logits.float().sigmoid().view(N, -1)  # (N, Lq * num_classes)
-        k = min(self.num_select, prob.shape[1])
+        prob = logits.float().sigmoid().reshape(N, Lq * num_classes)
+        k = min(self.num_select, Lq * num_classes)
         scores, index = prob.topk(k, dim=1)
         query = index // num_classes
         labels = index % num_classes
         xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
         xyxy = torch.gather(xyxy, 1, query[..., None].expand(-1, -1, 4))
-        h, w = target_sizes.float().unbind(1)
-        xyxy = xyxy * torch.stack([w, h, w, h], dim=1)[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b}
-                for s, l, b in zip(scores, labels, xyxy)]
+        wh = target_sizes.float().flip(1)                    # (N, 2) as (w, h)
+        return scores, labels, xyxy * torch.cat([wh, wh], 1)[:, None, :]

@@ -66,7 +66,8 @@ def check_same(what, **tensors):
     """Every tensor agrees on ``what``: "batch size" (dimension 0) or "device"."""
     got = {name: (t.shape[0] if what == "batch size" else t.device)
            for name, t in tensors.items()}
-    if len(set(got.values())) > 1:
+    values = list(got.values())
+    if any(v != values[0] for v in values[1:]):      # no set(): sizes may be symbolic
         raise ValueError(f"{', '.join(got)} must have one {what}, got "
                          + ", ".join(f"{name} {value}" for name, value in got.items()))
 

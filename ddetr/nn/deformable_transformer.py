@@ -44,7 +44,8 @@ from ..ops.checks import level_shapes, level_tables
 from .attention import MultiHeadAttention
 from .checks import (check_heads, check_like, check_padding_mask, check_same,
                      check_spatial_shapes, check_tensor, check_width, shape)
-from .geometry import decode_boxes, pixel_centres, to_padded_levels, valid_ratio, valid_size
+from .geometry import (decode_boxes, pixel_centres, size_tensor, to_padded_levels, valid_ratio,
+                       valid_size)
 from .helpers import get_clones, with_pos
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import sine_embed
@@ -124,7 +125,8 @@ class DeformableTransformerEncoder(nn.Module):
         points = []
         for lvl, (H, W) in enumerate(spatial_shapes):
             # the valid image's size in pixels of this map: (valid W, valid H)
-            size = torch.stack([valid_ratios[:, lvl, 0] * W, valid_ratios[:, lvl, 1] * H], -1)
+            size = valid_ratios[:, lvl] * size_tensor(W, H, valid_ratios.dtype,
+                                                      valid_ratios.device)
             points.append(pixel_centres(H, W, size[:, None], device=valid_ratios.device))
         points = torch.cat(points, 1)  # (N, S, 2) in the valid frame
         return to_padded_levels(points, valid_ratios)

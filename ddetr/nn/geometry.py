@@ -31,9 +31,16 @@ def pixel_centres(H, W, size=None, dtype=torch.float32, device=None):
     xs = torch.arange(W, dtype=dtype, device=device) + 0.5
     y, x = torch.meshgrid(ys, xs, indexing="ij")
     centres = torch.stack((x, y), -1).view(H * W, 2)
-    if size is None:  # divided column by column: no (W, H) tensor to copy to the device
-        return torch.stack([centres[:, 0] / W, centres[:, 1] / H], -1)
+    if size is None:
+        size = size_tensor(W, H, dtype, device)
     return centres / size
+
+
+def size_tensor(W, H, dtype=torch.float32, device=None):
+    """(2,) tensor (W, H) of a map's size. Built from scalar tensors, so that a graph
+    traced with dynamic image sizes (torch.export) keeps the sizes symbolic."""
+    return torch.stack([torch.scalar_tensor(W, dtype=dtype, device=device),
+                        torch.scalar_tensor(H, dtype=dtype, device=device)])
 
 
 def valid_size(mask):

@@ -120,11 +120,24 @@ class LevelTable:
     """
 
     def __init__(self, shapes, starts):
-        self.shapes = [(int(h), int(w)) for h, w in shapes]
-        self.starts = [int(s) for s in starts]
+        self.shapes = [(_size(h), _size(w)) for h, w in shapes]
+        self.starts = [_size(s) for s in starts]
         self.S = sum(h * w for h, w in self.shapes)
-        self.host = (torch.tensor(self.shapes, dtype=torch.int64).view(-1, 2),
-                     torch.tensor(self.starts, dtype=torch.int64))
+        self.host = (_int64_tensor([v for hw in self.shapes for v in hw]).view(-1, 2),
+                     _int64_tensor(self.starts))
+
+
+def _size(v):
+    """An int, or a symbolic size as it is (torch.export with dynamic image sizes)."""
+    return v if isinstance(v, torch.SymInt) else int(v)
+
+
+def _int64_tensor(values):
+    """torch.tensor(values, dtype=int64); symbolic sizes go in as scalar tensors, which
+    a graph traced with dynamic image sizes keeps symbolic (torch.tensor would fix them)."""
+    if not any(isinstance(v, torch.SymInt) for v in values):
+        return torch.tensor(values, dtype=torch.int64)
+    return torch.stack([torch.scalar_tensor(v, dtype=torch.int64) for v in values])
 
 
 # spatial_shapes tensor -> (its version, level_start_index, its version, LevelTable);
@@ -179,7 +192,9 @@ def level_tables(shapes, device=None):
     else:
         spatial_shapes = table.host[0].to(device, non_blocking=True)
         level_start_index = table.host[1].to(device, non_blocking=True)
-    if not torch.compiler.is_compiling():  # a traced graph keeps no Python state
+    # a graph that dynamo traces keeps no Python state; torch.export's non-strict
+    # tracing (the ONNX exporter's) runs this Python, so the memory holds for the trace
+    if not torch.compiler.is_dynamo_compiling():
         _remember(spatial_shapes, level_start_index, table)
     return spatial_shapes, level_start_index
 
@@ -188,7 +203,7 @@ def checked_levels(spatial_shapes, level_start_index, S):
     """The LevelTable of these tables, validated against S keys; raises ValueError if
     they do not describe S keys. Reads the tensors only the first time (one sync for
     tables on a GPU), later calls with the same unmodified tensors are free."""
-    compiling = torch.compiler.is_compiling()
+    compiling = torch.compiler.is_dynamo_compiling()
     table = None if compiling else _known(spatial_shapes, level_start_index)
     if table is None:
         shapes = [tuple(hw) for hw in spatial_shapes.tolist()]
@@ -204,10 +219,11 @@ def checked_levels(spatial_shapes, level_start_index, S):
 
 
 def level_shapes(spatial_shapes):
-    """The L (H, W) of spatial_shapes as Python ints: from the remembered table when the
-    tensor came from level_tables (no device sync), else read from the tensor (one sync
-    for a table on a GPU)."""
-    entry = None if torch.compiler.is_compiling() else _checked.get(spatial_shapes)
+    """The L (H, W) of spatial_shapes as Python ints (symbolic ones while torch.export
+    traces with dynamic sizes): from the remembered table when the tensor came from
+    level_tables (no device sync), else read from the tensor (one sync for a table on a
+    GPU)."""
+    entry = None if torch.compiler.is_dynamo_compiling() else _checked.get(spatial_shapes)
     if entry is not None and entry[0] == spatial_shapes._version:
         return list(entry[3].shapes)
     return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
