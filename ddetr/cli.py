@@ -48,14 +48,21 @@ def _overrides_arg(p, example):
 
 
 def build_parser():
+    """The command line: one sub-command per verb (and per bench target)."""
     parser = argparse.ArgumentParser(prog="python -m ddetr",
                                      description="Deformable DETR: train, evaluate, "
                                                  "demo and benchmarks")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also after the verb)")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_evaluate, _add_demo, _add_export, _add_bench,
+                _add_experiment):
+        add(sub)
+    return parser
 
-    # --- train, evaluate, demo -------------------------------------------------------
+
+def _add_train(sub):
+    """python -m ddetr train"""
     p = sub.add_parser("train", help="train a model (torchrun for several processes)")
     p.add_argument("--config", default="cpu", help="preset name or YAML file (default cpu)")
     _overrides_arg(p, "epochs=2 lr=1e-4")
@@ -64,6 +71,9 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_train)
 
+
+def _add_evaluate(sub):
+    """python -m ddetr evaluate"""
     p = sub.add_parser("evaluate", help="COCO AP of a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--config", default=None, metavar="PRESET_OR_YAML",
@@ -73,6 +83,9 @@ def build_parser():
     p.add_argument("--split", default="val")
     p.set_defaults(func=run_evaluate)
 
+
+def _add_demo(sub):
+    """python -m ddetr demo"""
     p = sub.add_parser("demo", help="draw a checkpoint's detections on an image")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--config", default=None, metavar="PRESET_OR_YAML",
@@ -84,6 +97,9 @@ def build_parser():
     _overrides_arg(p, "num_queries=100")
     p.set_defaults(func=run_demo)
 
+
+def _add_export(sub):
+    """python -m ddetr export"""
     p = sub.add_parser("export", help="write a checkpoint as ONNX (checked with ONNX "
                                       "Runtime) or as a Hugging Face folder")
     p.add_argument("--checkpoint", required=True,
@@ -103,16 +119,27 @@ def build_parser():
     _overrides_arg(p, "data_path=/data/coco")
     p.set_defaults(func=run_export)
 
-    # --- bench -------------------------------------------------------------------------
+
+def _add_bench(sub):
+    """python -m ddetr bench TARGET"""
     p = sub.add_parser("bench", help="build the fused operator, run benchmarks")
     targets = p.add_subparsers(dest="target", required=True)
+    for add in (_add_bench_build, _add_bench_kernels, _add_bench_cost, _add_bench_contention,
+                _add_bench_onnx, _add_bench_train, _add_bench_profile):
+        add(targets)
 
+
+def _add_bench_build(targets):
+    """bench build"""
     build = targets.add_parser("build", help="compile (or find cached) the fused kernel")
     build.add_argument("--cuda", action="store_true",
                        help="build the CUDA part even without a GPU (needs nvcc)")
     build.add_argument("--verbose", action="store_true", help="show compiler output")
     build.set_defaults(func=run_bench_build)
 
+
+def _add_bench_kernels(targets):
+    """bench kernels"""
     kernels = targets.add_parser("kernels", help="reference vs fused ms_deform_attn")
     kernels.add_argument("--device", choices=("cpu", "cuda"), default=None,
                          help="default: cuda if available, else cpu")
@@ -130,6 +157,9 @@ def build_parser():
                               "time it beside ddetr's (GPU, float32)")
     kernels.set_defaults(func=run_bench_kernels)
 
+
+def _add_bench_cost(targets):
+    """bench cost"""
     cost = targets.add_parser("cost", help="static cost of the CUDA kernels (no GPU needed): "
                                            "registers, spills, SASS instructions per point")
     cost.add_argument("--out", default="benchmarks", help="folder for kernel_cost.json/.md")
@@ -137,12 +167,19 @@ def build_parser():
                       help="a folder with an earlier ms_deform_attn_cuda.cu (and its header) "
                            "to measure the same way, as the baseline")
     cost.set_defaults(func=run_bench_cost)
+
+
+def _add_bench_contention(targets):
+    """bench contention"""
     cont = targets.add_parser("contention", help="training images/s on a shared CPU: alone, "
                                                  "next to busy processes, per thread setting")
     cont.add_argument("--out", default="benchmarks", help="folder for contention.json/.md")
     cont.add_argument("--iters", type=int, default=40, help="timed iterations per setting")
     cont.set_defaults(func=run_bench_contention)
 
+
+def _add_bench_onnx(targets):
+    """bench onnx"""
     onnx = targets.add_parser("onnx", help="ONNX Runtime against PyTorch (reference and "
                                            "fused attention) on the CPU")
     onnx.add_argument("--cases", default="cpu:256x256,cpu:800x1066,paper:800x1066",
@@ -152,6 +189,9 @@ def build_parser():
     onnx.add_argument("--out", default="benchmarks", help="folder for onnx_cpu.json, onnx.md")
     onnx.set_defaults(func=run_bench_onnx)
 
+
+def _add_bench_train(targets):
+    """bench train"""
     step = targets.add_parser("train", help="images/s and peak memory of the training "
                                             "step, per attention backend and amp setting")
     step.add_argument("--config", default="paper", help="preset or YAML file (default paper)")
@@ -170,6 +210,9 @@ def build_parser():
     _overrides_arg(step, "backbone_norm=batch_norm")
     step.set_defaults(func=run_bench_train)
 
+
+def _add_bench_profile(targets):
+    """bench profile"""
     prof = targets.add_parser("profile", help="where a training step's time goes on a GPU: "
                                               "host syncs, GPU busy fraction, top kernels")
     prof.add_argument("--config", default="paper", help="preset or YAML file (default paper)")
@@ -180,7 +223,9 @@ def build_parser():
     _overrides_arg(prof, "backbone_norm=batch_norm")
     prof.set_defaults(func=run_bench_profile)
 
-    # --- experiment --------------------------------------------------------------------
+
+def _add_experiment(sub):
+    """python -m ddetr experiment"""
     p = sub.add_parser("experiment", help="reproduce the paper's claims in miniature")
     p.add_argument("name", choices=["convergence"],
                    help="convergence: DETR vs Deformable DETR (single/multi-scale, ...)")
@@ -207,7 +252,6 @@ def build_parser():
                    help="start no run later than this many minutes in (the rest stay "
                         "pending)")
     p.set_defaults(func=run_experiment)
-    return parser
 
 
 def parse_args(argv):
