@@ -52,63 +52,65 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index,
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-    if not value.is_floating_point():
-        raise TypeError(f"value must be a floating-point tensor, got dtype {value.dtype}")
-    # On a GPU, value may be float16/bfloat16 while locations and weights stay float32
-    # (sampling positions need float32's precision; autocast need not upcast value).
-    reduced = (value.device.type == "cuda" and value.dtype in (torch.float16, torch.bfloat16)
-               and sampling_locations.dtype == torch.float32)
-    if sampling_locations.dtype != value.dtype and not reduced:
-        raise TypeError(f"sampling_locations must have the dtype of value ({value.dtype})"
-                        + (" or float32" if value.dtype in (torch.float16, torch.bfloat16)
-                           and value.device.type == "cuda" else "")
-                        + f", got {sampling_locations.dtype}")
-    if attention_weights.dtype != sampling_locations.dtype:
-        raise TypeError(f"attention_weights must have the dtype of sampling_locations "
-                        f"({sampling_locations.dtype}), got {attention_weights.dtype}")
-    for name in ("spatial_shapes", "level_start_index"):
-        if named[name].dtype != torch.int64:
-            raise TypeError(f"{name} must be int64, got {named[name].dtype}")
-
-    expected_dims = dict(value=4, spatial_shapes=2, level_start_index=1,
-                         sampling_locations=6, attention_weights=5)
-    layouts = dict(value="(N, S, M, D)", spatial_shapes="(L, 2)", level_start_index="(L,)",
-                   sampling_locations="(N, Lq, M, L, K, 2)",
-                   attention_weights="(N, Lq, M, L, K)")
-    for name, dims in expected_dims.items():
-        if named[name].dim() != dims:
-            raise ValueError(f"{name} must have {dims} dimensions {layouts[name]}, "
-                             f"got shape {_shape(named[name])}")
-
-    N, S, M, D = value.shape
-    L = spatial_shapes.shape[0]
-    if spatial_shapes.shape[1] != 2:
-        raise ValueError(f"spatial_shapes must be (L, 2) as (H, W), got shape "
-                         f"{_shape(spatial_shapes)}")
-    if level_start_index.shape[0] != L:
-        raise ValueError(f"level_start_index must have L={L} entries (one per level of "
-                         f"spatial_shapes), got shape {_shape(level_start_index)}")
-    Lq = sampling_locations.shape[1]
-    K = sampling_locations.shape[4]
-    expected_loc = (N, Lq, M, L, K, 2)
-    if _shape(sampling_locations) != expected_loc:
-        raise ValueError(f"sampling_locations must be (N, Lq, M, L, K, 2) = {expected_loc} "
-                         f"given value {_shape(value)} and {L} levels, "
-                         f"got {_shape(sampling_locations)}")
-    expected_w = (N, Lq, M, L, K)
-    if _shape(attention_weights) != expected_w:
-        raise ValueError(f"attention_weights must be (N, Lq, M, L, K) = {expected_w}, "
-                         f"got {_shape(attention_weights)}")
-
+    _check_dtypes(named)
+    _check_shapes(named)
     devices = {name: t.device for name, t in named.items()
                if name not in ("spatial_shapes", "level_start_index")}
     if len(set(devices.values())) > 1:
         raise ValueError(f"value, sampling_locations and attention_weights must be on one "
                          f"device, got {devices}")
-
     if check_values:
-        checked_levels(spatial_shapes, level_start_index, S)
+        checked_levels(spatial_shapes, level_start_index, value.shape[1])
+
+
+def _check_dtypes(named):
+    """value floating; locations and weights in value's dtype (on a GPU, float32 beside a
+    half value: sampling positions need float32's precision, autocast need not upcast
+    value); the level tables int64."""
+    value, locations = named["value"], named["sampling_locations"]
+    if not value.is_floating_point():
+        raise TypeError(f"value must be a floating-point tensor, got dtype {value.dtype}")
+    half_on_gpu = value.device.type == "cuda" and value.dtype in (torch.float16, torch.bfloat16)
+    if locations.dtype != value.dtype and not (half_on_gpu and locations.dtype == torch.float32):
+        raise TypeError(f"sampling_locations must have the dtype of value ({value.dtype})"
+                        + (" or float32" if half_on_gpu else "")
+                        + f", got {locations.dtype}")
+    if named["attention_weights"].dtype != locations.dtype:
+        raise TypeError(f"attention_weights must have the dtype of sampling_locations "
+                        f"({locations.dtype}), got {named['attention_weights'].dtype}")
+    for name in ("spatial_shapes", "level_start_index"):
+        if named[name].dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {named[name].dtype}")
+
+
+LAYOUTS = dict(value="(N, S, M, D)", spatial_shapes="(L, 2)", level_start_index="(L,)",
+               sampling_locations="(N, Lq, M, L, K, 2)", attention_weights="(N, Lq, M, L, K)")
+
+
+def _check_shapes(named):
+    """Each tensor of its layout (LAYOUTS), the sizes shared between them equal."""
+    for name, layout in LAYOUTS.items():
+        dims = layout.count(",") + 1 if layout != "(L,)" else 1
+        if named[name].dim() != dims:
+            raise ValueError(f"{name} must have {dims} dimensions {layout}, "
+                             f"got shape {_shape(named[name])}")
+    value, shapes, starts = named["value"], named["spatial_shapes"], named["level_start_index"]
+    N, S, M, D = value.shape
+    L = shapes.shape[0]
+    if shapes.shape[1] != 2:
+        raise ValueError(f"spatial_shapes must be (L, 2) as (H, W), got shape {_shape(shapes)}")
+    if starts.shape[0] != L:
+        raise ValueError(f"level_start_index must have L={L} entries (one per level of "
+                         f"spatial_shapes), got shape {_shape(starts)}")
+    locations, weights = named["sampling_locations"], named["attention_weights"]
+    Lq, K = locations.shape[1], locations.shape[4]
+    if _shape(locations) != (N, Lq, M, L, K, 2):
+        raise ValueError(f"sampling_locations must be (N, Lq, M, L, K, 2) = "
+                         f"{(N, Lq, M, L, K, 2)} given value {_shape(value)} and {L} levels, "
+                         f"got {_shape(locations)}")
+    if _shape(weights) != (N, Lq, M, L, K):
+        raise ValueError(f"attention_weights must be (N, Lq, M, L, K) = {(N, Lq, M, L, K)}, "
+                         f"got {_shape(weights)}")
 
 
 class LevelTable:
