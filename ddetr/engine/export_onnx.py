@@ -48,7 +48,6 @@ from torch import nn
 from ..data.synthetic import draw_image
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..nn.ms_deform_attn import MSDeformAttn
-from .checkpoint import CheckpointError
 
 OPSET = 20          # GridSample with mode "linear" (opset 20); ONNX Runtime >= 1.17
 PRODUCER = "ddetr"  # the graph's producer_name: a file ddetr wrote (and may overwrite)
