@@ -213,13 +213,21 @@ def _add_bench_train(targets):
 
 def _add_bench_profile(targets):
     """bench profile"""
-    prof = targets.add_parser("profile", help="where a training step's time goes on a GPU: "
-                                              "host syncs, GPU busy fraction, top kernels")
-    prof.add_argument("--config", default="paper", help="preset or YAML file (default paper)")
-    prof.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
-    prof.add_argument("--size", default="800x1066", help="image HEIGHTxWIDTH (default 800x1066)")
-    prof.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
-    prof.add_argument("--out", default="benchmarks", help="folder for train_profile_cuda.*")
+    prof = targets.add_parser("profile", help="where a training step's time goes: on a GPU "
+                              "host syncs, GPU busy fraction, top kernels; on a CPU phases "
+                              "and operator kinds on the preset's own data")
+    prof.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                      help="default: cuda if available, else cpu")
+    prof.add_argument("--config", default=None,
+                      help="preset or YAML file (default: paper on cuda, cpu on cpu)")
+    prof.add_argument("--batch-size", type=int, default=2,
+                      help="GPU: images per step (default 2); CPU: the preset's")
+    prof.add_argument("--size", default="800x1066",
+                      help="GPU: image HEIGHTxWIDTH (default 800x1066); CPU: the loader's")
+    prof.add_argument("--steps", type=int, default=None,
+                      help="profiled steps (default 3 on cuda, 8 on cpu)")
+    prof.add_argument("--out", default="benchmarks",
+                      help="folder for train_profile_<device>.*")
     _overrides_arg(prof, "backbone_norm=batch_norm")
     prof.set_defaults(func=run_bench_profile)
 
@@ -425,14 +433,22 @@ def run_bench_cost(args):
 
 
 def run_bench_profile(args):
+    import torch
+    command = "python -m ddetr " + " ".join(sys.argv[1:])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps expects >= 1, got {args.steps}")
+    if device == "cpu":
+        from .experiments.train_profile_cpu import profile_train_step_cpu
+        profile_train_step_cpu(args.out, args.config or "cpu", args.steps or 8,
+                               overrides=args.overrides, command=command)
+        return 0
     from .experiments.train_profile import profile_train_step
     size = parse_size(args.size)
-    if args.batch_size < 1 or args.steps < 1:
-        raise ValueError(f"--batch-size and --steps expect >= 1, got {args.batch_size} and "
-                         f"{args.steps}")
-    profile_train_step(args.out, args.config, args.batch_size, size,
-                       steps=args.steps, overrides=args.overrides,
-                       command="python -m ddetr " + " ".join(sys.argv[1:]))
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size expects >= 1, got {args.batch_size}")
+    profile_train_step(args.out, args.config or "paper", args.batch_size, size,
+                       steps=args.steps or 3, overrides=args.overrides, command=command)
     return 0
 
 

@@ -59,6 +59,12 @@ class Config:
     query_anchors: str = "none"            # "dab": learned 4-d anchor boxes as queries
                                            # (DAB-DETR style; needs with_box_refine)
     aux_loss: bool = True
+    # --- training-only techniques from after the paper (inference stays Deformable DETR)
+    dn_detr: bool = False                  # DN-DETR's denoising queries (ddetr.models.
+                                           # denoising); needs two_stage or dab anchors
+    dn_groups: int = 5                     # noised copies of the objects per image
+    dn_label_noise: float = 0.2            # probability of a flipped label
+    dn_box_noise: float = 0.4              # centre shift / size scale, in box sizes
     attention: str = "deformable"          # "dense": DETR's attention in the encoder and
                                            # the decoder's cross-attention, all else kept
                                            # (the baseline that differs in attention only)
@@ -275,6 +281,8 @@ RANGES = {
                            f"stride-2 levels)", lambda v: v == 1 or 3 <= v <= MAX_FEATURE_LEVELS),
     "dropout": ("a value in [0, 1)", lambda v: 0 <= v < 1),
     "focal_alpha": ("a value in [0, 1]", lambda v: 0 <= v <= 1),
+    "dn_label_noise": ("a value in [0, 1]", lambda v: 0 <= v <= 1),
+    "dn_box_noise": ("a value in [0, 1]", lambda v: 0 <= v <= 1),
     "lr": ("> 0", lambda v: v > 0),
     "synthetic_image_size": (">= 32 (pixels)", lambda v: v >= 32),
     "train_scales": ("a non-empty list of sizes >= 1 (pixels)",
@@ -286,7 +294,7 @@ RANGES = {
 RANGES.update({k: (">= 1", lambda v: v >= 1) for k in (
     "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward", "enc_n_points",
     "dec_n_points", "num_queries", "num_classes", "max_size", "val_scale", "batch_size",
-    "epochs", "lr_drop", "synthetic_train_images", "synthetic_val_images")})
+    "epochs", "lr_drop", "synthetic_train_images", "synthetic_val_images", "dn_groups")})
 RANGES.update({k: (">= 0", lambda v: v >= 0) for k in (
     "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm", "num_workers",
     "threads", "eval_every", "iters_per_epoch", "time_limit_min", "synthetic_seed", "set_cost_class",
@@ -338,6 +346,11 @@ def _check_combinations(cfg):
     if cfg.query_anchors == "dab" and cfg.two_stage:
         fail(["query_anchors", "two_stage"], "query_anchors='dab' and two_stage=true both "
              "make the decoder's queries; choose one")
+    if cfg.dn_detr and (cfg.architecture != "deformable_detr"
+                        or not (cfg.two_stage or cfg.query_anchors == "dab")):
+        fail(["dn_detr", "two_stage", "query_anchors"], "dn_detr=true gives the decoder "
+             "noised ground-truth boxes as reference boxes: it needs Deformable DETR with "
+             "4-d reference boxes, two_stage=true or query_anchors=dab")
     if cfg.architecture == "detr" and cfg.attention != "deformable":
         fail(["architecture", "attention"], "attention='dense' makes Deformable DETR's "
              "model dense (architecture='deformable_detr'); architecture='detr' is DETR's "
@@ -371,7 +384,7 @@ def config_to_dict(cfg):
 MODEL_KEYS = ("architecture", "backbone", "backbone_norm", "dilation", "num_feature_levels",
               "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward",
               "enc_n_points", "dec_n_points", "num_queries", "num_classes",
-              "with_box_refine", "two_stage", "query_anchors", "attention")
+              "with_box_refine", "two_stage", "query_anchors", "attention", "dn_detr")
 
 # Keys that ``train(cfg, resume=...)`` applies when they differ from the checkpoint's:
 # the run's length and budget, evaluation and logging, the machine (workers, device,

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from ddetr.engine import train, training_plan
-from ddetr.experiments.train_record import (compare, record_run, reference_run,
-                                            summarise)
+from ddetr.engine.precision import cpu_has_native_bf16
+from ddetr.experiments.train_record import (REFERENCE_FILES, budget_min, compare,
+                                            record_run, reference_run, summarise)
 
 from test_train import ROOT, tiny_cfg
 
@@ -31,7 +32,7 @@ def _history():
 
 def test_summarise_counts_epochs_images_threads_and_the_drop():
     s = summarise(_history(), batch_size=4, per_epoch=10)
-    assert s["iterations"] == 26 and s["images"] == 104 and s["epochs"] == 2.6
+    assert s["iterations"] == 26 and s["images_seen"] == 104 and s["epochs"] == 2.6
     assert s["images_per_s"] == pytest.approx(104 / 90, abs=0.01)
     assert s["train_min"] == pytest.approx(100 / 60, abs=0.05)
     assert s["threads"] == {"2": 13, "1": 13}
@@ -56,7 +57,8 @@ def test_compare_says_why_a_run_fell_short():
 
 @pytest.mark.slow
 def test_record_a_run_as_the_reference_and_read_it_back(tmp_path):
-    run = train(tiny_cfg(tmp_path, epochs=2, lr_drop=1), progress=False)
+    cfg = tiny_cfg(tmp_path, epochs=2, lr_drop=1)
+    run = train(cfg, progress=False)
     out = tmp_path / "benchmarks"
     out.mkdir()
     (out / "train_cpu.json").write_text(json.dumps({"runs": []}))
@@ -64,10 +66,27 @@ def test_record_a_run_as_the_reference_and_read_it_back(tmp_path):
                         reference=True)
     assert record["iterations"] == 4 and record["lr_drop_epoch"] == 1.0
     assert record["threads"] == {"1": 4}             # TINY fixes one thread
+    native = cpu_has_native_bf16()
+    assert record["native_bf16"] == native and record["machine"]["native_bf16"] == native
+    assert record["precision"] == ("bfloat16" if native and cfg.amp else "float32")
     ref, weights = reference_run(out)
     assert ref == json.loads(json.dumps(record)) and weights.is_file()
+    assert weights.name == REFERENCE_FILES[native]
+    # no reference of the other kind of processor: this one stands in, saying its kind
+    assert reference_run(out, native_bf16=not native)[0]["native_bf16"] == native
     assert json.loads((out / "train_cpu.json").read_text())["runs"] == []   # kept
     assert record["coco"]["AP"] == pytest.approx(run["stats"]["AP"])
+    recipe = record_run(tmp_path / "run", "tiny recipe", "python -m ddetr train ...",
+                        out_dir=out, section="recipe_runs")
+    table = (out / "train_cpu.md").read_text()
+    assert "tiny recipe" in table and recipe["images_seen"] == 8   # 4 of batch 2
+    with pytest.raises(ValueError, match="section must be one of"):
+        record_run(tmp_path / "run", "x", "y", out_dir=out, section="other")
+
+
+def test_the_budget_follows_the_kind_of_processor():
+    assert budget_min(native_bf16=True) == 15 and budget_min(native_bf16=False) == 20
+    assert budget_min() == budget_min(cpu_has_native_bf16())
 
 
 @pytest.mark.slow

@@ -83,9 +83,11 @@ def build_optimizer(model, cfg):
     """AdamW over param_groups, each group's base rate kept as its "initial_lr" (the
     rate ddetr.engine.schedule.Schedule multiplies)."""
     groups = param_groups(model, cfg)
-    # on a GPU the fused AdamW: one kernel for all parameters instead of several per
-    # tensor (same update, same state; 7 ms of a 57 ms step on an H200 before)
-    fused = all(p.is_cuda for g in groups for p in g["params"])
+    # the fused AdamW: one kernel for all parameters instead of several per tensor (the
+    # same update and state): 7 ms of a 57 ms step on an H200 before; on a CPU torch's
+    # default is a Python loop over the tensors, 5x slower for the cpu preset's 398
+    # (benchmarks/train_profile_cpu.md)
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=fused or None)
     set_base_rates(optimizer, groups)
@@ -201,8 +203,8 @@ def train_step(model, criterion, optimizer, batch, device, cfg, scaler=None, whe
     TrainingDiverged (saying `where`) when the loss or the model's outputs are not
     finite."""
     imgs, masks, targets = to_device(*batch, device)
-    with autocast(device, cfg.amp):
-        outputs = model(imgs, masks)
+    with autocast(device, cfg.amp):   # with denoising queries, the model reads targets
+        outputs = model(imgs, masks, targets) if cfg.dn_detr else model(imgs, masks)
     outputs = _to_float(outputs)
     try:
         loss_dict = criterion(outputs, targets)

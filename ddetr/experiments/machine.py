@@ -6,10 +6,12 @@ import subprocess
 
 import torch
 
+from ..engine.precision import cpu_has_native_bf16
+
 
 def machine_description(device):
-    """{"cpu", "cpu_cores", "torch_threads", "torch", "python", "platform"} and, for
-    device "cuda", {"gpu", "gpu_memory_gib", "cuda"} of the current device."""
+    """{"cpu", "cpu_cores", "native_bf16" (ddetr.engine.precision's verdict),
+    "torch_threads", "torch", "python", "platform"} and, for device "cuda", {"gpu", "gpu_memory_gib", "cuda"} of the current device."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -19,7 +21,8 @@ def machine_description(device):
             cpu = models[0]
     except OSError:
         pass
-    info = dict(cpu=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+    info = dict(cpu=cpu, cpu_cores=os.cpu_count(), native_bf16=cpu_has_native_bf16(),
+                torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, python=platform.python_version(),
                 platform=platform.platform())
     if device == "cuda":

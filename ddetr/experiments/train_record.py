@@ -1,14 +1,22 @@
 """Recorded training runs of the cpu preset (benchmarks/train_cpu.json), and this
 run set beside them.
 
-    python -m ddetr.experiments.train_record runs/cpu --name "seed 0, 30 min" \\
-        --command "python -m ddetr train --config cpu time_limit_min=30" --reference
+    python -m ddetr.experiments.train_record runs/cpu --name "seed 0, 15 min" \\
+        --command "python -m ddetr train --config cpu time_limit_min=15" --reference
 
 reads a finished run folder (its checkpoint: config, history), and adds it to the
-"budget_runs" of benchmarks/train_cpu.json with the commit, the machine and a summary
-(images per second, epochs, where the rate dropped, COCO metrics). --reference also
-stores its weights compactly (benchmarks/train_cpu_reference.pth) and makes it the run
-that the training chapter compares itself with.
+"budget_runs" (or, --section recipe_runs, the recipe comparisons at a fixed number of
+images) of benchmarks/train_cpu.json with the commit, the machine (the processor, and
+whether it computes bfloat16 natively), the precision it trained in and a summary
+(images seen, images per second, epochs, where the rate dropped, COCO metrics).
+--reference also stores its weights compactly and makes it the run that the training
+chapter compares itself with on the same kind of processor: there is one reference for
+processors with native bfloat16 (``train_cpu_reference.pth``) and one for those
+without (``train_cpu_reference_float32.pth``).
+
+The goal and the budget per kind of processor (issue 32): AP >= GOAL_AP within
+``budget_min()`` minutes: 15 where bfloat16 is native, 20 elsewhere (float32, e.g. an
+AVX2-only CPU).
 
 ``compare(history, reference)`` is what the chapter prints: this run and the reference
 side by side, and in words why this one fell short when it did.
@@ -19,13 +27,29 @@ from pathlib import Path
 
 from ..engine.checkpoint import checkpoint_config, load_checkpoint, load_compact, save_compact
 from ..engine.evaluate import METRICS
+from ..engine.precision import cpu_has_native_bf16
 from ..models import build_model
 from .machine import git_commit, load_average, machine_description
 from .markdown_block import write_block
 
 RESULTS = "train_cpu.json"
 REFERENCE_WEIGHTS = "train_cpu_reference.pth"
-TABLE = "train_cpu.md"                 # its "budget_runs" block is regenerated
+REFERENCE_FILES = {True: REFERENCE_WEIGHTS, False: "train_cpu_reference_float32.pth"}
+TABLE = "train_cpu.md"                 # its blocks, one per section, are regenerated
+SECTIONS = ("budget_runs", "recipe_runs")
+GOAL_AP = 0.5
+
+
+def budget_min(native_bf16=None):
+    """The training chapter's time budget in minutes: 15 where the CPU has native
+    bfloat16 (None: this machine), 20 elsewhere."""
+    native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+    return 15 if native else 20
+
+
+def processor_kind(native_bf16):
+    """A short name of the kind of processor, as the records and the chapter say it."""
+    return "native bfloat16" if native_bf16 else "no native bfloat16 (float32)"
 
 
 def iterations_per_epoch(cfg):
@@ -39,7 +63,7 @@ def summarise(history, batch_size, per_epoch):
     the iterations of a full epoch (iterations_per_epoch(cfg)).
 
     Returns {"epochs": trained epochs (a float: a time-limited last epoch counts its
-    share), "iterations", "images", "train_min" (training and evaluation, minutes),
+    share), "iterations", "images_seen", "train_min" (training and evaluation, minutes),
     "images_per_s" (of training), "threads" ({count: iterations}),
     "lr_drop_epoch" (the epoch, a float, at which the first drop came; None: none;
     "lr_drop_approx": the log gave the epoch of the drop, not its iteration),
@@ -61,7 +85,7 @@ def summarise(history, batch_size, per_epoch):
         if r.get("coco"):
             evals.append({"epoch": round(epochs, 2), **r["coco"]})
     images = iterations * batch_size
-    return {"epochs": round(epochs, 2), "iterations": iterations, "images": images,
+    return {"epochs": round(epochs, 2), "iterations": iterations, "images_seen": images,
             "train_min": round(sum(r["time_s"] for r in history) / 60, 1),
             "images_per_s": round(images / max(images_time, 1e-9), 2), "threads": threads,
             "lr_drop_epoch": None if drop is None else round(drop, 2),
@@ -71,46 +95,59 @@ def summarise(history, batch_size, per_epoch):
 
 
 def record_run(run_dir, name, command, note="", out_dir="benchmarks", reference=False,
-               commit=None):
-    """Add the finished run in run_dir to out_dir/train_cpu.json's "budget_runs"
-    (replacing a record of the same name); with reference=True also store its weights
-    compactly and point "reference" at it. commit: the code's commit when the run
-    trained, if not the checkout's now. Returns the record."""
+               commit=None, section="budget_runs"):
+    """Add the finished run in run_dir to out_dir/train_cpu.json's `section`
+    ("budget_runs" or "recipe_runs"; a record of the same name is replaced); with
+    reference=True also store its weights compactly and make it the reference of its
+    kind of processor. commit: the code's commit when the run trained, if not the
+    checkout's now. Returns the record."""
+    if section not in SECTIONS:
+        raise ValueError(f"section must be one of {list(SECTIONS)}, got {section!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     state = load_checkpoint(run_dir / "checkpoint.pth")
     cfg = checkpoint_config(state, run_dir / "checkpoint.pth")
     commit, dirty = (commit, False) if commit else git_commit()
+    machine = machine_description("cpu")
     record = {"name": name, "command": command, "note": note, "commit": commit,
-              "uncommitted_changes": dirty, "machine": machine_description("cpu"),
+              "uncommitted_changes": dirty, "machine": machine,
+              "native_bf16": machine["native_bf16"],
+              "precision": "bfloat16" if cfg.amp and machine["native_bf16"] else "float32",
               "load_average_after": load_average(), "time_limit_min": cfg.time_limit_min,
               "seed": cfg.seed, "threads_setting": cfg.threads,
               **summarise(state["history"], cfg.batch_size, iterations_per_epoch(cfg))}
     results_file = out_dir / RESULTS
     results = json.loads(results_file.read_text())
-    runs = [r for r in results.get("budget_runs", []) if r["name"] != name]
-    results["budget_runs"] = runs + [record]
+    runs = [r for r in results.get(section, []) if r["name"] != name]
+    results[section] = runs + [record]
     if reference:
         model = build_model(cfg)[0]
         model.load_state_dict(state["model"])
-        save_compact(model, cfg, state.get("categories", {}), out_dir / REFERENCE_WEIGHTS,
+        weights = REFERENCE_FILES[machine["native_bf16"]]
+        save_compact(model, cfg, state.get("categories", {}), out_dir / weights,
                      source={"name": name, "command": command, "commit": commit})
-        results["reference"] = {"name": name, "weights": REFERENCE_WEIGHTS}
+        results.setdefault("references", {})[str(machine["native_bf16"]).lower()] = {
+            "name": name, "weights": weights}
     results_file.write_text(json.dumps(results, indent=1) + "\n")
-    write_block(out_dir / TABLE, "budget_runs", budget_table(results),
-                title="Training the cpu preset on the synthetic set (2-core CPU)")
+    for block in SECTIONS:
+        if results.get(block):
+            write_block(out_dir / TABLE, block, budget_table(results, block),
+                        title="Training the cpu preset on the synthetic set (2-core CPU)")
     return record
 
 
-def budget_table(results):
-    """Markdown: one row per recorded budget run."""
-    lines = ["| run | command | commit | threads used | images/s | epochs | lr drop at epoch "
-             "| AP | AP50 | APs | APm | APl |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results.get("budget_runs", []):
+def budget_table(results, section="budget_runs"):
+    """Markdown: one row per recorded run of the section."""
+    lines = ["| run | command | commit | processor | precision | threads used | images "
+             "seen | images/s | epochs | lr drop at epoch | AP | AP50 | APs | APm | APl |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.get(section, []):
         c = r["coco"]
         threads = ", ".join(f"{k}: {v}" for k, v in sorted(r["threads"].items()))
         drop = "-" if r["lr_drop_epoch"] is None else (
             ("~" if r.get("lr_drop_approx") else "") + f"{r['lr_drop_epoch']:.2f}")
-        cells = [r["name"], f"`{r['command']}`", (r["commit"] or "?")[:7], threads,
+        cells = [r["name"], f"`{r['command']}`", (r["commit"] or "?")[:7],
+                 f"{r['machine']['cpu']}, {processor_kind(r['native_bf16'])}",
+                 r["precision"], threads, str(r["images_seen"]),
                  f"{r['images_per_s']:.2f}", f"{r['epochs']:.2f}", drop]
         cells += ["-" if c.get(m) is None else f"{c[m]:.3f}"
                   for m in ("AP", "AP50", "APs", "APm", "APl")]
@@ -118,20 +155,24 @@ def budget_table(results):
     return "\n".join(lines)
 
 
-def reference_run(out_dir="benchmarks"):
-    """(the reference record, the path of its compact weights) from train_cpu.json."""
+def reference_run(out_dir="benchmarks", native_bf16=None):
+    """(the reference record, the path of its compact weights) from train_cpu.json: the
+    reference of the kind of processor asked for (None: this machine's), else the
+    other kind's (its record's "native_bf16" says which it is)."""
     results = json.loads((Path(out_dir) / RESULTS).read_text())
-    ref = results["reference"]
+    native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+    refs = results["references"]
+    ref = refs.get(str(native).lower()) or refs[str(not native).lower()]
     record = next(r for r in results["budget_runs"] if r["name"] == ref["name"])
     return record, Path(out_dir) / ref["weights"]
 
 
-def load_reference_model(out_dir="benchmarks"):
-    """(model, postprocessor, cfg, categories, source) of the reference run's weights."""
-    return load_compact(reference_run(out_dir)[1])
+def load_reference_model(out_dir="benchmarks", native_bf16=None):
+    """(model, postprocessor, cfg, categories, source) of reference_run's weights."""
+    return load_compact(reference_run(out_dir, native_bf16)[1])
 
 
-def compare(mine, reference, goal_ap=0.5):
+def compare(mine, reference, goal_ap=GOAL_AP):
     """(table, verdict): two summaries (see summarise) side by side, and one paragraph
     on what this run reached and, when it fell short of the goal, why."""
     rows = [("time (min)", "train_min", "{:.1f}"), ("images/s", "images_per_s", "{:.2f}"),
@@ -190,9 +231,10 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks")
     p.add_argument("--reference", action="store_true")
     p.add_argument("--commit", default=None, help="the commit the run trained at")
+    p.add_argument("--section", default="budget_runs", choices=SECTIONS)
     args = p.parse_args(argv)
     record = record_run(args.run_dir, args.name, args.command, args.note, args.out,
-                        args.reference, args.commit)
+                        args.reference, args.commit, args.section)
     print(json.dumps({k: record[k] for k in ("name", "epochs", "images_per_s",
                                             "lr_drop_epoch", "coco")}))
 

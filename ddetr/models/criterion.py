@@ -15,8 +15,9 @@ scale), not by the number of queries. The encoder proposals are trained class-ag
 every object counts as class 0 ("foreground").
 
 The criterion returns the *unweighted* losses, named loss_ce, loss_bbox, loss_giou for
-the last layer, with suffix _0 .. _{n-2} for the earlier decoder layers and _enc for the
-proposals; ``weight_dict`` holds their weights (2, 5, 2 in the paper). It also reports
+the last layer, with suffix _0 .. _{n-2} for the earlier decoder layers, _enc for the
+proposals, and _dn, _dn_0 .. for DN-DETR's denoising queries when the model made them
+(``denoising_losses``); ``weight_dict`` holds their weights (2, 5, 2 in the paper). It also reports
 ``class_error`` and ``cardinality_error`` for logging; they have no weight.
 """
 import torch
@@ -145,6 +146,23 @@ class SetCriterion(nn.Module):
         losses = {}
         for (out, tgt, suffix, log), indices in zip(pairs, indices_on(matchings, device)):
             losses.update(self.losses_of(out, tgt, indices, num_boxes, suffix, log))
+        if "dn_outputs" in outputs:
+            losses.update(self.denoising_losses(outputs["dn_outputs"], outputs["dn_meta"],
+                                                targets, num_boxes))
+        return losses
+
+    def denoising_losses(self, dn_outputs, dn, targets, num_boxes):
+        """DN-DETR (ddetr.models.denoising): every denoising query is trained to
+        reconstruct the object it was made from, no matching, at every decoder layer;
+        each group counts as one more set of the batch's objects. Suffixes _dn and
+        _dn_0 .. _dn_{n-2}."""
+        indices = indices_on([dn.indices], dn_outputs["pred_logits"].device)[0]
+        outs = [(dn_outputs, "_dn")]
+        outs += [(aux, f"_dn_{i}") for i, aux in enumerate(dn_outputs.get("aux_outputs", []))]
+        losses = {}
+        for out, suffix in outs:
+            losses.update(self.losses_of(out, targets, indices, num_boxes * dn.groups,
+                                         suffix))
         return losses
 
     def check_targets(self, targets):
@@ -171,6 +189,10 @@ def build_weight_dict(cfg):
             weights.update({f"{k}_{i}": v for k, v in base.items()})
     if cfg.two_stage and cfg.architecture != "detr":
         weights.update({f"{k}_enc": v for k, v in base.items()})
+    if cfg.dn_detr:
+        suffixes = ["_dn"] + ([f"_dn_{i}" for i in range(cfg.dec_layers - 1)]
+                              if cfg.aux_loss else [])
+        weights.update({k + s: v for s in suffixes for k, v in base.items()})
     return weights
 
 

@@ -16,6 +16,9 @@ The variants are switches of one class:
   * two_stage: the encoder's tokens are scored as proposals by one more pair of heads
     (index dec_layers), and the top-k proposals become the decoder's queries and
     reference boxes.
+  * dn_groups > 0 (not in the paper; training only): DN-DETR's denoising queries,
+    G groups of noised ground-truth boxes and labels that the decoder learns to
+    reconstruct (``ddetr.models.denoising``); needs two-stage or DAB anchors.
   * query_anchors="dab" (not in the paper; the book's "what came next" chapter): as in
     DAB-DETR, each query is a learned content vector plus a learned anchor box
     ``refpoint_embed`` (cx, cy, w, h); the decoder's reference boxes start at the
@@ -25,7 +28,9 @@ The variants are switches of one class:
 Outputs, for the criterion and the postprocessor:
     "pred_logits" (N, Lq, num_classes), "pred_boxes" (N, Lq, 4) (cx, cy, w, h) in [0, 1]
     of the unpadded image, "aux_outputs" (one dict per earlier decoder layer) when
-    aux_loss, "enc_outputs" (the encoder proposals) when two_stage.
+    aux_loss, "enc_outputs" (the encoder proposals) when two_stage; in training with
+    denoising, "dn_outputs" (the same keys for the denoising queries) and "dn_meta"
+    (their DenoisingQueries: which object each reconstructs).
 
 The heads belong to the model, which passes them to the transformer at every call
 (``box_heads`` to refine, ``proposal_heads`` for two-stage); the transformer never
@@ -43,6 +48,7 @@ from ..nn.deformable_transformer import build_deformable_transformer
 from ..nn.geometry import decode_boxes, inverse_sigmoid
 from ..nn.helpers import get_clones
 from .backbone import build_backbone, resize_mask
+from .denoising import make_denoising_queries, split_denoising
 from .detr import MLP, check_inputs
 
 
@@ -57,11 +63,17 @@ class DeformableDETR(nn.Module):
         with_box_refine, two_stage: the paper's two improvements.
         query_anchors: "none", or "dab" for learned anchor-box queries (the transformer
             must be built with the same value).
+        denoising: None, or (groups, label_noise, box_noise) of DN-DETR's denoising
+            queries in training (``ddetr.models.denoising``; adds ``label_enc``).
     """
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
-                 aux_loss=True, with_box_refine=False, two_stage=False, query_anchors="none"):
+                 aux_loss=True, with_box_refine=False, two_stage=False, query_anchors="none",
+                 denoising=None):
         super().__init__()
+        self.denoising = denoising
+        if denoising is not None:   # the content of a denoising query: its label's
+            self.label_enc = nn.Embedding(num_classes, transformer.d_model)
         if query_anchors == "dab" and not with_box_refine:
             raise ValueError("query_anchors='dab' refines its anchor boxes layer by layer: "
                              "it needs with_box_refine=True")
@@ -167,32 +179,48 @@ class DeformableDETR(nn.Module):
             pos.append(self.backbone[1](mask).to(src.dtype))
         return srcs, level_masks, pos
 
-    def forward(self, images, masks):
+    def forward(self, images, masks, targets=None):
         """images (N, 3, H, W) normalised, masks (N, H, W) bool (True = padding) -> dict
-        (see the module docstring)."""
+        (see the module docstring). targets (N dicts of "labels", "boxes") are read only
+        in training with denoising queries."""
         check_inputs(images, masks)
         srcs, level_masks, pos = self.features(images, masks)
+        dn = None
+        if self.training and self.denoising is not None and targets is not None:
+            dn = make_denoising_queries(targets, self.label_enc, self.num_queries,
+                                        *self.denoising)
         query_embed = None if self.two_stage else self.query_embed.weight
         anchors = self.refpoint_embed.weight if self.query_anchors == "dab" else None
         box_heads = self.bbox_embed if self.with_box_refine else None
         # two-stage: the heads after the decoder's (index dec_layers) score the proposals
         proposal_heads = (self.class_embed[-1], self.bbox_embed[-1]) if self.two_stage else None
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
-            srcs, level_masks, pos, query_embed, anchors, box_heads, proposal_heads)
+            srcs, level_masks, pos, query_embed, anchors, box_heads, proposal_heads, dn)
 
         logits, boxes = [], []
         for lvl in range(hs.shape[0]):
             reference = init_reference if lvl == 0 else inter_references[lvl - 1]
             boxes.append(decode_boxes(self.bbox_embed[lvl](hs[lvl]), reference))
             logits.append(self.class_embed[lvl](hs[lvl]))
+        if dn is None:
+            out = self.set_outputs(logits, boxes)
+        else:
+            (dn_logits, logits), (dn_boxes, boxes) = (
+                zip(*[split_denoising(x, dn) for x in xs]) for xs in (logits, boxes))
+            out = self.set_outputs(logits, boxes)
+            out["dn_outputs"], out["dn_meta"] = self.set_outputs(dn_logits, dn_boxes), dn
+        if self.two_stage:
+            out["enc_outputs"] = {"pred_logits": enc_class,
+                                  "pred_boxes": enc_coord_unact.sigmoid()}
+        return out
 
+    def set_outputs(self, logits, boxes):
+        """Per-layer lists of logits and boxes -> the last layer's "pred_logits" and
+        "pred_boxes", and "aux_outputs" for the earlier layers when aux_loss."""
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                   for a, b in zip(logits[:-1], boxes[:-1])]
-        if self.two_stage:
-            out["enc_outputs"] = {"pred_logits": enc_class,
-                                  "pred_boxes": enc_coord_unact.sigmoid()}
         return out
 
 
@@ -203,4 +231,6 @@ def build_deformable_detr(cfg):
                           num_queries=cfg.num_queries,
                           num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
                           with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage,
-                          query_anchors=cfg.query_anchors)
+                          query_anchors=cfg.query_anchors,
+                          denoising=((cfg.dn_groups, cfg.dn_label_noise, cfg.dn_box_noise)
+                                     if cfg.dn_detr else None))

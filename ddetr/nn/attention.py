@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..ops.dense_attention import multi_head_attention
-from .checks import check_heads, check_padding_mask, check_same, check_tensor, check_width
+from .checks import (check_attn_mask, check_heads, check_padding_mask, check_same,
+                     check_tensor, check_width)
 
 
 class MultiHeadAttention(nn.Module):
@@ -36,8 +37,9 @@ class MultiHeadAttention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query, key, value, key_padding_mask=None):
-        """query (N, Lq, C), key/value (N, S, C), key_padding_mask (N, S) bool or None.
+    def forward(self, query, key, value, key_padding_mask=None, attn_mask=None):
+        """query (N, Lq, C), key/value (N, S, C), key_padding_mask (N, S) bool or None,
+        attn_mask (Lq, S) bool or None (True: query may not see key).
 
         Returns out (N, Lq, C) and the attention weights (N, M, Lq, S).
         """
@@ -51,7 +53,8 @@ class MultiHeadAttention(nn.Module):
         check_same("batch size", query=query, key=key, value=value)
         check_same("device", query=query, key=key, value=value)
         check_padding_mask("key_padding_mask", key_padding_mask, *key.shape[:2])
+        check_attn_mask(attn_mask, query.shape[1], key.shape[1])
         return multi_head_attention(
             query, key, value, self.in_proj_weight, self.in_proj_bias,
             self.out_proj.weight, self.out_proj.bias, self.n_heads, key_padding_mask,
-            self.dropout if self.training else 0.0)
+            self.dropout if self.training else 0.0, attn_mask)

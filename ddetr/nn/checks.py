@@ -84,6 +84,16 @@ def check_padding_mask(name, mask, N, S):
         raise ValueError(f"{name} must be (N, S) = {(N, S)}, got shape {shape(mask)}")
 
 
+def check_attn_mask(mask, Lq, S):
+    """None, or a bool (Lq, S) tensor (True = the query may not see the key)."""
+    if mask is None:
+        return
+    check_tensor("attn_mask", mask, "(Lq, S)", floating=False)
+    if mask.dtype != torch.bool or shape(mask) != (Lq, S):
+        raise ValueError(f"attn_mask must be a bool (Lq, S) = {(Lq, S)} tensor, got "
+                         f"{mask.dtype} {shape(mask)}")
+
+
 def check_spatial_shapes(name, spatial_shapes, n_levels, S=None):
     """An (L, 2) int64 tensor of (H, W) with L = n_levels; with S, the levels hold S
     positions in all (read only where free: a CPU tensor, outside torch.compile)."""

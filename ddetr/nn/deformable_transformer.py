@@ -179,12 +179,13 @@ class DeformableTransformerDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, spatial_shapes,
-                level_start_index, padding_mask=None, src_pos=None):
+                level_start_index, padding_mask=None, src_pos=None, self_attn_mask=None):
         """tgt, query_pos (N, Lq, C); reference_points (N, Lq, L, 2|4);
         src (N, S, C) the encoder memory; padding_mask (N, S); src_pos (N, S, C) the
-        memory's position codes (dense attention only: its keys) -> (N, Lq, C)."""
+        memory's position codes (dense attention only: its keys); self_attn_mask
+        (Lq, Lq) bool, True where a query may not see another -> (N, Lq, C)."""
         q = k = with_pos(tgt, query_pos)
-        attn, _ = self.self_attn(q, k, tgt)
+        attn, _ = self.self_attn(q, k, tgt, attn_mask=self_attn_mask)
         tgt = self.norm2(tgt + self.dropout2(attn))
         if self.attention == "dense":
             attn = self.cross_attn(with_pos(tgt, query_pos), with_pos(src, src_pos), src,
@@ -219,7 +220,7 @@ class DeformableTransformerDecoder(nn.Module):
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index,
                 valid_ratios, query_pos=None, padding_mask=None, box_heads=None,
-                src_pos=None):
+                src_pos=None, self_attn_mask=None):
         """
         Args:
             tgt: (N, Lq, C) query contents. query_pos: (N, Lq, C) query positions.
@@ -231,6 +232,8 @@ class DeformableTransformerDecoder(nn.Module):
             box_heads: None, or a box head per layer ((N, Lq, C) -> (N, Lq, 4) offsets
                 in inverse-sigmoid space, see ``decode_boxes``) to refine the
                 reference boxes with after each layer.
+            self_attn_mask: (Lq, Lq) bool or None, True where a query may not see
+                another in self-attention (denoising groups, ``ddetr.models.denoising``).
 
         Returns:
             hs (num_layers, N, Lq, C), the output of each layer, and references
@@ -269,7 +272,7 @@ class DeformableTransformerDecoder(nn.Module):
                 query_pos = self.ref_point_head(
                     sine_embed(reference_points, out.shape[-1] // 2))
             out = layer(out, query_pos, reference_input, src, spatial_shapes,
-                        level_start_index, padding_mask, src_pos)
+                        level_start_index, padding_mask, src_pos, self_attn_mask)
             if box_heads is not None:
                 reference_points = decode_boxes(box_heads[lid](out), reference_points).detach()
             hs.append(out)
@@ -437,7 +440,7 @@ class DeformableTransformer(nn.Module):
                              f"{shape(query_embed)}")
 
     def forward(self, srcs, masks, pos_embeds, query_embed=None, anchors=None,
-                box_heads=None, proposal_heads=None):
+                box_heads=None, proposal_heads=None, denoising=None):
         """
         Args:
             srcs: list of L maps (N, C, H_l, W_l); masks: list of (N, H_l, W_l) bool;
@@ -449,12 +452,16 @@ class DeformableTransformer(nn.Module):
                 ``DeformableTransformerDecoder``); None: the references stay.
             proposal_heads: two-stage only: (class head, box head) that score every
                 encoder token's proposal and regress its box.
+            denoising: training only, None or DN-DETR's denoising queries
+                (``ddetr.models.denoising.DenoisingQueries``: tgt (N, Ldn, C), boxes
+                (N, Ldn, 4), attn_mask (Ldn + Lq, Ldn + Lq)), put before the Lq
+                queries; they need 4-d reference boxes (two-stage or DAB anchors).
 
         Returns:
-            hs (num_dec_layers, N, Lq, C); init_reference (N, Lq, 2|4) in [0, 1];
-            inter_references (num_dec_layers, N, Lq, 2|4); and, two-stage only,
-            enc_outputs_class (N, S, num_classes) and enc_outputs_coord_unact
-            (N, S, 4) (else None, None).
+            hs (num_dec_layers, N, Ldn + Lq, C); init_reference (N, Ldn + Lq, 2|4) in
+            [0, 1]; inter_references (num_dec_layers, N, Ldn + Lq, 2|4); and, two-stage
+            only, enc_outputs_class (N, S, num_classes) and enc_outputs_coord_unact
+            (N, S, 4) (else None, None). Ldn = 0 without denoising.
         """
         self.check_inputs(srcs, masks, pos_embeds, query_embed)
         if self.two_stage and proposal_heads is None:
@@ -464,43 +471,83 @@ class DeformableTransformer(nn.Module):
             self.flatten(srcs, masks, pos_embeds)
         memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, pos,
                               mask)
-        N, _, C = memory.shape
         enc_class = enc_coord_unact = None
         if self.two_stage:
-            shapes = level_shapes(spatial_shapes)   # no device sync for the model's own tables
-            output_memory, proposals = self.gen_encoder_output_proposals(memory, mask, shapes)
-            class_head, box_head = proposal_heads
-            enc_class = class_head(output_memory)
-            enc_coord_unact = box_head(output_memory) + proposals
-            # top-k proposals by their foreground (first class) score. Unlike the
-            # official code, padded tokens are excluded (their proposals are +inf).
-            score = enc_class[..., 0].masked_fill(mask, float("-inf"))
-            topk = min(self.two_stage_num_proposals, score.shape[1])
-            topk_index = torch.topk(score, topk, dim=1)[1]
-            topk_coords_unact = torch.gather(
-                enc_coord_unact, 1, topk_index[..., None].expand(-1, -1, 4)).detach()
-            reference_points = topk_coords_unact.sigmoid()
-            pos_trans = self.pos_trans_norm(self.pos_trans(
-                sine_embed(topk_coords_unact.sigmoid(), C // 2)))
-            query_pos, tgt = torch.split(pos_trans, C, dim=2)
-        elif self.query_anchors == "dab":
+            (tgt, reference_points, query_pos, enc_class,
+             enc_coord_unact) = self.proposal_queries(memory, mask, spatial_shapes,
+                                                      proposal_heads)
+        else:
+            tgt, reference_points, query_pos = self.learned_queries(
+                query_embed, anchors, memory.shape[0])
+        self_attn_mask = None
+        if denoising is not None:
+            tgt, reference_points, query_pos = self.with_denoising(
+                denoising, tgt, reference_points, query_pos)
+            self_attn_mask = denoising.attn_mask
+        hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes,
+                                            level_start_index, valid_ratios, query_pos, mask,
+                                            box_heads, pos, self_attn_mask)
+        return hs, reference_points, inter_references, enc_class, enc_coord_unact
+
+    def proposal_queries(self, memory, mask, spatial_shapes, proposal_heads):
+        """Two-stage: every encoder token's proposal scored and regressed by
+        proposal_heads; the top Lq by foreground (first class) score become the
+        decoder's reference boxes, and their sine codes its queries. Unlike the
+        official code, padded tokens are excluded (their proposals are +inf).
+
+        Returns tgt, reference_points (N, Lq, 4) in [0, 1], query_pos, and every
+        token's class logits (N, S, num_classes) and boxes (N, S, 4) (inverse-sigmoid).
+        """
+        C = memory.shape[-1]
+        shapes = level_shapes(spatial_shapes)   # no device sync for the model's own tables
+        output_memory, proposals = self.gen_encoder_output_proposals(memory, mask, shapes)
+        class_head, box_head = proposal_heads
+        enc_class = class_head(output_memory)
+        enc_coord_unact = box_head(output_memory) + proposals
+        score = enc_class[..., 0].masked_fill(mask, float("-inf"))
+        topk = min(self.two_stage_num_proposals, score.shape[1])
+        topk_index = torch.topk(score, topk, dim=1)[1]
+        topk_coords_unact = torch.gather(
+            enc_coord_unact, 1, topk_index[..., None].expand(-1, -1, 4)).detach()
+        reference_points = topk_coords_unact.sigmoid()
+        query_pos, tgt = self.box_queries(reference_points).split(C, dim=2)
+        return tgt, reference_points, query_pos, enc_class, enc_coord_unact
+
+    def box_queries(self, boxes):
+        """Two-stage: boxes (N, Lq, 4) in [0, 1] -> (N, Lq, 2C), their (position,
+        content) queries: a linear layer and a norm over the boxes' sine codes."""
+        return self.pos_trans_norm(self.pos_trans(sine_embed(boxes, self.d_model // 2)))
+
+    def learned_queries(self, query_embed, anchors, N):
+        """The queries of the one-stage variants: with DAB anchors, learned contents
+        and anchor boxes (the decoder makes the positions from the boxes: query_pos
+        None); else learned (position, content) pairs, with a reference point made from
+        the position. Returns tgt (N, Lq, C), reference_points (N, Lq, 2|4), query_pos."""
+        if self.query_anchors == "dab":
             if anchors is None or anchors.shape != (query_embed.shape[0], 4):
                 raise ValueError(f"query_anchors='dab' needs anchors (Lq, 4) = "
                                  f"({query_embed.shape[0]}, 4), got "
                                  f"{None if anchors is None else tuple(anchors.shape)}")
-            tgt = query_embed[None].expand(N, -1, -1)
-            reference_points = anchors.sigmoid()[None].expand(N, -1, -1)
-            query_pos = None                # made from the box by every decoder layer
-        else:
-            query_pos, tgt = torch.split(query_embed, C, dim=1)
-            query_pos = query_pos[None].expand(N, -1, -1)
-            tgt = tgt[None].expand(N, -1, -1)
-            reference_points = self.reference_points(query_pos).sigmoid()
-        init_reference = reference_points
-        hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes,
-                                            level_start_index, valid_ratios, query_pos, mask,
-                                            box_heads, pos)
-        return hs, init_reference, inter_references, enc_class, enc_coord_unact
+            return (query_embed[None].expand(N, -1, -1),
+                    anchors.sigmoid()[None].expand(N, -1, -1), None)
+        query_pos, tgt = torch.split(query_embed, self.d_model, dim=1)
+        query_pos = query_pos[None].expand(N, -1, -1)
+        return (tgt[None].expand(N, -1, -1), self.reference_points(query_pos).sigmoid(),
+                query_pos)
+
+    def with_denoising(self, dn, tgt, reference_points, query_pos):
+        """The denoising queries ``dn`` put before the matching ones: contents,
+        reference boxes and (two-stage) positions made from the boxes as the
+        proposals' are; DAB makes positions from the boxes in every layer."""
+        if reference_points.shape[-1] != 4:
+            raise ValueError("denoising queries need 4-d reference boxes: build the "
+                             "transformer with two_stage=True or query_anchors='dab'")
+        if query_pos is not None:
+            dn_pos = self.box_queries(dn.boxes)[..., :self.d_model]
+            query_pos = torch.cat([dn_pos.to(query_pos.dtype), query_pos], 1)
+        return (torch.cat([dn.tgt.to(tgt.dtype), tgt], 1),
+                torch.cat([dn.boxes.to(reference_points.dtype), reference_points], 1),
+                query_pos)
 
 
 def build_deformable_transformer(cfg):

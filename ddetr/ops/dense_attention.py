@@ -8,11 +8,11 @@ that deformable attention removes.
 """
 import math
 
-import torch
 import torch.nn.functional as F
 
 
-def scaled_dot_product_attention(q, k, v, key_padding_mask=None, dropout_p=0.0):
+def scaled_dot_product_attention(q, k, v, key_padding_mask=None, dropout_p=0.0,
+                                 attn_mask=None):
     """Attention of every query over every key, per head.
 
     Args:
@@ -21,6 +21,8 @@ def scaled_dot_product_attention(q, k, v, key_padding_mask=None, dropout_p=0.0):
         v: (N, M, S, D) values.
         key_padding_mask: optional (N, S) bool, True where a key is padding (ignored).
         dropout_p: dropout on the attention weights (training only).
+        attn_mask: optional (Lq, S) bool, True where a query may not see a key (every
+            query must see at least one).
 
     Returns:
         out (N, M, Lq, D) and weights (N, M, Lq, S), rows summing to 1.
@@ -28,6 +30,8 @@ def scaled_dot_product_attention(q, k, v, key_padding_mask=None, dropout_p=0.0):
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (N, M, Lq, S)
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(attn_mask, float("-inf"))
     weights = scores.softmax(dim=-1)
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
@@ -36,7 +40,7 @@ def scaled_dot_product_attention(q, k, v, key_padding_mask=None, dropout_p=0.0):
 
 def multi_head_attention(query, key, value, in_proj_weight, in_proj_bias,
                          out_proj_weight, out_proj_bias, n_heads,
-                         key_padding_mask=None, dropout_p=0.0):
+                         key_padding_mask=None, dropout_p=0.0, attn_mask=None):
     """Multi-head attention with packed input projections, like nn.MultiheadAttention.
 
     Args:
@@ -45,6 +49,7 @@ def multi_head_attention(query, key, value, in_proj_weight, in_proj_bias,
         in_proj_bias: (3C,) or None.
         out_proj_weight: (C, C); out_proj_bias: (C,) or None.
         n_heads: M, with C = M * D.
+        key_padding_mask (N, S), attn_mask (Lq, S): see scaled_dot_product_attention.
 
     Returns:
         out (N, Lq, C) and weights (N, M, Lq, S) per head.
@@ -64,6 +69,6 @@ def multi_head_attention(query, key, value, in_proj_weight, in_proj_bias,
 
     out, weights = scaled_dot_product_attention(
         heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v),
-        key_padding_mask, dropout_p)
+        key_padding_mask, dropout_p, attn_mask)
     out = out.transpose(1, 2).reshape(N, Lq, C)
     return F.linear(out, out_proj_weight, out_proj_bias), weights

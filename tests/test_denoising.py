@@ -1,0 +1,161 @@
+"""DN-DETR's denoising queries: noise within its bounds, the attention mask against a
+rule written per query pair, matching queries untouched by the denoising ones, groups
+that do not see each other, losses with known assignments, and the config's rule."""
+import pytest
+import torch
+
+from ddetr.config import get_config
+from ddetr.models import build_model
+from ddetr.models.denoising import (denoising_attn_mask, make_denoising_queries,
+                                    noise_boxes, noise_labels)
+
+
+def targets_of(*counts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in counts:
+        centre = torch.rand(n, 2, generator=g) * 0.5 + 0.25
+        size = torch.rand(n, 2, generator=g) * 0.3 + 0.1
+        out.append({"labels": torch.randint(0, 7, (n,), generator=g),
+                    "boxes": torch.cat([centre, size], 1)})
+    return out
+
+
+def test_box_noise_stays_within_its_bounds():
+    torch.manual_seed(0)
+    boxes = targets_of(2000)[0]["boxes"]
+    noised = noise_boxes(boxes, 0.4)
+    shift = (noised[:, :2] - boxes[:, :2]).abs()
+    assert (shift <= 0.4 * boxes[:, 2:] / 2 + 1e-6).all()
+    ratio = noised[:, 2:] / boxes[:, 2:]
+    assert (ratio >= 0.6 - 1e-6).all() and (ratio <= 1.4 + 1e-6).all()
+    assert shift.max() > 0.3 * (0.4 * boxes[:, 2:] / 2).max()   # it does move them
+    assert torch.equal(noise_boxes(boxes, 0.0), boxes)
+
+
+def test_label_noise_flips_about_the_asked_share():
+    torch.manual_seed(0)
+    labels = torch.zeros(20000, dtype=torch.int64)
+    flipped = (noise_labels(labels, 7, 0.2) != labels).float().mean().item()
+    assert abs(flipped - 0.2 * 6 / 7) < 0.02   # a flip to the same class is no flip
+    assert torch.equal(noise_labels(labels, 7, 0.0), labels)
+
+
+def test_attn_mask_follows_the_rule_pair_by_pair():
+    T, G, Lq = 3, 4, 5
+    mask = denoising_attn_mask(T, G, Lq)
+    dn = T * G
+    for i in range(dn + Lq):
+        for j in range(dn + Lq):
+            if i >= dn:       # a matching query: no denoising query
+                blocked = j < dn
+            else:             # group i // T: itself and the matching queries
+                blocked = j < dn and j // T != i // T
+            assert mask[i, j].item() == blocked, (i, j)
+
+
+def test_queries_reconstruct_their_own_objects():
+    torch.manual_seed(0)
+    targets = targets_of(3, 1)
+    embed = torch.nn.Embedding(7, 16)
+    dn = make_denoising_queries(targets, embed, num_queries=10, groups=2,
+                                label_noise=0.0, box_noise=0.0)
+    assert dn.tgt.shape == (2, 6, 16) and dn.boxes.shape == (2, 6, 4)
+    assert dn.attn_mask.shape == (16, 16)
+    for t, (query, target), tgt, boxes in zip(targets, dn.indices, dn.tgt, dn.boxes):
+        assert torch.equal(boxes[query], t["boxes"][target])
+        assert torch.equal(tgt[query], embed(t["labels"][target]))
+    padded = torch.ones(6, dtype=torch.bool)
+    padded[dn.indices[1][0]] = False
+    assert (dn.tgt[1][padded] == 0).all()                 # padding carries no content
+    assert make_denoising_queries([targets_of(0)[0]], embed, 10, 2, 0.2, 0.4) is None
+
+
+@pytest.fixture(scope="module")
+def dn_model():
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(get_config("cpu", {"dn_detr": True}))
+    return model.train(), criterion
+
+
+def test_matching_queries_do_not_see_the_denoising_ones(dn_model):
+    model, _ = dn_model
+    images, masks = torch.randn(2, 3, 96, 96), torch.zeros(2, 96, 96, dtype=torch.bool)
+    masks[1, :, 80:] = True
+    with torch.no_grad():
+        plain = model(images, masks)
+        torch.manual_seed(1)
+        with_dn = model(images, masks, targets_of(3, 2))
+    assert with_dn["dn_outputs"]["pred_logits"].shape == (2, 5 * 3, 7)
+    torch.testing.assert_close(with_dn["pred_logits"], plain["pred_logits"])
+    torch.testing.assert_close(with_dn["pred_boxes"], plain["pred_boxes"])
+
+
+def test_groups_are_independent_of_each_other(dn_model):
+    model, _ = dn_model
+    images, masks = torch.randn(1, 3, 96, 96), torch.zeros(1, 96, 96, dtype=torch.bool)
+    targets = targets_of(2)
+    torch.manual_seed(1)
+    dn = make_denoising_queries(targets, model.label_enc, model.num_queries, 5, 0.2, 0.4)
+    changed = type(dn)(dn.tgt.clone(), dn.boxes.clone(), dn.attn_mask, dn.indices, 5)
+    changed.tgt[:, 2:] += 1.0                 # every group but the first
+    changed.boxes[:, 2:, :2] = 0.5
+    transformer_outputs = []
+    with torch.no_grad():
+        for queries in (dn, changed):
+            srcs, level_masks, pos = model.features(images, masks)
+            hs = model.transformer(srcs, level_masks, pos, None, None, model.bbox_embed,
+                                   (model.class_embed[-1], model.bbox_embed[-1]), queries)[0]
+            transformer_outputs.append(hs)
+    same, moved = transformer_outputs
+    torch.testing.assert_close(moved[:, :, :2], same[:, :, :2])           # group 0
+    torch.testing.assert_close(moved[:, :, 10:], same[:, :, 10:])         # matching
+    assert not torch.allclose(moved[:, :, 2:4], same[:, :, 2:4])
+
+
+def test_denoising_losses_use_the_known_assignment(dn_model):
+    _, criterion = dn_model
+    targets = targets_of(2, 1)
+    torch.manual_seed(0)
+    dn = make_denoising_queries(targets, torch.nn.Embedding(7, 8), 4, 3, 0.0, 0.0)
+    boxes = dn.boxes.clone()                  # no noise: every query sits on its object
+    logits = torch.full((2, 6, 7), -20.0)
+    for i, (query, target) in enumerate(dn.indices):
+        logits[i, query, targets[i]["labels"][target]] = 20.0
+    good = {"pred_logits": logits, "pred_boxes": boxes}
+    losses = criterion.denoising_losses(good, dn, targets, torch.tensor(3.0))
+    assert losses["loss_bbox_dn"].item() == 0 and losses["loss_giou_dn"].item() < 1e-6
+    assert losses["loss_ce_dn"].item() < 1e-6
+    shifted = {"pred_logits": logits, "pred_boxes": boxes.roll(1, dims=1)}
+    assert criterion.denoising_losses(shifted, dn, targets,
+                                      torch.tensor(3.0))["loss_bbox_dn"].item() > 0.01
+
+
+def test_training_step_with_denoising_updates_the_label_table():
+    from ddetr.engine.train import build_optimizer, train_step
+    torch.manual_seed(0)
+    cfg = get_config("cpu", {"dn_detr": True, "amp": False})
+    model, criterion, _ = build_model(cfg)
+    optimizer = build_optimizer(model, cfg)
+    before = model.label_enc.weight.detach().clone()
+    batch = (torch.randn(2, 3, 96, 96), torch.zeros(2, 96, 96, dtype=torch.bool),
+             targets_of(2, 3))
+    values = train_step(model.train(), criterion, optimizer, batch, torch.device("cpu"), cfg)
+    assert "loss_ce_dn" in values and "loss_giou_dn_0" in values
+    assert not torch.equal(before, model.label_enc.weight)
+
+
+@pytest.mark.parametrize("overrides", [{"two_stage": False},
+                                       {"architecture": "detr", "two_stage": False,
+                                        "with_box_refine": False,
+                                        "num_feature_levels": 1}])
+def test_config_needs_reference_boxes(overrides):
+    with pytest.raises(ValueError, match="dn_detr"):
+        get_config("cpu", {"dn_detr": True, **overrides})
+
+
+def test_paper_presets_leave_it_off():
+    from ddetr.config import PRESETS
+    for name in PRESETS:
+        if name != "cpu":
+            assert not get_config(name).dn_detr, name
