@@ -31,6 +31,7 @@ import yaml
 from .data import DATASETS
 from .models import ARCHITECTURES
 from .models.backbone import BACKBONES, NORMS, RESNETS
+from .models.deformable_detr import INPUT_PROJ_GROUPS
 from .nn.deformable_transformer import ATTENTIONS
 from .ops.ms_deform_attn import BACKENDS
 
@@ -271,7 +272,6 @@ def _check_type(f, value):
 
 
 # --- checks: ranges, choices, keys that must agree -------------------------------------
-INPUT_PROJ_GROUPS = 32   # DeformableDETR.input_proj: nn.GroupNorm(32, d_model) per level
 MAX_FEATURE_LEVELS = 4   # the paper's C3, C4, C5 and one extra stride-2 level
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 

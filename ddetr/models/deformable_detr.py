@@ -52,6 +52,26 @@ from .denoising import make_denoising_queries, split_denoising
 from .detr import MLP, check_inputs
 
 
+INPUT_PROJ_GROUPS = 32   # the GroupNorm groups of every input projection
+
+
+def input_projections(backbone_channels, C, num_feature_levels):
+    """Per level, a map of the backbone (channels listed, finest first) -> width C:
+    a 1x1 conv + GroupNorm for each backbone map, then 3x3 stride-2 conv + GroupNorm
+    for every extra level (the first on the last backbone map); with one level, C5's
+    projection only."""
+    def proj(ch, **conv):
+        return nn.Sequential(nn.Conv2d(ch, C, **conv), nn.GroupNorm(INPUT_PROJ_GROUPS, C))
+    if num_feature_levels == 1:
+        return [proj(backbone_channels[0], kernel_size=1)]
+    projs = [proj(ch, kernel_size=1) for ch in backbone_channels]
+    in_channels = backbone_channels[-1]
+    for _ in range(num_feature_levels - len(backbone_channels)):
+        projs.append(proj(in_channels, kernel_size=3, stride=2, padding=1))
+        in_channels = C
+    return projs
+
+
 class DeformableDETR(nn.Module):
     """Args:
         backbone: a Joiner (backbone.0 = ResNet, backbone.1 = position encoding).
@@ -71,60 +91,25 @@ class DeformableDETR(nn.Module):
                  aux_loss=True, with_box_refine=False, two_stage=False, query_anchors="none",
                  denoising=None):
         super().__init__()
-        self.denoising = denoising
-        if denoising is not None:   # the content of a denoising query: its label's
-            self.label_enc = nn.Embedding(num_classes, transformer.d_model)
-        if query_anchors == "dab" and not with_box_refine:
-            raise ValueError("query_anchors='dab' refines its anchor boxes layer by layer: "
-                             "it needs with_box_refine=True")
         if query_anchors != getattr(transformer, "query_anchors", "none"):
             raise ValueError(f"query_anchors={query_anchors!r}, but the transformer was "
                              f"built with {getattr(transformer, 'query_anchors', 'none')!r}")
-        self.query_anchors = query_anchors
         if 1 < num_feature_levels < len(backbone.num_channels):
             raise ValueError(f"num_feature_levels must be 1 (C5) or at least "
                              f"{len(backbone.num_channels)} (the backbone gives "
                              f"{len(backbone.num_channels)} maps), got {num_feature_levels}")
-        self.num_queries = num_queries
-        self.num_classes = num_classes
-        self.num_feature_levels = num_feature_levels
-        self.aux_loss = aux_loss
-        self.with_box_refine = with_box_refine
-        self.two_stage = two_stage
-        self.transformer = transformer
-        self.backbone = backbone
+        self.query_anchors, self.denoising = query_anchors, denoising
+        self.num_queries, self.num_classes = num_queries, num_classes
+        self.num_feature_levels, self.aux_loss = num_feature_levels, aux_loss
+        self.with_box_refine, self.two_stage = with_box_refine, two_stage
+        self.transformer, self.backbone = transformer, backbone
         C = transformer.d_model
-
-        class_embed = nn.Linear(C, num_classes)
-        bbox_embed = MLP(C, C, 4, 3)
-        if query_anchors == "dab":
-            # per query: a content vector and an anchor box (inverse-sigmoid space),
-            # centres spread uniformly over the image, sizes 0.1
-            self.query_embed = nn.Embedding(num_queries, C)
-            self.refpoint_embed = nn.Embedding(num_queries, 4)
-            with torch.no_grad():
-                self.refpoint_embed.weight[:, :2].uniform_(0.05, 0.95)
-                self.refpoint_embed.weight[:, 2:].fill_(0.1)
-                self.refpoint_embed.weight.copy_(inverse_sigmoid(self.refpoint_embed.weight))
-        elif not two_stage:
-            # per query: a positional half (-> reference point) and a content half
-            self.query_embed = nn.Embedding(num_queries, C * 2)
-
-        # input projections: one per backbone map, then extra stride-2 levels
-        if num_feature_levels > 1:
-            projs = [nn.Sequential(nn.Conv2d(ch, C, kernel_size=1), nn.GroupNorm(32, C))
-                     for ch in backbone.num_channels]
-            in_channels = backbone.num_channels[-1]
-            for _ in range(num_feature_levels - len(backbone.num_channels)):
-                projs.append(nn.Sequential(
-                    nn.Conv2d(in_channels, C, kernel_size=3, stride=2, padding=1),
-                    nn.GroupNorm(32, C)))
-                in_channels = C
-        else:
-            projs = [nn.Sequential(nn.Conv2d(backbone.num_channels[0], C, kernel_size=1),
-                                   nn.GroupNorm(32, C))]
-        self.input_proj = nn.ModuleList(projs)
-
+        if denoising is not None:   # the content of a denoising query: its label's
+            self.label_enc = nn.Embedding(num_classes, C)
+        class_embed, bbox_embed = nn.Linear(C, num_classes), MLP(C, C, 4, 3)
+        self.make_queries(num_queries, C)
+        self.input_proj = nn.ModuleList(input_projections(backbone.num_channels, C,
+                                                          num_feature_levels))
         # initialisation: a prior probability of 0.01 for every class (focal loss), box
         # offsets start at zero, so the first boxes sit at the reference points
         prior_prob = 0.01
@@ -134,10 +119,31 @@ class DeformableDETR(nn.Module):
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
+        self.make_heads(class_embed, bbox_embed)
 
-        # one head per decoder layer (+1 for the encoder proposals when two-stage)
-        num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
-        if with_box_refine:
+    def make_queries(self, num_queries, C):
+        """The learned queries of the one-stage variants (two-stage makes them from the
+        proposals): with DAB anchors a content vector and an anchor box per query
+        (inverse-sigmoid space; centres spread uniformly over the image, sizes 0.1), else
+        a positional half (-> reference point) and a content half."""
+        if self.query_anchors == "dab":
+            self.query_embed = nn.Embedding(num_queries, C)
+            self.refpoint_embed = nn.Embedding(num_queries, 4)
+            with torch.no_grad():
+                self.refpoint_embed.weight[:, :2].uniform_(0.05, 0.95)
+                self.refpoint_embed.weight[:, 2:].fill_(0.1)
+                self.refpoint_embed.weight.copy_(inverse_sigmoid(self.refpoint_embed.weight))
+        elif not self.two_stage:
+            self.query_embed = nn.Embedding(num_queries, C * 2)
+
+    def make_heads(self, class_embed, bbox_embed):
+        """One (class, box) head per decoder layer, +1 for the encoder proposals when
+        two-stage: copies with refinement, else one shared pair. Also lists them under
+        the decoder, for the official state-dict names only (the transformer uses only
+        what forward passes it)."""
+        decoder = self.transformer.decoder
+        num_pred = decoder.num_layers + (1 if self.two_stage else 0)
+        if self.with_box_refine:
             self.class_embed = get_clones(class_embed, num_pred)
             self.bbox_embed = get_clones(bbox_embed, num_pred)
             # initial box size sigmoid(-2) ~ 0.12 for the first layer's prediction
@@ -146,21 +152,15 @@ class DeformableDETR(nn.Module):
             nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
             self.class_embed = nn.ModuleList([class_embed] * num_pred)  # shared
             self.bbox_embed = nn.ModuleList([bbox_embed] * num_pred)
-        if query_anchors == "dab":
+        if self.query_anchors == "dab" or self.two_stage:
             for box_embed in self.bbox_embed:
                 # reference boxes already carry a size: offsets start at zero
                 nn.init.zeros_(box_embed.layers[-1].bias[2:])
-        if two_stage:
-            for box_embed in self.bbox_embed:
-                # reference boxes already carry a size: offsets start at zero
-                nn.init.zeros_(box_embed.layers[-1].bias[2:])
-        # the official state-dict names only: the decoder lists the heads it is given
-        # (the transformer itself uses only what forward passes it)
-        if with_box_refine:
-            transformer.decoder.add_module("bbox_embed", self.bbox_embed)
-        if two_stage:
-            transformer.decoder.add_module("class_embed", self.class_embed)
-            transformer.decoder.add_module("bbox_embed", self.bbox_embed)
+        if self.with_box_refine:
+            decoder.add_module("bbox_embed", self.bbox_embed)
+        if self.two_stage:
+            decoder.add_module("class_embed", self.class_embed)
+            decoder.add_module("bbox_embed", self.bbox_embed)
 
     def features(self, images, masks):
         """The transformer's inputs: lists of L maps (N, C, H_l, W_l), masks (N, H_l, W_l)
