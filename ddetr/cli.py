@@ -125,7 +125,7 @@ def _add_bench(sub):
     p = sub.add_parser("bench", help="build the fused operator, run benchmarks")
     targets = p.add_subparsers(dest="target", required=True)
     for add in (_add_bench_build, _add_bench_kernels, _add_bench_cost, _add_bench_contention,
-                _add_bench_onnx, _add_bench_train, _add_bench_profile):
+                _add_bench_onnx, _add_bench_train, _add_bench_profile, _add_bench_speedup):
         add(targets)
 
 
@@ -230,6 +230,19 @@ def _add_bench_profile(targets):
                       help="folder for train_profile_<device>.*")
     _overrides_arg(prof, "backbone_norm=batch_norm")
     prof.set_defaults(func=run_bench_profile)
+
+
+def _add_bench_speedup(targets):
+    """bench speedup"""
+    ab = targets.add_parser("speedup", help="the CPU training step now against the step "
+                                            "before issue 32's changes, side by side")
+    ab.add_argument("--config", default="cpu", help="preset or YAML file (default cpu)")
+    ab.add_argument("--size", default="256x256", help="image HEIGHTxWIDTH (default 256x256)")
+    ab.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    ab.add_argument("--steps", type=int, default=3, help="steps per round (default 3)")
+    ab.add_argument("--out", default="benchmarks", help="folder for step_speedup.json")
+    _overrides_arg(ab, "batch_size=2")
+    ab.set_defaults(func=run_bench_speedup)
 
 
 def _add_experiment(sub):
@@ -449,6 +462,14 @@ def run_bench_profile(args):
         raise ValueError(f"--batch-size expects >= 1, got {args.batch_size}")
     profile_train_step(args.out, args.config or "paper", args.batch_size, size,
                        steps=args.steps or 3, overrides=args.overrides, command=command)
+    return 0
+
+
+def run_bench_speedup(args):
+    from .experiments.step_speedup import bench_step_speedup
+    bench_step_speedup(args.out, args.config, parse_size(args.size), args.rounds, args.steps,
+                       overrides=args.overrides,
+                       command="python -m ddetr " + " ".join(sys.argv[1:]))
     return 0
 
 

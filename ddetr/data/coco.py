@@ -42,7 +42,8 @@ def coco_paths(root, split):
 
 # COCOeval's area ranges (pixels^2 of the annotation's "area"): small < 32^2 <= medium
 # < 96^2 <= large
-SIZE_CLASSES = {"small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, 1e10)}
+SIZE_CLASSES = {"small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2),
+                "large": (96 ** 2, float("inf"))}
 
 
 def size_class_counts(annotations):

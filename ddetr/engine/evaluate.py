@@ -10,13 +10,13 @@ says what is missing.
 """
 import contextlib
 import io
-import math
 import sys
 
 import torch
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from ..data.coco import SIZE_CLASSES
 from . import distributed as dist
 from .precision import autocast
 
@@ -36,7 +36,8 @@ def to_coco_results(detections, image_ids):
     return results
 
 
-AREAS = {"APs": (0, 32 ** 2), "APm": (32 ** 2, 96 ** 2), "APl": (96 ** 2, math.inf)}
+AREAS = {"APs": SIZE_CLASSES["small"], "APm": SIZE_CLASSES["medium"],
+         "APl": SIZE_CLASSES["large"]}
 
 
 def coco_eval(coco_gt, results, image_ids=None):

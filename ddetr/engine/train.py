@@ -79,6 +79,16 @@ def param_groups(model, cfg):
     return [g for g in groups if g["params"]]
 
 
+def prepare_model(model, device):
+    """The model on `device`, its backbone in the channels_last memory format on a CPU:
+    oneDNN's convolutions work in it, so the backbone's activations and gradients are
+    not reordered at every layer (benchmarks/train_step.md, "issue 32's step")."""
+    model = model.to(device)
+    if device.type == "cpu":
+        model.backbone.to(memory_format=torch.channels_last)
+    return model
+
+
 def build_optimizer(model, cfg):
     """AdamW over param_groups, each group's base rate kept as its "initial_lr" (the
     rate ddetr.engine.schedule.Schedule multiplies)."""
@@ -404,7 +414,7 @@ def _build_run(cfg, device, rank, world, progress):
     """The model, its optimizer and the data, seeded as every run is."""
     seed_everything(cfg.seed)                       # same initial weights on every rank
     model, criterion, postprocessor = build_model(cfg)
-    model.to(device)
+    model = prepare_model(model, device)
     criterion.to(device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))

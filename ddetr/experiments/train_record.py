@@ -95,12 +95,13 @@ def summarise(history, batch_size, per_epoch):
 
 
 def record_run(run_dir, name, command, note="", out_dir="benchmarks", reference=False,
-               commit=None, section="budget_runs"):
+               commit=None, section="budget_runs", recipe="preset"):
     """Add the finished run in run_dir to out_dir/train_cpu.json's `section`
     ("budget_runs" or "recipe_runs"; a record of the same name is replaced); with
     reference=True also store its weights compactly and make it the reference of its
     kind of processor. commit: the code's commit when the run trained, if not the
-    checkout's now. Returns the record."""
+    checkout's now; recipe: a short name of what the run changed (e.g. "dn_detr").
+    Returns the record."""
     if section not in SECTIONS:
         raise ValueError(f"section must be one of {list(SECTIONS)}, got {section!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -108,7 +109,8 @@ def record_run(run_dir, name, command, note="", out_dir="benchmarks", reference=
     cfg = checkpoint_config(state, run_dir / "checkpoint.pth")
     commit, dirty = (commit, False) if commit else git_commit()
     machine = machine_description("cpu")
-    record = {"name": name, "command": command, "note": note, "commit": commit,
+    record = {"name": name, "recipe": recipe, "command": command, "note": note,
+              "commit": commit,
               "uncommitted_changes": dirty, "machine": machine,
               "native_bf16": machine["native_bf16"],
               "precision": "bfloat16" if cfg.amp and machine["native_bf16"] else "float32",
@@ -153,6 +155,29 @@ def budget_table(results, section="budget_runs"):
                   for m in ("AP", "AP50", "APs", "APm", "APl")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def recipe_summary(records, baseline="preset"):
+    """Lines of text: per recipe of the recipe_runs records, the final AP of each seed,
+    their mean and spread (max - min), the images seen, and each recipe's mean against
+    the baseline recipe's with the larger of the two spreads beside it."""
+    by_recipe = {}
+    for r in records:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    lines, means, spreads = [], {}, {}
+    for recipe, runs in by_recipe.items():
+        aps = [r["coco"]["AP"] for r in sorted(runs, key=lambda r: r["seed"])]
+        means[recipe], spreads[recipe] = sum(aps) / len(aps), max(aps) - min(aps)
+        seeds = ", ".join(f"seed {r['seed']} {r['coco']['AP']:.3f}"
+                          for r in sorted(runs, key=lambda r: r["seed"]))
+        lines.append(f"{recipe:<10} AP {means[recipe]:.3f} (spread {spreads[recipe]:.3f}) "
+                     f"after {runs[0]['images_seen']} images: {seeds}")
+    for recipe in means:
+        if recipe != baseline and baseline in means:
+            lines.append(f"{recipe} - {baseline}: {means[recipe] - means[baseline]:+.3f} AP; "
+                         f"the larger seed spread: "
+                         f"{max(spreads[recipe], spreads[baseline]):.3f}")
+    return lines
 
 
 def reference_run(out_dir="benchmarks", native_bf16=None):
@@ -232,9 +257,10 @@ def main(argv=None):
     p.add_argument("--reference", action="store_true")
     p.add_argument("--commit", default=None, help="the commit the run trained at")
     p.add_argument("--section", default="budget_runs", choices=SECTIONS)
+    p.add_argument("--recipe", default="preset", help="what the run changed, in short")
     args = p.parse_args(argv)
     record = record_run(args.run_dir, args.name, args.command, args.note, args.out,
-                        args.reference, args.commit, args.section)
+                        args.reference, args.commit, args.section, args.recipe)
     print(json.dumps({k: record[k] for k in ("name", "epochs", "images_per_s",
                                             "lr_drop_epoch", "coco")}))
 

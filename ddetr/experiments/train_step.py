@@ -28,7 +28,8 @@ import torch
 
 from ..config import get_config, parse_overrides
 from ..engine.precision import autocast_dtype, needs_grad_scaler
-from ..engine.train import build_optimizer, resolve_device, seed_everything, train_one_epoch
+from ..engine.train import (build_optimizer, prepare_model, resolve_device, seed_everything,
+                            train_one_epoch)
 from ..models import build_model
 from .machine import git_commit, load_average, machine_description
 
@@ -62,7 +63,7 @@ def step_runner(cfg, batch):
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model, criterion, _ = build_model(cfg)
-    model.to(device)
+    model = prepare_model(model, device)
     criterion.to(device)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))

@@ -15,21 +15,13 @@ Boxes come as (cx, cy, w, h) in [0, 1] and are drawn in the image's pixels.
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.patches import Rectangle
 from PIL import Image
 
 from .animation import animate
 from .attention import sampling_points_on_axes
+from .boxes import draw_cxcywh
 
 QUERY_COLOURS = plt.get_cmap("tab10")(np.arange(10))
-
-
-def _box(ax, box, size, colour, linestyle="-", linewidth=1.4, alpha=1.0):
-    W, H = size
-    cx, cy, w, h = (float(v) for v in box)
-    return ax.add_patch(Rectangle(((cx - w / 2) * W, (cy - h / 2) * H), w * W, h * H,
-                                  fill=False, edgecolor=colour, linestyle=linestyle,
-                                  linewidth=linewidth, alpha=alpha))
 
 
 def _image_axes(ax, image, title=None):
@@ -48,7 +40,7 @@ def _draw_layer(ax, image, trace, layer, queries, points=True):
         colour = QUERY_COLOURS[i % 10]
         ref = trace["references"][layer, q]
         if ref.shape[-1] == 4:
-            _box(ax, ref, (W, H), colour, linestyle="--", linewidth=1.0)
+            draw_cxcywh(ax, ref, (W, H), colour, linestyle="--", linewidth=1.0)
         if points:
             loc = rec["sampling_locations"][q].reshape(-1, 2)
             wt = rec["attention_weights"][q].reshape(-1)
@@ -56,7 +48,7 @@ def _draw_layer(ax, image, trace, layer, queries, points=True):
                        color=colour, alpha=0.6, edgecolors="none", zorder=3)
         ax.scatter([float(ref[0]) * W], [float(ref[1]) * H], marker="*", s=90,
                    color=colour, edgecolors="white", linewidths=0.8, zorder=4)
-        _box(ax, trace["boxes"][layer, q], (W, H), colour)
+        draw_cxcywh(ax, trace["boxes"][layer, q], (W, H), colour)
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
 
@@ -93,7 +85,7 @@ def animate_refinement(image, trace, queries, size=3.6, interval=900):
 def _draw_boxes_scored(ax, image, boxes, scores, colour, labels=None):
     H, W = image.shape[:2]
     for i, (box, score) in enumerate(zip(boxes, scores)):
-        _box(ax, box, (W, H), colour, linewidth=1.2, alpha=float(0.15 + 0.85 * score))
+        draw_cxcywh(ax, box, (W, H), colour, linewidth=1.2, alpha=float(0.15 + 0.85 * score))
         if labels is not None:
             cx, cy, w, h = (float(v) for v in box)
             ax.text((cx - w / 2) * W, (cy - h / 2) * H - 1, f"{labels[i]} {score:.2f}",
@@ -192,7 +184,7 @@ def explore_sampling(image, spatial_shapes, frames, panel_size=2.0, interval=120
         f = frames[i]
         _image_axes(axes[0], image, "image")
         if f["box"] is not None:
-            _box(axes[0], f["box"], (W, H), "yellow", linewidth=1.5)
+            draw_cxcywh(axes[0], f["box"], (W, H), "yellow", linewidth=1.5)
         rx, ry = (float(v) for v in f["reference"])
         axes[0].scatter([rx * W], [ry * H], marker="*", s=120, color="black",
                         edgecolors="white", zorder=4)

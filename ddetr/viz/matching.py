@@ -3,15 +3,8 @@ against nearest-object assignment and NMS, and the colours that RoIAlign and uni
 attention read."""
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
 
-
-def _cxcywh_rect(ax, box, size, colour, linestyle="-", linewidth=1.5, label=None):
-    cx, cy, w, h = (float(v) * size for v in box)
-    ax.add_patch(Rectangle((cx - w / 2, cy - h / 2), w, h, fill=False, edgecolor=colour,
-                           linestyle=linestyle, linewidth=linewidth))
-    if label is not None:
-        ax.text(cx - w / 2, cy - h / 2 - 1, label, fontsize=7, color=colour, va="bottom")
+from .boxes import draw_cxcywh
 
 
 def plot_matching_vs_nms(image, targets, predictions, assignments, nms_keep, titles):
@@ -33,12 +26,12 @@ def plot_matching_vs_nms(image, targets, predictions, assignments, nms_keep, tit
         ax.set_axis_off()
         ax.set_title(titles[k], fontsize=8)
         for j, box in enumerate(targets):
-            _cxcywh_rect(ax, box, size, "white", linewidth=2.2)
-            _cxcywh_rect(ax, box, size, "black", linestyle=":", linewidth=1.2,
+            draw_cxcywh(ax, box, size, "white", linewidth=2.2)
+            draw_cxcywh(ax, box, size, "black", linestyle=":", linewidth=1.2,
                          label=f"object {j}")
         shown = range(len(predictions)) if k < 2 else nms_keep
         for i in shown:
-            _cxcywh_rect(ax, predictions[i], size, colours[i], label=f"p{i}")
+            draw_cxcywh(ax, predictions[i], size, colours[i], label=f"p{i}")
         if k < 2:
             for i, j in assignments[k]:
                 (px, py), (tx, ty) = predictions[i][:2] * size, targets[j][:2] * size

@@ -1,0 +1,66 @@
+"""Pictures of DN-DETR's denoising queries (ddetr.models.denoising): the noised copies
+of an image's boxes, group by group, and the decoder's self-attention mask."""
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .boxes import draw_cxcywh
+
+
+def plot_noised_boxes(image, boxes, noised, groups, size, ax=None):
+    """The ground-truth boxes (white) and their noised copies (one colour per group,
+    dashed), on the image.
+
+    Args:
+        image: (H, W, 3) array or PIL image, of side `size` pixels.
+        boxes: (T, 4) (cx, cy, w, h) in [0, 1]. noised: (G*T, 4), group g in rows
+            g*T .. g*T + T - 1 (DenoisingQueries.boxes of one image, unpadded).
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.6, 3.6))
+    ax.imshow(image)
+    colours = plt.get_cmap("tab10")(np.arange(groups) % 10)
+    T = len(boxes)
+    for g in range(groups):
+        for box in noised[g * T:(g + 1) * T]:
+            draw_cxcywh(ax, box, size, colours[g], linestyle="--", linewidth=1.2)
+    for box in boxes:
+        draw_cxcywh(ax, box, size, "white", linewidth=2.0)
+    ax.set_axis_off()
+    return ax
+
+
+def plot_denoising_mask(mask, T, groups, ax=None):
+    """The (G*T + Lq)^2 self-attention mask: row = the query that looks, column = the
+    query it would look at; dark = blocked. Group and matching parts are labelled."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.imshow(np.asarray(mask), cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")
+    dn = T * groups
+    for edge in [g * T for g in range(1, groups + 1)]:
+        ax.axhline(edge - 0.5, color="tab:red" if edge == dn else "0.6", lw=1)
+        ax.axvline(edge - 0.5, color="tab:red" if edge == dn else "0.6", lw=1)
+    ticks = [g * T + (T - 1) / 2 for g in range(groups)] + [dn + (len(mask) - dn - 1) / 2]
+    labels = [f"group {g}" for g in range(groups)] + ["matching"]
+    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.set_xlabel("is looked at")
+    ax.set_ylabel("looks")
+    return ax
+
+
+def plot_recipe_runs(rows, metric="AP", ax=None):
+    """AP against images seen for recorded runs, one line per run (train_record's
+    recipe_runs records: their "evals" and "images_seen"), coloured by recipe."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.4))
+    recipes = sorted({r["recipe"] for r in rows})
+    colours = dict(zip(recipes, plt.get_cmap("tab10")(np.arange(len(recipes)))))
+    for r in rows:
+        per_epoch = r["images_seen"] / r["epochs"]
+        x = [e["epoch"] * per_epoch for e in r["evals"]]
+        ax.plot(x, [e[metric] for e in r["evals"]], marker="o", color=colours[r["recipe"]],
+                label=f"{r['recipe']}, seed {r['seed']}",
+                linestyle="-" if r["seed"] % 2 == 0 else "--")
+    ax.set(xlabel="training images seen", ylabel=metric)
+    ax.legend(fontsize=8)
+    return ax
