@@ -52,6 +52,10 @@ CASES = {
                         "output_dir={tmp}/run"],
                        "instances_train2017.json: annotation id 3 (image id 1): bbox must be "
                        "[x, y, width, height] (4 numbers), got [1, 2, 3]"),
+    "config folder": (["train", "--config", "{tmp}/coco/"], "coco is a directory; expected a "
+                      "YAML file"),
+    "yaml-named folder": (["train", "--config", "{tmp}/folder.yaml"],
+                          "folder.yaml is a directory"),
 }
 if not torch.cuda.is_available():
     CASES["no cuda"] = (["train", "device=cuda"], "CUDA is not available")
@@ -61,6 +65,7 @@ if not torch.cuda.is_available():
 def test_a_mistake_is_one_line_with_status_2(tmp_path, case):
     args, message = CASES[case]
     (tmp_path / "bad.yaml").write_text("preset: cpu\nepochs: 3\n  lr: 1e-4\n")
+    (tmp_path / "folder.yaml").mkdir()
     _bad_coco(tmp_path / "coco")
     r = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
@@ -131,3 +136,29 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys):
                  "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "junk.pth" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("image, message", [
+    ("folder", "image folder is a directory; expected an image file"),
+    ("long.png", "image long.png is 20000x8 pixels: resized to the model's scale (shorter side 64, "
+                 "longer side at most 64) its shorter side would be 0.03 pixels; expected an "
+                 "image whose longer side is at most 64 times its shorter side"),
+])
+def test_demo_refuses_an_image_it_cannot_take_in_one_line(tmp_path, image, message):
+    from PIL import Image
+
+    from ddetr.config import get_config
+    from ddetr.engine.checkpoint import config_record
+    from ddetr.models import build_model
+    cfg = get_config("cpu", TINY)
+    torch.save({"model": build_model(cfg)[0].state_dict(), "config": config_record(cfg)},
+               tmp_path / "tiny.pth")
+    (tmp_path / "folder").mkdir()
+    Image.new("RGB", (20000, 8)).save(tmp_path / "long.png")
+    r = cli("demo", "--checkpoint", "tiny.pth", "--image", image, "--device", "cpu",
+            cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m ddetr demo: error: image ")
+    assert message in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "long.png", "tiny.pth"]
