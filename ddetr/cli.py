@@ -419,6 +419,8 @@ def run_bench_build(args):
 
 
 def run_bench_kernels(args):
+    if args.repeat < 1:
+        raise ValueError(f"--repeat expects >= 1 (timed runs per case), got {args.repeat}")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.dtypes else None
     bench_kernels(args.out, args.device, shapes, repeat=args.repeat,

@@ -56,6 +56,14 @@ CASES = {
                       "YAML file"),
     "yaml-named folder": (["train", "--config", "{tmp}/folder.yaml"],
                           "folder.yaml is a directory"),
+    "eval every 0": (["experiment", "convergence", "--eval-every", "0", "--out", "{tmp}/o"],
+                     "eval_every (--eval-every) expects >= 1, got 0"),
+    "jobs 0": (["experiment", "convergence", "--jobs", "0", "--out", "{tmp}/o"],
+               "jobs (--jobs) expects >= 1, got 0"),
+    "negative lr drop": (["experiment", "convergence", "--lr-drop", "-5", "--out", "{tmp}/o"],
+                         "lr_drop (--lr-drop) expects >= 1, got -5"),
+    "repeat 0": (["bench", "kernels", "--repeat", "0", "--device", "cpu", "--out", "{tmp}/o"],
+                 "--repeat expects >= 1 (timed runs per case), got 0"),
 }
 if not torch.cuda.is_available():
     CASES["no cuda"] = (["train", "device=cuda"], "CUDA is not available")
@@ -73,6 +81,7 @@ def test_a_mistake_is_one_line_with_status_2(tmp_path, case):
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith(f"python -m ddetr {args[0]}: error: ") and message in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("args, message", [
