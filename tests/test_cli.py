@@ -171,3 +171,29 @@ def test_demo_refuses_an_image_it_cannot_take_in_one_line(tmp_path, image, messa
     assert len(lines) == 1 and lines[0].startswith(f"python -m ddetr demo: error: image ")
     assert message in lines[0], lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "long.png", "tiny.pth"]
+
+
+def test_a_run_stopped_by_a_corrupt_image_leaves_only_what_it_finished(tmp_path):
+    """A COCO image that cannot be decoded is met in the first epoch: one line, exit 2,
+    and the run folder holds neither an empty log nor the lock file."""
+    from PIL import Image
+    coco = tmp_path / "coco"
+    for split in ("train", "val"):
+        (coco / f"{split}2017").mkdir(parents=True)
+        Image.new("RGB", (64, 64)).save(coco / f"{split}2017" / "a.jpg")
+        (coco / f"{split}2017" / "b.jpg").write_bytes(b"not a jpeg")
+    (coco / "annotations").mkdir()
+    for split in ("train", "val"):
+        (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps({
+            "images": [{"id": i, "file_name": name, "width": 64, "height": 64}
+                       for i, name in ((1, "a.jpg"), (2, "b.jpg"))],
+            "annotations": [{"id": i, "image_id": i, "category_id": 1,
+                             "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0}
+                            for i in (1, 2)],
+            "categories": [{"id": 1, "name": "a"}]}))
+    r = cli("train", "dataset=coco", f"data_path={coco}", *TINY, "epochs=2", "--no-progress",
+            f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "b.jpg" in lines[0], r.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []

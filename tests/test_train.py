@@ -215,6 +215,19 @@ def test_a_locked_run_folder_is_refused_until_its_holder_dies(tmp_path):
             train(tiny_cfg(tmp_path, epochs=1), progress=False)
 
 
+def test_the_lock_file_goes_with_the_run_that_made_it(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyError):
+        with lock_run_folder(out):
+            assert (out / ".lock").is_file()
+            with pytest.raises(RunFolderError, match=f"pid {os.getpid()}"):
+                with lock_run_folder(out):          # a second open file: refused
+                    pass
+            assert (out / ".lock").is_file()        # the refused one leaves it alone
+            raise KeyError("any error")
+    assert list(out.iterdir()) == []
+
+
 def test_a_new_run_never_overwrites_a_previous_one(tmp_path):
     train(tiny_cfg(tmp_path, epochs=1), progress=False)
     log, ckpt = tmp_path / "run" / "log.jsonl", tmp_path / "run" / "checkpoint.pth"
