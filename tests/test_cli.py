@@ -168,7 +168,7 @@ def test_demo_refuses_an_image_it_cannot_take_in_one_line(tmp_path, image, messa
             cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"python -m ddetr demo: error: image ")
+    assert len(lines) == 1 and lines[0].startswith("python -m ddetr demo: error: image ")
     assert message in lines[0], lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "long.png", "tiny.pth"]
 
