@@ -197,3 +197,17 @@ def test_a_run_stopped_by_a_corrupt_image_leaves_only_what_it_finished(tmp_path)
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and "b.jpg" in lines[0], r.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+def test_a_backend_that_cannot_run_here_is_refused_before_any_data(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "ddetr", "train", "attention_backend=triton",
+                        "device=cpu", f"data_path={tmp_path / 'data'}",
+                        f"output_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**env, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "python -m ddetr train: error: config key 'attention_backend': 'triton' cannot run "
+        "on cpu: "), r.stderr
+    assert list(tmp_path.iterdir()) == []                   # no data, no run folder

@@ -317,3 +317,16 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert f"{ckpt} (epoch 1), is kept" in text and "\n" not in text
     assert len(saved) == 1 and ckpt.read_bytes() == saved[0]      # epoch 1's, untouched
     assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl")] == [1]
+
+
+def test_the_backend_check_follows_the_operator(monkeypatch):
+    """Triton on a CPU passes under its interpreter and is refused without it."""
+    pytest.importorskip("triton")
+    from ddetr.engine.train import check_attention_backend
+    cfg = get_config("cpu", {"attention_backend": "triton"})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_attention_backend(cfg, torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="config key 'attention_backend': 'triton' cannot "
+                                         "run on cpu: .*TRITON_INTERPRET=1"):
+        check_attention_backend(cfg, torch.device("cpu"))

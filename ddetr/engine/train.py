@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from ..data import build_dataset, collate, ensure_data
 from ..models import build_model
+from ..ops.kernel import KernelUnavailableError
+from ..ops.ms_deform_attn import check_backend
 from . import distributed as dist
 from .checkpoint import (CheckpointError, config_record, get_rng_state, load_checkpoint,
                          load_state_dict_strict, resume_changes, save_checkpoint,
@@ -58,6 +60,16 @@ def resolve_device(name):
     if name == "cuda":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(name)
+
+
+def check_attention_backend(cfg, device):
+    """Refuse cfg.attention_backend where it cannot run (e.g. triton on a CPU without
+    Triton's interpreter), before any data is made or model built."""
+    try:
+        check_backend(cfg.attention_backend, device, cfg.num_feature_levels)
+    except (KernelUnavailableError, ImportError) as e:
+        raise ValueError(f"config key 'attention_backend': {cfg.attention_backend!r} cannot "
+                         f"run on {device}: {e}") from e
 
 
 def param_groups(model, cfg):
@@ -296,6 +308,7 @@ def train(cfg, resume=None, progress=True):
         (its path, None when there is none), "categories".
     """
     device = resolve_device(cfg.device)
+    check_attention_backend(cfg, device)
     rank, world = dist.init_distributed(device)
     out_dir = Path(cfg.output_dir)
     with lock_run_folder(out_dir) if dist.is_main_process() else nullcontext():
