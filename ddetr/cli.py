@@ -310,6 +310,11 @@ def main(argv=None):
             raise
         print(f"python -m ddetr {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:      # Ctrl-C: where it stopped (train says), status 130
+        if debug:
+            raise
+        print(f"python -m ddetr {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 # --- the verbs ---------------------------------------------------------------------

@@ -211,3 +211,43 @@ def test_a_backend_that_cannot_run_here_is_refused_before_any_data(tmp_path):
         "python -m ddetr train: error: config key 'attention_backend': 'triton' cannot run "
         "on cpu: "), r.stderr
     assert list(tmp_path.iterdir()) == []                   # no data, no run folder
+
+
+def test_ctrl_c_during_training_says_where_it_stopped_and_what_is_kept(tmp_path):
+    """SIGINT to the process group (as Ctrl-C in a terminal) once epoch 1's checkpoint
+    exists: one line naming the place and the kept checkpoint, exit status 130, the
+    lock file gone."""
+    import re
+    import signal
+    import time
+
+    from ddetr.engine import load_checkpoint
+    run_dir = tmp_path / "run"
+    args = [*TINY, "epochs=50", "eval_every=0", "synthetic_train_images=4",
+            "synthetic_val_images=2", "synthetic_image_size=64",
+            f"data_path={tmp_path / 'data'}", f"output_dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "ddetr", "train", "--no-progress", *args],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (not (run_dir / "checkpoint.pth").exists() and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert (run_dir / "checkpoint.pth").exists(), proc.stderr.read() if proc.poll() else ""
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if not line.startswith("INFO ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    epoch = load_checkpoint(run_dir / "checkpoint.pth")["epoch"]
+    assert re.fullmatch(r"python -m ddetr train: training interrupted (in epoch \d+ at "
+                        r"iteration \d+ of 4|after training epoch \d+, before its checkpoint "
+                        r"was saved|after epoch \d+ was saved); the last checkpoint, "
+                        + re.escape(f"{run_dir / 'checkpoint.pth'} (epoch {epoch}), is kept"),
+                        lines[0]), lines[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pth", "log.jsonl"]
