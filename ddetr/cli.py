@@ -19,7 +19,8 @@ Config overrides (``key=value``) may stand anywhere after the verb, also right a
 ``--resume``. A mistake in the config, the data, a checkpoint or the device is printed
 as one line on stderr, with exit status 2; ``--debug`` (before or after the verb) shows
 the traceback instead. The whole config is checked before any data is generated or any
-step trained (``ddetr.config``).
+step trained (``ddetr.config``). Ctrl-C is one line too (training: where it stopped and
+which checkpoint is kept), with exit status 130.
 """
 import argparse
 import logging
