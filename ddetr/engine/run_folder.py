@@ -47,8 +47,11 @@ def lock_run_folder(out_dir):
         f.flush()
         yield out_dir
     finally:
-        path.unlink(missing_ok=True)
-        f.close()                     # closing the file releases the lock
+        if fcntl is not None:
+            path.unlink(missing_ok=True)      # still locked: see _take_lock
+        f.close()                             # closing the file releases the lock
+        if fcntl is None:
+            path.unlink(missing_ok=True)      # Windows removes no open file
 
 
 def _take_lock(path, out_dir):
