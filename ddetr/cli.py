@@ -19,7 +19,8 @@ Config overrides (``key=value``) may stand anywhere after the verb, also right a
 ``--resume``. A mistake in the config, the data, a checkpoint or the device is printed
 as one line on stderr, with exit status 2; ``--debug`` (before or after the verb) shows
 the traceback instead. The whole config is checked before any data is generated or any
-step trained (``ddetr.config``).
+step trained (``ddetr.config``). Ctrl-C is one line too (training: where it stopped and
+which checkpoint is kept), with exit status 130.
 """
 import argparse
 import logging
@@ -323,6 +324,11 @@ def main(argv=None):
             raise
         print(f"python -m ddetr {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:      # Ctrl-C: where it stopped (train says), status 130
+        if debug:
+            raise
+        print(f"python -m ddetr {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 # --- the verbs ---------------------------------------------------------------------
@@ -432,6 +438,8 @@ def run_bench_build(args):
 
 
 def run_bench_kernels(args):
+    if args.repeat < 1:
+        raise ValueError(f"--repeat expects >= 1 (timed runs per case), got {args.repeat}")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.dtypes else None
     bench_kernels(args.out, args.device, shapes, repeat=args.repeat,

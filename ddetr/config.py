@@ -177,6 +177,9 @@ def parse_overrides(overrides):
 
 def _read_yaml(path):
     """The mapping of keys in a YAML config file; errors name the file and the line."""
+    if path.is_dir():
+        raise IsADirectoryError(f"config {path} is a directory; expected a YAML file of "
+                                f"key: value lines (e.g. my.yaml) or a preset name")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
@@ -209,7 +212,7 @@ def get_config(preset="paper", overrides=None):
     values, source = {}, f"preset {preset!r}"
     if isinstance(preset, str) and preset in PRESETS:
         values.update(PRESETS[preset])
-    elif str(preset).endswith((".yaml", ".yml")):
+    elif str(preset).endswith((".yaml", ".yml")) or Path(str(preset)).is_dir():
         path, source = Path(preset), f"config file {preset}"
         loaded = _read_yaml(path)
         base = loaded.pop("preset", None)

@@ -194,6 +194,21 @@ def test_on_a_gpu_autocast_value_stays_half_with_float32_locations(monkeypatch, 
         (dtype, torch.float32, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_float64_reference_points_with_a_float32_query_sample_in_float64(backend):
+    # the locations take the wider type (as under autocast), the output the query's
+    torch.manual_seed(5)
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2, backend=backend)
+    shapes = torch.tensor([[6, 5], [3, 3]])
+    query, value = torch.randn(2, 7, 32), torch.randn(2, 39, 32)
+    ref = torch.rand(2, 7, 2, 2, dtype=torch.float64)
+    out = attn(query, ref, value, shapes, level_start_index_of(shapes))
+    assert out.dtype == torch.float32
+    wide = attn.double()(query.double(), ref, value.double(), shapes,
+                         level_start_index_of(shapes))
+    torch.testing.assert_close(out, wide.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_ms_deform_attn_rejects_mismatched_reference_points():
     attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
     shapes = torch.tensor([[4, 4], [2, 2]])
@@ -317,6 +332,9 @@ MODULE_BAD_ARGS = {
                                     r"d_model=20 must be divisible by n_heads=8"),
     "dense transformer layers": (lambda: Transformer(16, 2, num_decoder_layers=0),
                                  ValueError, r"num_decoder_layers must be >= 1, got 0"),
+    "ms_deform_attn backend": (lambda: MSDeformAttn(16, 2, 2, 2, backend="cuda"), ValueError,
+                               r"backend must be one of \['auto', 'reference', 'kernel', "
+                               r"'triton'\], got 'cuda'"),
 }
 
 

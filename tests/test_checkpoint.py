@@ -2,7 +2,10 @@
 for each way a file can be wrong, official releases loaded with a preset."""
 import argparse
 import errno
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from ddetr.engine import checkpoint as ckpt
 from ddetr.engine.checkpoint import (CheckpointError, CheckpointMismatchError,
                                      config_record, load_checkpoint, save_checkpoint)
 from ddetr.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1,
         "dim_feedforward": 64, "num_queries": 10, "num_feature_levels": 1,
@@ -33,20 +38,32 @@ def tiny_checkpoint(path, **kw):
 
 
 # --- writing ---------------------------------------------------------------------------
-def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+FAILING_WRITE = """
+import json, resource, signal, sys, torch
+from ddetr.engine.checkpoint import save_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)         # a write past the limit: EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    save_checkpoint({"model": {"w": torch.zeros(100_000)}, "epoch": 2}, sys.argv[1])
+except OSError as e:
+    print(json.dumps([e.errno, str(e)]))
+"""
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    """A real write that fails (a file size limit: EFBIG, as a full disk gives ENOSPC)
+    names the file and the reason, not torch's "unexpected pos"; the previous
+    checkpoint stays and no temporary file is left."""
     path = tmp_path / "checkpoint.pth"
     save_checkpoint({"model": {"w": torch.arange(5)}, "epoch": 1}, path)
     before = path.read_bytes()
-
-    def full_disk(obj, f, *args, **kwargs):
-        f.write(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(ckpt.torch, "save", full_disk)
-    with pytest.raises(OSError, match="disk full") as info:
-        save_checkpoint({"model": {"w": torch.zeros(5)}, "epoch": 2}, path)
-    assert info.value.errno == errno.ENOSPC and str(tmp_path) in str(info.value)
-    assert "\n" not in str(info.value)
+    r = subprocess.run([sys.executable, "-c", FAILING_WRITE, str(path)], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout, r.stderr
+    number, message = json.loads(r.stdout)
+    assert number == errno.EFBIG
+    assert message == (f"[Errno {errno.EFBIG}] cannot write checkpoint {path}: "
+                       f"{os.strerror(errno.EFBIG)}; the previous checkpoint.pth is kept")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]   # no temporary left
 

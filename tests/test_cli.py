@@ -52,6 +52,18 @@ CASES = {
                         "output_dir={tmp}/run"],
                        "instances_train2017.json: annotation id 3 (image id 1): bbox must be "
                        "[x, y, width, height] (4 numbers), got [1, 2, 3]"),
+    "config folder": (["train", "--config", "{tmp}/coco/"], "coco is a directory; expected a "
+                      "YAML file"),
+    "yaml-named folder": (["train", "--config", "{tmp}/folder.yaml"],
+                          "folder.yaml is a directory"),
+    "eval every 0": (["experiment", "convergence", "--eval-every", "0", "--out", "{tmp}/o"],
+                     "eval_every (--eval-every) expects >= 1, got 0"),
+    "jobs 0": (["experiment", "convergence", "--jobs", "0", "--out", "{tmp}/o"],
+               "jobs (--jobs) expects >= 1, got 0"),
+    "negative lr drop": (["experiment", "convergence", "--lr-drop", "-5", "--out", "{tmp}/o"],
+                         "lr_drop (--lr-drop) expects >= 1, got -5"),
+    "repeat 0": (["bench", "kernels", "--repeat", "0", "--device", "cpu", "--out", "{tmp}/o"],
+                 "--repeat expects >= 1 (timed runs per case), got 0"),
 }
 if not torch.cuda.is_available():
     CASES["no cuda"] = (["train", "device=cuda"], "CUDA is not available")
@@ -61,6 +73,7 @@ if not torch.cuda.is_available():
 def test_a_mistake_is_one_line_with_status_2(tmp_path, case):
     args, message = CASES[case]
     (tmp_path / "bad.yaml").write_text("preset: cpu\nepochs: 3\n  lr: 1e-4\n")
+    (tmp_path / "folder.yaml").mkdir()
     _bad_coco(tmp_path / "coco")
     r = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
@@ -68,6 +81,7 @@ def test_a_mistake_is_one_line_with_status_2(tmp_path, case):
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith(f"python -m ddetr {args[0]}: error: ") and message in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -131,3 +145,109 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys):
                  "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "junk.pth" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("image, message", [
+    ("folder", "image folder is a directory; expected an image file"),
+    ("long.png", "image long.png is 20000x8 pixels: resized to the model's scale (shorter side 64, "
+                 "longer side at most 64) its shorter side would be 0.03 pixels; expected an "
+                 "image whose longer side is at most 64 times its shorter side"),
+])
+def test_demo_refuses_an_image_it_cannot_take_in_one_line(tmp_path, image, message):
+    from PIL import Image
+
+    from ddetr.config import get_config
+    from ddetr.engine.checkpoint import config_record
+    from ddetr.models import build_model
+    cfg = get_config("cpu", TINY)
+    torch.save({"model": build_model(cfg)[0].state_dict(), "config": config_record(cfg)},
+               tmp_path / "tiny.pth")
+    (tmp_path / "folder").mkdir()
+    Image.new("RGB", (20000, 8)).save(tmp_path / "long.png")
+    r = cli("demo", "--checkpoint", "tiny.pth", "--image", image, "--device", "cpu",
+            cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m ddetr demo: error: image ")
+    assert message in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "long.png", "tiny.pth"]
+
+
+def test_a_run_stopped_by_a_corrupt_image_leaves_only_what_it_finished(tmp_path):
+    """A COCO image that cannot be decoded is met in the first epoch: one line, exit 2,
+    and the run folder holds neither an empty log nor the lock file."""
+    from PIL import Image
+    coco = tmp_path / "coco"
+    for split in ("train", "val"):
+        (coco / f"{split}2017").mkdir(parents=True)
+        Image.new("RGB", (64, 64)).save(coco / f"{split}2017" / "a.jpg")
+        (coco / f"{split}2017" / "b.jpg").write_bytes(b"not a jpeg")
+    (coco / "annotations").mkdir()
+    for split in ("train", "val"):
+        (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps({
+            "images": [{"id": i, "file_name": name, "width": 64, "height": 64}
+                       for i, name in ((1, "a.jpg"), (2, "b.jpg"))],
+            "annotations": [{"id": i, "image_id": i, "category_id": 1,
+                             "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0}
+                            for i in (1, 2)],
+            "categories": [{"id": 1, "name": "a"}]}))
+    r = cli("train", "dataset=coco", f"data_path={coco}", *TINY, "epochs=2", "--no-progress",
+            f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "b.jpg" in lines[0], r.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+def test_a_backend_that_cannot_run_here_is_refused_before_any_data(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "ddetr", "train", "attention_backend=triton",
+                        "device=cpu", f"data_path={tmp_path / 'data'}",
+                        f"output_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**env, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "python -m ddetr train: error: config key 'attention_backend': 'triton' cannot run "
+        "on cpu: "), r.stderr
+    assert list(tmp_path.iterdir()) == []                   # no data, no run folder
+
+
+def test_ctrl_c_during_training_says_where_it_stopped_and_what_is_kept(tmp_path):
+    """SIGINT to the process group (as Ctrl-C in a terminal) once epoch 1's checkpoint
+    exists: one line naming the place and the kept checkpoint, exit status 130, the
+    lock file gone."""
+    import re
+    import signal
+    import time
+
+    from ddetr.engine import load_checkpoint
+    run_dir = tmp_path / "run"
+    args = [*TINY, "epochs=50", "eval_every=0", "synthetic_train_images=4",
+            "synthetic_val_images=2", "synthetic_image_size=64",
+            f"data_path={tmp_path / 'data'}", f"output_dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "ddetr", "train", "--no-progress", *args],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (not (run_dir / "checkpoint.pth").exists() and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert (run_dir / "checkpoint.pth").exists(), proc.stderr.read() if proc.poll() else ""
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if not line.startswith("INFO ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    epoch = load_checkpoint(run_dir / "checkpoint.pth")["epoch"]
+    assert re.fullmatch(r"python -m ddetr train: training interrupted (in epoch \d+ at "
+                        r"iteration \d+ of 4|after training epoch \d+, before its checkpoint "
+                        r"was saved|after epoch \d+ was saved); the last checkpoint, "
+                        + re.escape(f"{run_dir / 'checkpoint.pth'} (epoch {epoch}), is kept"),
+                        lines[0]), lines[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pth", "log.jsonl"]

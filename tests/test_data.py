@@ -19,7 +19,7 @@ from ddetr.config import get_config
 from ddetr.data import (CATEGORIES, CocoDetection, build_dataset, collate, draw_image,
                         ensure_data, generate_synthetic, make_transforms)
 from ddetr.data.synthetic import MARKER
-from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ddetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, check_resizable
 
 ANN = "annotations/instances_{}2017.json"
 ROOT = Path(__file__).resolve().parents[1]
@@ -465,3 +465,26 @@ def test_unmeasured_metrics_are_none_and_print_na(tmp_path):
     with pytest.raises(ValueError, match=r"category ids \[1\] that the model does not know "
                                          r"\(num_classes=1"):
         check_categories(gt, 1)
+
+
+@pytest.mark.parametrize("width, height", [(512, 8), (513, 8), (8, 600), (2000, 3), (1, 1)])
+def test_check_resizable_agrees_with_the_resize_itself(width, height):
+    """An image is refused exactly when torchvision's evaluation resize would leave it
+    without a pixel on a side (scale 64, max_size 64: the longer side at most 64 times
+    the shorter)."""
+    transform = make_transforms(False, [64], 64, 64)
+    target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY",
+                                                canvas_size=(height, width)),
+              "labels": torch.zeros(0, dtype=torch.int64)}
+    try:
+        tensor, _ = transform(Image.new("RGB", (width, height)), target)
+        resized = min(tensor.shape[1:]) >= 1
+    except RuntimeError:                     # torch's resize refuses a 0-pixel side
+        resized = False
+    try:
+        check_resizable(width, height, 64, 64)
+        accepted = True
+    except ValueError as e:
+        assert f"image is {width}x{height} pixels" in str(e)
+        accepted = False
+    assert accepted == resized == (max(width, height) <= 64 * min(width, height))

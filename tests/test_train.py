@@ -215,6 +215,19 @@ def test_a_locked_run_folder_is_refused_until_its_holder_dies(tmp_path):
             train(tiny_cfg(tmp_path, epochs=1), progress=False)
 
 
+def test_the_lock_file_goes_with_the_run_that_made_it(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyError):
+        with lock_run_folder(out):
+            assert (out / ".lock").is_file()
+            with pytest.raises(RunFolderError, match=f"pid {os.getpid()}"):
+                with lock_run_folder(out):          # a second open file: refused
+                    pass
+            assert (out / ".lock").is_file()        # the refused one leaves it alone
+            raise KeyError("any error")
+    assert list(out.iterdir()) == []
+
+
 def test_a_new_run_never_overwrites_a_previous_one(tmp_path):
     train(tiny_cfg(tmp_path, epochs=1), progress=False)
     log, ckpt = tmp_path / "run" / "log.jsonl", tmp_path / "run" / "checkpoint.pth"
@@ -304,3 +317,16 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert f"{ckpt} (epoch 1), is kept" in text and "\n" not in text
     assert len(saved) == 1 and ckpt.read_bytes() == saved[0]      # epoch 1's, untouched
     assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl")] == [1]
+
+
+def test_the_backend_check_follows_the_operator(monkeypatch):
+    """Triton on a CPU passes under its interpreter and is refused without it."""
+    pytest.importorskip("triton")
+    from ddetr.engine.train import check_attention_backend
+    cfg = get_config("cpu", {"attention_backend": "triton"})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_attention_backend(cfg, torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="config key 'attention_backend': 'triton' cannot "
+                                         "run on cpu: .*TRITON_INTERPRET=1"):
+        check_attention_backend(cfg, torch.device("cpu"))

@@ -75,6 +75,21 @@ def make_transforms(train, scales, max_size, val_scale=None):
     ] + _finish())
 
 
+def check_resizable(width, height, scale, max_size, name="image"):
+    """Raise ValueError unless an image of width x height survives the evaluation resize
+    (shorter side to scale, longer side at most max_size, as RandomShortestSize computes
+    it) with at least 1 pixel a side: its longer side at most max_size times its shorter.
+    The models take any size from 1 pixel up (the backbone pads, two-stage proposals
+    take as many tokens as there are)."""
+    ratio = min(scale / min(width, height), max_size / max(width, height))
+    if int(min(width, height) * ratio) < 1:
+        raise ValueError(f"{name} is {width}x{height} pixels: resized to the model's scale "
+                         f"(shorter side {scale}, longer side at most {max_size}) its shorter "
+                         f"side would be {min(width, height) * ratio:.2f} pixels; expected an "
+                         f"image whose longer side is at most {max_size} times its shorter "
+                         f"side")
+
+
 def to_model_target(image, target):
     """Convert transformed XYXY absolute boxes to (cx, cy, w, h) normalised to the
     image size, as the model and criterion expect; adds "size" (h, w)."""

@@ -82,25 +82,64 @@ def _first(names, n=50):
 def save_checkpoint(state, path):
     """torch.save(state) to path atomically: a temporary file in the same folder, then
     os.replace. The file gets the permissions of the user's umask (as open() gives);
-    the previous file at path survives any failure, and a full disk says so."""
+    the previous file at path survives any failure, and a failed write (a full disk, a
+    file size limit) says so, naming the file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            _save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"disk full: no space left in {path.parent} to write "
-                          f"checkpoint {path.name}; the previous {path.name} is kept") from e
+        if isinstance(e, OSError):
+            raise _write_error(e, path) from e
         raise
     _fsync_folder(path.parent)
     return path
+
+
+class _RememberedWrites:
+    """A binary file for torch.save that keeps the OSError of a failed write: torch
+    reports it as "unexpected pos ..." only."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def _save(state, f):
+    """torch.save(state, f); a failed write raises its own OSError."""
+    out = _RememberedWrites(f)
+    try:
+        torch.save(state, out)
+    except RuntimeError as e:
+        if out.error is None:
+            raise
+        raise out.error from e
+
+
+def _write_error(error, path):
+    """One line for an OSError met while writing the checkpoint at path."""
+    kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(error.errno, f"disk full: no space left in {path.parent} to write "
+                                    f"checkpoint {path.name}; {kept}")
+    return OSError(error.errno, f"cannot write checkpoint {path}: "
+                                f"{error.strerror or error}; {kept}")
 
 
 def _fsync_folder(folder):

@@ -48,6 +48,7 @@ from torch import nn
 from ..data.synthetic import draw_image
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..nn.ms_deform_attn import MSDeformAttn
+from .predict import read_image
 
 OPSET = 20          # GridSample with mode "linear" (opset 20); ONNX Runtime >= 1.17
 PRODUCER = "ddetr"  # the graph's producer_name: a file ddetr wrote (and may overwrite)
@@ -143,13 +144,7 @@ def check_images(paths=None, size=(256, 256), count=1, seed=0):
     """PIL images to check an export on: the files at ``paths``, else ``count``
     synthetic scenes (ddetr.data.synthetic) drawn at the larger side of ``size``."""
     if paths:
-        images = []
-        for path in paths:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"image {path} does not exist")
-            with Image.open(path) as img:
-                images.append(img.convert("RGB"))
-        return images
+        return [read_image(path) for path in paths]
     rng = np.random.default_rng(seed)
     return [draw_image(rng, size=max(size))[0] for _ in range(count)]
 

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
 from ..data import build_dataset, collate, make_transforms
+from ..data.transforms import check_resizable
 from .checkpoint import load_model, require_data
 from .evaluate import evaluate
 from .huggingface import is_huggingface_folder, load_huggingface
@@ -47,21 +48,32 @@ def evaluate_checkpoint(checkpoint, device="cpu", overrides=None, split="val",
                     progress, cfg.amp)
 
 
+def read_image(path):
+    """The RGB PIL image of the file at path; one line naming the file when it is
+    missing, a folder or unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"image {path} is a directory; expected an image file "
+                                f"(e.g. a .jpg or .png)")
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as e:
+        raise OSError(f"cannot read image {path}: {e}") from e
+
+
 @torch.no_grad()
 def predict_image(model, postprocessor, cfg, image, threshold=0.5):
     """Detections on one image (a path or a PIL image), in its own pixel coordinates.
 
     Returns dict "boxes" (T, 4) absolute x0y0x1y1, "scores" (T,), "labels" (T,),
     only those scoring at least threshold, and "image", the PIL image."""
+    name = "the image"
     if not isinstance(image, Image.Image):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except OSError as e:
-            raise OSError(f"cannot read image {path}: {e}") from e
+        name, image = f"image {image}", read_image(image)
+    check_resizable(image.width, image.height, cfg.val_scale, cfg.max_size, name)
     transform = make_transforms(False, cfg.train_scales, cfg.max_size, cfg.val_scale)
     empty = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY",
                                      canvas_size=(image.height, image.width))

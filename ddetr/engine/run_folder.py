@@ -1,8 +1,9 @@
 """The run folder (cfg.output_dir): owned by one run at a time, its history never lost.
 
 - ``lock_run_folder``: a run holds ``output_dir/.lock`` (``fcntl.flock``) while it trains;
-  a second run into the folder is refused. The operating system releases the lock when
-  the process ends, however it ends, so a crash leaves nothing to clean up.
+  a second run into the folder is refused. The run removes the file when it stops, on
+  an error or Ctrl-C too; the operating system releases the lock of a process that is
+  killed, and the next run takes over the file it left.
 - ``refuse_previous_run``: a new run (not a resume) never starts in a folder that holds
   a previous run's checkpoint or log.
 - ``log.jsonl``: one line per epoch, only ever appended. A resume appends a line
@@ -32,27 +33,55 @@ class RunFolderError(ValueError):
 
 @contextmanager
 def lock_run_folder(out_dir):
-    """Create out_dir and hold its lock for the duration of the with block."""
+    """Create out_dir and hold its lock for the duration of the with block. The lock
+    file is removed when the block ends, however it ends (removed while still locked,
+    so that a run waiting on the old file takes a new one: see ``_take_lock``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    f = open(out_dir / LOCK_NAME, "a+")
+    path = out_dir / LOCK_NAME
+    f = _take_lock(path, out_dir)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise RunFolderError(f"output_dir {out_dir} is in use by another run "
-                                     f"({holder}); wait for it to end or choose another "
-                                     f"output_dir") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         yield out_dir
     finally:
-        f.close()                     # closing the file releases the lock
+        if fcntl is not None:
+            path.unlink(missing_ok=True)      # still locked: see _take_lock
+        f.close()                             # closing the file releases the lock
+        if fcntl is None:
+            path.unlink(missing_ok=True)      # Windows removes no open file
+
+
+def _take_lock(path, out_dir):
+    """The open, locked lock file at path; RunFolderError naming the holder if another
+    run holds it. A file its holder removed between our open and our lock is not the
+    lock any more: open the path again."""
+    while True:
+        f = open(path, "a+")
+        if fcntl is None:
+            return f
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunFolderError(f"output_dir {out_dir} is in use by another run "
+                                 f"({holder}); wait for it to end or choose another "
+                                 f"output_dir") from None
+        if _same_file(f, path):
+            return f
+        f.close()
+
+
+def _same_file(f, path):
+    try:
+        here, there = os.fstat(f.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def refuse_previous_run(out_dir):
@@ -75,12 +104,12 @@ def remove_stale_temporaries(out_dir):
 def start_log(out_dir, history, resumed_at=None, checkpoint=None, changed=None):
     """Begin this run's part of out_dir/log.jsonl (appending only).
 
-    A new run: the log exists, empty. A resume from epoch E = len(history): a resume
+    A new run: nothing (its first epoch's record creates the log, so that a run stopped
+    before it leaves no empty log). A resume from epoch E = len(history): a resume
     line, then the checkpoint's records that the log lacks (a run killed between saving
     its checkpoint and writing its log line)."""
     path = Path(out_dir) / LOG_NAME
     if resumed_at is None:
-        path.touch()
         return
     logged = {r["epoch"] for r in read_log(path)} if path.is_file() else set()
     lines = [{"resumed_at_epoch": resumed_at, "checkpoint": str(checkpoint),

@@ -36,11 +36,13 @@ class Schedule:
         self.budget_s = cfg.time_limit_min * 60 if cfg.time_limit_min > 0 else None
         self.spent_s = sum(r["time_s"] for r in history)
         self.epoch, self.n_iters, self.t0 = len(history), 1, time.perf_counter()
+        self.iteration = 0                        # the one step() last let run
         self.seconds = self.spent_s
 
     def start_epoch(self, epoch, n_iters):
         """Call at the start of an epoch of n_iters iterations."""
         self.epoch, self.n_iters, self.t0 = epoch, max(n_iters, 1), time.perf_counter()
+        self.iteration = 0
 
     def end_epoch(self, time_s):
         """Call when an epoch is logged with its "time_s"."""
@@ -73,6 +75,7 @@ class Schedule:
         factor = 0.1 ** math.floor(progress / self.lr_drop + 1e-9)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
+        self.iteration = it
         return True
 
 

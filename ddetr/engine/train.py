@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from ..data import build_dataset, collate, ensure_data
 from ..models import build_model
+from ..ops.kernel import KernelUnavailableError
+from ..ops.ms_deform_attn import check_backend
 from . import distributed as dist
 from .checkpoint import (CheckpointError, config_record, get_rng_state, load_checkpoint,
                          load_state_dict_strict, resume_changes, save_checkpoint,
@@ -46,6 +48,10 @@ class TrainingDiverged(FloatingPointError, ValueError):
     """A loss, a model output or a weight became NaN or infinite."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message says where and which checkpoint is kept."""
+
+
 # --- pieces ------------------------------------------------------------------------
 def resolve_device(name):
     """"auto" -> cuda when available, else cpu; cuda under torchrun -> cuda:LOCAL_RANK."""
@@ -58,6 +64,16 @@ def resolve_device(name):
     if name == "cuda":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(name)
+
+
+def check_attention_backend(cfg, device):
+    """Refuse cfg.attention_backend where it cannot run (e.g. triton on a CPU without
+    Triton's interpreter), before any data is made or model built."""
+    try:
+        check_backend(cfg.attention_backend, device, cfg.num_feature_levels)
+    except (KernelUnavailableError, ImportError) as e:
+        raise ValueError(f"config key 'attention_backend': {cfg.attention_backend!r} cannot "
+                         f"run on {device}: {e}") from e
 
 
 def param_groups(model, cfg):
@@ -304,8 +320,12 @@ def train(cfg, resume=None, progress=True):
         dict: "history" (one dict per epoch, as in log.jsonl), "stats" (the last COCO
         evaluation), "model" (unwrapped), "criterion", "postprocessor", "checkpoint"
         (its path, None when there is none), "categories".
+    Raises:
+        TrainingDiverged, or TrainingInterrupted (a KeyboardInterrupt: Ctrl-C), each
+        saying where the run stopped and which checkpoint is kept.
     """
     device = resolve_device(cfg.device)
+    check_attention_backend(cfg, device)
     rank, world = dist.init_distributed(device)
     out_dir = Path(cfg.output_dir)
     with lock_run_folder(out_dir) if dist.is_main_process() else nullcontext():
@@ -324,16 +344,27 @@ def train(cfg, resume=None, progress=True):
             start_log(out_dir, run.history, run.resumed_at, resume_path, run.changed)
         _wrap_for_ddp(run)
         run.tuner = ThreadTuner.for_config(cfg, device)
-        try:
-            _train_epochs(run)
-        except TrainingDiverged as e:
-            raise TrainingDiverged(f"{e}; {_what_is_kept(run)}") from e
-        finally:
-            if run.writer is not None:
-                run.writer.close()
-            if run.tuner is not None:
-                run.tuner.restore()
+        _train_and_say_how_it_stopped(run)
     return _result(run)
+
+
+def _train_and_say_how_it_stopped(run):
+    """_train_epochs; a divergence or Ctrl-C says which checkpoint is kept."""
+    interrupted = False
+    try:
+        _train_epochs(run)
+    except TrainingDiverged as e:
+        raise TrainingDiverged(f"{e}; {_what_is_kept(run, 'good ')}") from e
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+        if run.tuner is not None:
+            run.tuner.restore()
+    if interrupted:     # raised once the interrupt's traceback is gone, and with it the
+        raise TrainingInterrupted(       # epoch's progress bar: it closes before this line
+            f"training interrupted {_where(run)}; {_what_is_kept(run)}")
 
 
 def run_progress(cfg, resume="auto"):
@@ -388,6 +419,9 @@ class _Run:
     history: list = field(default_factory=list)
     stats: dict = None
     resumed_at: int = None            # the checkpoint's epoch, when resumed
+    saved_epoch: int = None           # the epoch of the file at .checkpoint, when known
+    schedule: Schedule = None
+    stage: str = None                 # past training an epoch: what the run is doing
     changed: dict = field(default_factory=dict)   # resumable keys changed on resume
 
     @property
@@ -447,6 +481,8 @@ def _resume(run, path):
     set_rng_state(rng[run.rank])
     run.history = list(state.get("history", []))
     run.resumed_at = state["epoch"]
+    if Path(path).resolve() == run.checkpoint.resolve():
+        run.saved_epoch = state["epoch"]
     run.stats = run.history[-1].get("coco") if run.history else None
 
 
@@ -485,10 +521,12 @@ def _wrap_for_ddp(run):
 def _train_epochs(run):
     """Epochs start_epoch..cfg.epochs: train, evaluate when due, save, log."""
     cfg = run.cfg
-    schedule = Schedule(cfg, run.history)
+    schedule = run.schedule = Schedule(cfg, run.history)
     for epoch in range(run.start_epoch, cfg.epochs):
         t0 = time.perf_counter()
+        run.stage = None
         record, losses = _train_epoch(run, epoch, schedule)
+        run.stage = f"after training epoch {epoch + 1}, before its checkpoint was saved"
         out_of_time = schedule.time_is_up()
         if out_of_time:
             record["time_limited"] = True
@@ -499,6 +537,7 @@ def _train_epochs(run):
         _check_weights(run.model, epoch)
         run.history.append(record)
         _save(run, record)
+        run.stage = f"after epoch {epoch + 1} was saved"
         if out_of_time:
             if run.progress and dist.is_main_process():
                 print(f"stopped at the time limit of {cfg.time_limit_min} min "
@@ -558,17 +597,30 @@ def _save(run, record):
                          "scaler": run.scaler.state_dict(), "epoch": record["epoch"],
                          "rng": rng, "history": run.history, "config": config_record(run.cfg),
                          "categories": run.categories}, run.checkpoint)
+        run.saved_epoch = record["epoch"]
         append_log(run.cfg.output_dir, record)
         if run.writer is not None:
             _log_tensorboard(run.writer, record)
     dist.barrier()
 
 
-def _what_is_kept(run):
+def _what_is_kept(run, kind=""):
+    if run.saved_epoch is not None:
+        return (f"the last {kind}checkpoint, {run.checkpoint} (epoch {run.saved_epoch}), "
+                f"is kept")
     if run.checkpoint.is_file():
-        epoch = run.history[-1]["epoch"] if run.history else 0
-        return f"the last good checkpoint, {run.checkpoint} (epoch {epoch}), is kept"
+        return f"{run.checkpoint} is kept as it was"
     return "no checkpoint was written"
+
+
+def _where(run):
+    """Where an interrupted run stopped."""
+    s = run.schedule
+    if s is None:
+        return "before its first iteration"
+    if run.stage is not None:
+        return run.stage
+    return f"in epoch {s.epoch + 1} at iteration {s.iteration + 1} of {s.n_iters}"
 
 
 def _result(run):

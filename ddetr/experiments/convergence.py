@@ -329,6 +329,11 @@ def run_order(runs, seeds, late_seeds):
     return order
 
 
+# The least value of each setting (the CLI's --steps, --eval-every, ...).
+AT_LEAST = {"steps": 1, "eval_every": 1, "lr_drop": 1, "jobs": 1, "threads": 0,
+            "time_limit_min": 0}
+
+
 def experiment_settings(quick=False, device="cpu", **changes):
     """The budget of the experiment: the mode's (FULL or QUICK) with ``changes`` (keys of
     FULL, and start_within_min; None: the mode's) applied, checked. A change of steps
@@ -336,6 +341,10 @@ def experiment_settings(quick=False, device="cpu", **changes):
     to whole evaluations; device "cuda" is recorded as "device" (a CPU run's settings
     stay as they always were)."""
     mode = QUICK if quick else FULL
+    for key, least in AT_LEAST.items():
+        if changes.get(key) is not None and not changes[key] >= least:
+            raise ValueError(f"{key} (--{key.replace('_', '-')}) expects >= {least}, "
+                             f"got {changes[key]}")
     settings = dict(mode)
     settings.update({k: v for k, v in changes.items() if v is not None})
     if changes.get("lr_drop") is None and mode["lr_drop"] and settings["steps"] != mode["steps"]:

@@ -9,7 +9,7 @@ Submodule names follow the official implementation so its checkpoints load.
 import torch
 from torch import nn
 
-from ..ops.ms_deform_attn import ms_deform_attn
+from ..ops.ms_deform_attn import BACKENDS, ms_deform_attn
 from .checks import (check_heads, check_padding_mask, check_same, check_spatial_shapes,
                      check_tensor, check_width, shape)
 from .deformable_attention import init_deformable_attention
@@ -18,12 +18,19 @@ from .deformable_attention import init_deformable_attention
 class MSDeformAttn(nn.Module):
     """Args: d_model C, n_levels L, n_heads M (D = C / M), n_points K per head and level.
 
-    ``backend`` is passed to ``ddetr.ops.ms_deform_attn`` ("auto", "reference", "kernel").
+    ``backend`` is passed to ``ddetr.ops.ms_deform_attn``: one of its BACKENDS ("auto",
+    "reference", "kernel", "triton").
+
+    The sampling runs in the wider of the value's and the locations' dtypes (float32
+    reference points under autocast; float64 reference points with a float32 query);
+    the output has the dtype of the value projection (the query's, or autocast's).
     """
 
     def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, backend="auto"):
         super().__init__()
         check_heads(d_model, n_heads, n_levels=n_levels, n_points=n_points)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.d_model, self.n_levels = d_model, n_levels
         self.n_heads, self.n_points = n_heads, n_points
         self.backend = backend
@@ -100,6 +107,7 @@ class MSDeformAttn(nn.Module):
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, self.n_heads, C // self.n_heads)
+        out_dtype = value.dtype
         locations, weights = self.sampling(query, reference_points, input_spatial_shapes)
         # Under autocast the projections give half precision while the reference points
         # stay float32. Locations and weights are always sampled in float32 or wider;
@@ -113,4 +121,4 @@ class MSDeformAttn(nn.Module):
             value, locations, weights = value.to(dtype), locations.to(dtype), weights.to(dtype)
         out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
                              locations, weights, backend=self.backend)
-        return self.output_proj(out)
+        return self.output_proj(out.to(out_dtype))

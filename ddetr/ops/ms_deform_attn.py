@@ -35,6 +35,18 @@ def _check_available(choice, value, num_levels):
         ms_deform_attn_triton.check_available(value)
 
 
+def check_backend(backend, device, num_levels=None):
+    """Raise unless ``backend`` can run on ``device`` (a torch.device) with float32
+    values: the check ``ms_deform_attn`` makes on its first call, for an entry check
+    (a config's attention_backend, before data is made). "auto" and "reference" always
+    can. Raises what the implementation raises (KernelUnavailableError: unsupported,
+    not built; ImportError: no Triton)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("kernel", "triton"):
+        _check_available(backend, torch.empty(0, device=device), num_levels)
+
+
 def choose_backend(value, spatial_shapes, backend="auto"):
     """The implementation ``ms_deform_attn`` runs for these tensors: ``backend`` itself,
     unless it is "auto"; then the first entry of ``AUTO_ORDER[device]`` that can run
