@@ -300,13 +300,13 @@ def resume_changes(saved, cfg, path):
     """{key: (checkpoint value, new value)} for the keys of RESUMABLE_KEYS that cfg
     changes; raises CheckpointError naming every other changed key with both values.
 
-    Paths compare as absolute paths (relative ones of older checkpoints are taken from
-    the current directory); data_path may change to a folder that exists (data moved)."""
+    Paths compare as absolute paths (relative ones are taken from the current
+    directory); data_path may change to a folder that exists (data moved)."""
     now = config_record(cfg)
     differ = {}
     for key, old in saved.items():
         if key not in now:
-            continue                  # a key of an older ddetr: its default ran
+            continue                  # a key this Config does not have: nothing to compare
         if key in PATH_KEYS and old is not None:
             old = os.path.abspath(os.path.expanduser(old))
         if old != now[key]:
