@@ -362,7 +362,7 @@ def recorded():
 
 @pytest.mark.parametrize("preset", recording.PAPER_PRESETS)
 def test_paper_state_dict_keys_are_the_recorded_ones(recorded, preset):
-    """Same names, same order as recorded from the code before the restructuring."""
+    """Same names, same order as recorded in tests/data/model_outputs.pt."""
     keys = list(build_model(get_config(preset))[0].state_dict())
     assert keys == recorded["state_dict_keys"][preset]
 

@@ -170,13 +170,11 @@ def draw_image(rng, size=256, min_size=None, max_size=None, max_objects=8):
                 break
         fill = tuple(int(c) for c in colour) + (255,)
         poly = [tuple(p) for p in (pts * ss)]
-        if name == "ring":
-            draw.polygon(poly, fill=fill)
+        draw.polygon(poly, fill=fill)
+        if name == "ring":                                # cut the hole out of the disc
             centre = pts.mean(0)
             inner = (pts - centre) * rng.uniform(0.45, 0.6) + centre
             draw.polygon([tuple(p) for p in inner * ss], fill=(0, 0, 0, 0))
-        else:
-            draw.polygon(poly, fill=fill)
         boxes.append((x0, y0, x1, y1))
         objects.append({
             "category_id": cls + 1,

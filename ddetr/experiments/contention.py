@@ -7,7 +7,7 @@ Each setting runs in its own process (OpenMP reads OMP_WAIT_POLICY when torch is
 imported), one after the other: warm-up iterations, then `iters` timed ones through
 the engine's own train_one_epoch. "Load" means `load` extra processes that spin in a
 Python loop for the whole measurement; "two trainings" runs two measurements at once.
-The settings: threads=N fixed (N = every core: what training did before the tuner),
+The settings: threads=N fixed (N = every core, the "before" rows: no tuner),
 threads=0 (ddetr.engine.threads tunes the count while training), one thread,
 OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning), float32 instead of
 bfloat16, and the data loading alone (the main process decodes and augments images).
