@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ddetr.analysis import (attention_entropy, attention_sweep, deformable_attention_flops,
-                            dense_attention_flops, fit_loglog_slope, load_kernel_benchmarks,
+                            dense_attention_flops, ffn_flops, fit_loglog_slope, level_sizes,
+                            load_kernel_benchmarks,
                             machine_name, measure_flops, ms_deformable_attention_flops,
                             peak_memory, pixel_reference_points, time_fn, trace_shapes,
                             uniform_entropy)
@@ -135,3 +136,24 @@ def test_trace_shapes():
     assert out.shape == (5, 2)
     with pytest.raises(ValueError):
         trace_shapes(model, ["nope"], torch.randn(5, 4))
+
+
+def test_ffn_flops_matches_flop_counter():
+    C, F, S = 16, 40, 7
+    ffn = torch.nn.Sequential(torch.nn.Linear(C, F), torch.nn.ReLU(), torch.nn.Linear(F, C))
+    with torch.no_grad():
+        measured, _ = measure_flops(ffn, torch.randn(1, S, C))
+    assert measured == ffn_flops(S, C, F)
+
+
+def test_level_sizes_are_those_of_stride_2_convolutions():
+    x = torch.zeros(1, 1, 50, 77)
+    conv = torch.nn.Conv2d(1, 1, 3, stride=2, padding=1)
+    sizes = []
+    with torch.no_grad():
+        for _ in range(4):
+            x = conv(x)
+            sizes.append(tuple(x.shape[-2:]))
+    assert level_sizes(50, 77, strides=(2, 4, 8, 16)) == sizes
+    assert level_sizes(800, 1216) == [(100, 152), (50, 76), (25, 38), (13, 19)]
+

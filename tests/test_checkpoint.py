@@ -140,7 +140,7 @@ def test_missing_data_of_a_checkpoint_is_refused_not_regenerated(tmp_path, monke
     path = tmp_path / "checkpoint.pth"
     cfg, model = tiny_checkpoint(path)
     state = load_checkpoint(path)
-    state["config"]["data_path"] = "data/synthetic_elsewhere"    # as older ddetr wrote it
+    state["config"]["data_path"] = "data/synthetic_elsewhere"    # a relative path
     save_checkpoint(state, path)
     with pytest.raises(CheckpointError, match="data_path .*synthetic_elsewhere, which does "
                                               "not exist here"):
@@ -205,16 +205,16 @@ def test_official_release_loads_from_a_yaml_config(tmp_path):
 
 
 def test_an_older_checkpoint_takes_config_defaults_for_keys_it_lacks(tmp_path):
-    """A file saved before backbone_norm existed (the book's first compact weights were):
-    the key takes Config's default (frozen batch norm, what the code did then), not the
-    cpu preset's batch norm, and the weights load strictly."""
+    """A file whose config lacks a key (the compact weights under benchmarks/ lack the
+    dn_* keys): the key takes Config's default (here frozen batch norm), not the cpu
+    preset's batch norm, and the weights load strictly."""
     cfg = get_config("cpu", {**TINY, "backbone_norm": "frozen_bn"})
     torch.manual_seed(0)
     model = build_model(cfg)[0]
     path = tmp_path / "compact.pth"
     ckpt.save_compact(model, cfg, {1: "disc"}, path)
     blob = torch.load(path, weights_only=True)
-    del blob["config"]["backbone_norm"]                 # what an older file looks like
+    del blob["config"]["backbone_norm"]
     save_checkpoint(blob, path)
     loaded, _, cfg2, _, _ = ckpt.load_compact(path)
     assert cfg2.backbone_norm == "frozen_bn" != get_config("cpu").backbone_norm

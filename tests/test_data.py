@@ -291,10 +291,10 @@ def test_generator_marks_its_folders_and_completes_a_killed_generation(tmp_path)
     assert sorted(p.name for p in (root / "val2017").iterdir()) == \
         ["000000000001.jpg", "000000000002.jpg"]
     assert (root / ANN.format("train")).stat().st_mtime_ns == stamp   # untouched
-    # a set written before the marker existed is still recognised as the generator's
+    # without its marker the folder is no longer the generator's to rewrite
     (root / MARKER).unlink()
-    generate_synthetic(root, 3, 2, 64, verbose=False)
-    assert (root / MARKER).is_file()
+    with pytest.raises(FileExistsError, match=r"no \.ddetr-synthetic marker"):
+        generate_synthetic(root, 3, 2, 64, verbose=False)
     assert (root / ANN.format("train")).stat().st_mtime_ns == stamp
 
 

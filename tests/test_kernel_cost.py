@@ -100,3 +100,53 @@ def test_compiled_kernels_meet_the_goal():
     assert len(float32) == 4  # L=4,K=4 (levels split or not), L=1,K=4, run-time L, K
     for row in float32:
         assert row["per_point_per_channel"] <= kc.GOAL, row
+
+
+def _simulated_plan(D, vec):
+    """Threads per (query, head), rounds and idle threads, found by dealing the D
+    channels out in vec-channel pieces to the largest power-of-two group of at most 32
+    threads that every thread has a piece of in the first round."""
+    pieces = -(-D // vec)
+    lanes = max(p for p in (1, 2, 4, 8, 16, 32) if p <= max(pieces, 1))
+    rounds = -(-pieces // lanes)
+    return lanes, rounds, rounds * lanes - pieces
+
+
+@pytest.mark.parametrize("D", [1, 3, 8, 24, 32, 40, 64, 256, 264, 300])
+@pytest.mark.parametrize("float32", [True, False])
+def test_launch_plan_deals_out_every_channel(D, float32):
+    plan = kc.launch_plan(D, float32=float32)
+    assert plan["fast"] == (float32 and D % 8 == 0)
+    vec = 8 if plan["fast"] else 1
+    assert (plan["lanes"], plan["rounds"], plan["idle"]) == _simulated_plan(D, vec)
+
+
+def test_launch_plan_refuses_no_channels():
+    with pytest.raises(ValueError, match="D .* at least 1, got 0"):
+        kc.launch_plan(0)
+
+
+def test_register_summary_of_a_record():
+    def kernel(name, kind, regs, spills, per_point=0.0):
+        return dict(kernel=name, kind=kind, per_point_per_channel=per_point,
+                    ptxas={"sm_90": dict(registers=regs, spill_stores=spills, spill_loads=1)})
+    cost = dict(command="python -m ddetr bench cost", commit="abc", date="2026-01-01",
+                nvcc="nvcc 12", baseline=dict(kernels=[kernel("old_fwd", "forward", 90, 8, 31.5)]),
+                kernels=[kernel("fwd", "forward", 40, 0, 19.25), kernel("bwd_a", "backward", 64, 3),
+                         kernel("bwd_b", "backward", 72, 0), kernel("bwd_c", "backward", 56, 2)])
+    lines = kc.register_summary(cost).split("\n")
+    assert lines[:2] == ["read from benchmarks/kernel_cost.json, made by",
+                         "  python -m ddetr bench cost"]
+    assert lines[2] == "at commit abc on 2026-01-01 (nvcc 12)" and lines[3] == ""
+    rows = [line.split() for line in lines[5:]]
+    assert rows == [["--", "first", "version"], ["old_fwd", "90", "9", "31.5"], ["--", "now"],
+                    ["fwd", "40", "1", "19.2"],
+                    "-- now, 3 backward kernels: 56-72 registers at sm_90, 8 spill bytes in all".split()]
+
+
+def test_register_summary_reads_the_recorded_file():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_cost.json"
+    cost = kc.read_kernel_cost(path)
+    text = kc.register_summary(cost)
+    for k in cost["kernels"] + cost["baseline"]["kernels"]:
+        assert (k["kernel"] in text) == (k["kind"] == "forward")

@@ -166,6 +166,19 @@ def test_dense_transformer_ignores_padding():
     torch.testing.assert_close(phs, hs, atol=1e-5, rtol=1e-5)
 
 
+def test_position_encoding_without_normalize_codes_pixel_indices():
+    """normalize=False (the official code's default): x = 1, 2, ... along a row, so the
+    first two x channels are sin(x) and cos(x) (wavelength 2 pi)."""
+    F, W = 8, 5
+    pos = PositionEmbeddingSine(F, normalize=False)(torch.zeros(1, 3, W, dtype=torch.bool))
+    x = torch.arange(1, W + 1, dtype=torch.float32)
+    assert torch.allclose(pos[0, F, 1], x.sin()) and torch.allclose(pos[0, F + 1, 1], x.cos())
+    normalized = PositionEmbeddingSine(F)(torch.zeros(1, 3, W, dtype=torch.bool))
+    assert not torch.allclose(pos, normalized)
+    with pytest.raises(ValueError, match="scale is only used with normalize=True"):
+        PositionEmbeddingSine(F, normalize=False, scale=1.0)
+
+
 def test_position_encoding_is_the_same_under_padding():
     pe = PositionEmbeddingSine(16)
     mask = torch.ones(1, 9, 12, dtype=torch.bool)
@@ -349,7 +362,7 @@ def recorded():
 
 @pytest.mark.parametrize("preset", recording.PAPER_PRESETS)
 def test_paper_state_dict_keys_are_the_recorded_ones(recorded, preset):
-    """Same names, same order as recorded from the code before the restructuring."""
+    """Same names, same order as recorded in tests/data/model_outputs.pt."""
     keys = list(build_model(get_config(preset))[0].state_dict())
     assert keys == recorded["state_dict_keys"][preset]
 

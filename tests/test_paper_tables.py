@@ -26,9 +26,12 @@ def test_model_flops_restores_the_model():
     from ddetr.config import get_config
     from ddetr.models import build_model
     model = build_model(get_config("cpu"))[0].train()
+    model.backbone.requires_grad_(False)          # a mix of frozen and trained parameters
+    flags = [p.requires_grad for p in model.parameters()]
+    assert any(flags) and not all(flags)
     flops = model_flops(model, 64, 64)
     assert flops > 0 and model.training
-    assert all(p.requires_grad for p in model.parameters() if p.requires_grad is not None)
+    assert [p.requires_grad for p in model.parameters()] == flags
 
 
 def test_model_flops_adds_the_sampling_of_every_deformable_call():

@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT
 
 matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
@@ -46,4 +47,4 @@ def test_solution_runs(name, index, source, monkeypatch):
     monkeypatch.chdir(ROOT / "notebooks")
     monkeypatch.setitem(os.environ, "DDETR_QUICK", "1")
     exec(compile(source, f"{name} cell {index}", "exec"), {"__name__": "__main__"})
-    matplotlib.pyplot.close("all")
+    plt.close("all")

@@ -90,6 +90,18 @@ def test_architecture_shapes_follow_the_strides():
         architecture_shapes(cfg)
 
 
+@pytest.mark.parametrize("backbone,dilation", [("resnet18", False), ("resnet50", True),
+                                               ("regnet_x_400mf", False)])
+def test_architecture_shapes_match_a_real_backbone(backbone, dilation):
+    from ddetr.models.backbone import Backbone
+    cfg = get_config("paper", {"backbone": backbone, "dilation": dilation})
+    sh = architecture_shapes(cfg, image_size=(64, 96))
+    with torch.no_grad():
+        out = Backbone(backbone, dilation=dilation)(torch.zeros(1, 3, 64, 96),
+                                                    torch.zeros(1, 64, 96, dtype=torch.bool))
+    assert [("N", *f.shape[1:]) for f, _ in out] == sh["backbone"]
+
+
 def test_plot_architecture_draws_the_shapes():
     fig = plot_architecture(get_config("paper"), image_size=(800, 1216))
     text = _texts(fig)

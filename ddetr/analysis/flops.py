@@ -72,6 +72,19 @@ def deformable_attention_flops(n_queries, n_keys, d_model, n_heads=8, n_points=4
                                          n_points, with_sampling)
 
 
+def ffn_flops(n_tokens, d_model, dim_feedforward):
+    """FLOPs of a transformer layer's feed-forward network, two linear layers
+    C -> F -> C on each of n_tokens tokens: 4 n_tokens C F."""
+    return 4 * n_tokens * d_model * dim_feedforward
+
+
+def level_sizes(height, width, strides=(8, 16, 32, 64)):
+    """The (H_l, W_l) of the stride-s maps of a height x width image, ceil(H / s) x
+    ceil(W / s) (what the backbone's stride-2 convolutions and the extra stride-2
+    levels give), finest first."""
+    return [(-(-height // s), -(-width // s)) for s in strides]
+
+
 def measure_flops(fn, *args, **kwargs):
     """Run ``fn(*args, **kwargs)`` under FlopCounterMode; return (total FLOPs, per-op dict).
 

@@ -386,3 +386,61 @@ def _markdown(r):
                   f"Measured the same way from `{r['baseline']['source']}`.", "",
                   _table(r["baseline"]["kernels"]), ""]
     return "\n".join(parts)
+
+
+# --- the launch plan and the record, as chapter 5 shows them ----------------------------
+def lanes_for(D, vec=8):
+    """Threads per (n, q, m) in the CUDA kernels' launch plan (plan_for in
+    ms_deform_attn_cuda.cu): the largest power of two <= min(D / vec, 32), where a
+    thread handles vec neighbouring channels (8 on the float32 fast path, else 1)."""
+    lanes = 1
+    while lanes < 32 and 2 * lanes <= D // vec:
+        lanes *= 2
+    return lanes
+
+
+def launch_plan(D, float32=True):
+    """The CUDA kernels' plan for D channels per head: a dict of "fast" (the 8-channel
+    path: float32 and D % 8 == 0), "vec", "lanes" (threads per (query, head)), "rounds"
+    of the channel loop and "idle" threads in its last round."""
+    if D < 1:
+        raise ValueError(f"D (channels per head) must be at least 1, got {D}")
+    fast = float32 and D % 8 == 0
+    vec = 8 if fast else 1
+    lanes = lanes_for(D, vec)
+    starts = range(0, D, vec * lanes)         # a thread's first channel in each round
+    idle = lanes - (D - starts[-1] + vec - 1) // vec
+    return dict(fast=fast, vec=vec, lanes=lanes, rounds=len(starts), idle=idle)
+
+
+def read_kernel_cost(path="benchmarks/kernel_cost.json"):
+    """The dict that kernel_cost_report wrote to path."""
+    return json.loads(Path(path).read_text())
+
+
+def spill_bytes(kernel, arch="sm_90"):
+    """Bytes a kernel of the record spills to local memory (stores + loads) at arch."""
+    p = kernel["ptxas"][arch]
+    return p["spill_stores"] + p["spill_loads"]
+
+
+def register_summary(cost, arch="sm_90"):
+    """The record's registers, spills and instructions per point per channel, as text:
+    the forward kernels of the baseline ("first version") and of now, then the range
+    over the backward kernels of now."""
+    lines = [f"read from benchmarks/kernel_cost.json, made by\n  {cost['command']}\n"
+             f"at commit {cost['commit']} on {cost['date']} ({cost['nvcc']})\n",
+             f"{'forward kernel':50s} {'regs ' + arch:>10s} {'spill bytes':>11s} "
+             f"{'instr./point/channel':>21s}"]
+    for version, kernels in (("first version", cost["baseline"]["kernels"]),
+                             ("now", cost["kernels"])):
+        lines.append(f"-- {version}")
+        lines += [f"{k['kernel']:50s} {k['ptxas'][arch]['registers']:10d} "
+                  f"{spill_bytes(k, arch):11d} {k['per_point_per_channel']:21.1f}"
+                  for k in kernels if k["kind"] == "forward"]
+    backward = [k for k in cost["kernels"] if k["kind"] == "backward"]
+    regs = [k["ptxas"][arch]["registers"] for k in backward]
+    lines.append(f"-- now, {len(backward)} backward kernels: {min(regs)}-{max(regs)} "
+                 f"registers at {arch}, {sum(spill_bytes(k, arch) for k in backward)} "
+                 f"spill bytes in all")
+    return "\n".join(lines)

@@ -170,13 +170,11 @@ def draw_image(rng, size=256, min_size=None, max_size=None, max_objects=8):
                 break
         fill = tuple(int(c) for c in colour) + (255,)
         poly = [tuple(p) for p in (pts * ss)]
-        if name == "ring":
-            draw.polygon(poly, fill=fill)
+        draw.polygon(poly, fill=fill)
+        if name == "ring":                                # cut the hole out of the disc
             centre = pts.mean(0)
             inner = (pts - centre) * rng.uniform(0.45, 0.6) + centre
             draw.polygon([tuple(p) for p in inner * ss], fill=(0, 0, 0, 0))
-        else:
-            draw.polygon(poly, fill=fill)
         boxes.append((x0, y0, x1, y1))
         objects.append({
             "category_id": cls + 1,
@@ -279,18 +277,6 @@ def _is_complete(root, split, meta):
     return (root / f"{split}2017").is_dir() and all(info.get(k) == v for k, v in meta.items())
 
 
-def _written_before_the_marker(root, entries):
-    """Whether root is a set of an older ddetr (no marker yet): only the generator's own
-    names in it, and every annotation file says it is the synthetic set."""
-    own = ("train2017", "val2017", "annotations", ".train2017.", ".val2017.")
-    if not all(name.startswith(own) for name in entries):
-        return False
-    anns = sorted((root / "annotations").glob("*")) if "annotations" in entries else []
-    return bool(anns) and all(
-        a.name in ("instances_train2017.json", "instances_val2017.json")
-        and _info(a).get("description") == DESCRIPTION for a in anns)
-
-
 def claim_folder(root):
     """Make root a folder of the generator's (marked), or refuse: a FileExistsError
     when it exists, is not empty and carries no marker (it is not ours to overwrite)."""
@@ -301,7 +287,7 @@ def claim_folder(root):
         raise FileExistsError(f"data_path {root} is a file; the synthetic set needs a "
                               f"folder of its own")
     entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-    if entries and not _written_before_the_marker(root, entries):
+    if entries:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if
                                           len(entries) > 5 else "")
         raise FileExistsError(

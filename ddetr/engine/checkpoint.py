@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from ..config import MODEL_KEYS, PRESETS, RESUMABLE_KEYS, config_to_dict, get_config
+from ..config import (MODEL_KEYS, PRESETS, RESUMABLE_KEYS, config_to_dict, get_config,
+                      parse_overrides)
 from ..data.coco_categories import COCO_CATEGORIES
 from ..models import build_model
 
@@ -274,7 +274,7 @@ def checkpoint_config(blob, path, config=None, overrides=None):
     """The Config of a checkpoint dict: its own (paths absolute, relative ones of older
     checkpoints taken from the current directory), or ``config`` for a file that has
     none; then overrides, which may not change the model's keys."""
-    overrides = _as_dict(overrides or {})
+    overrides = parse_overrides(overrides)
     saved = blob.get("config")
     if saved is not None and config is not None:
         raise CheckpointError(f"checkpoint {path} carries its own config; pass overrides "
@@ -290,8 +290,7 @@ def checkpoint_config(blob, path, config=None, overrides=None):
             raise CheckpointError(f"checkpoint {path} holds a model with "
                                   + ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
                                   + "; overrides cannot change it")
-        # a key that an older checkpoint lacks takes Config's default, which is what the
-        # code did before the key existed (e.g. backbone_norm: frozen batch norm)
+        # a key the saved config lacks takes Config's default
         cfg = get_config("paper", {**saved, **overrides})
     else:
         cfg = get_config(config, overrides)
@@ -307,7 +306,7 @@ def require_data(cfg, path, overrides=None):
     """Refuse to use a checkpoint's data_path that does not exist here (generating data
     there would silently evaluate on something else); a data_path given in overrides
     is the user's choice and passes."""
-    if "data_path" in _as_dict(overrides or {}) or Path(cfg.data_path).is_dir():
+    if "data_path" in parse_overrides(overrides) or Path(cfg.data_path).is_dir():
         return
     raise CheckpointError(f"checkpoint {path} was trained on data_path {cfg.data_path}, "
                           f"which does not exist here; pass data_path=<folder> to use "
@@ -335,31 +334,18 @@ def _check_official_args(args, cfg, path, config):
             + " (pick the preset that matches, e.g. paper_box_refine, or override the keys)")
 
 
-def _as_dict(overrides):
-    """A dict, or "key=value" strings parsed as YAML scalars (as get_config does)."""
-    if isinstance(overrides, dict):
-        return overrides
-    out = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override must look like key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(text)
-    return out
-
-
 # --- resuming: the config that ran, and the keys that may change ---------------------------
 def resume_changes(saved, cfg, path):
     """{key: (checkpoint value, new value)} for the keys of RESUMABLE_KEYS that cfg
     changes; raises CheckpointError naming every other changed key with both values.
 
-    Paths compare as absolute paths (relative ones of older checkpoints are taken from
-    the current directory); data_path may change to a folder that exists (data moved)."""
+    Paths compare as absolute paths (relative ones are taken from the current
+    directory); data_path may change to a folder that exists (data moved)."""
     now = config_record(cfg)
     differ = {}
     for key, old in saved.items():
         if key not in now:
-            continue                  # a key of an older ddetr: its default ran
+            continue                  # a key this Config does not have: nothing to compare
         if key in PATH_KEYS and old is not None:
             old = os.path.abspath(os.path.expanduser(old))
         if old != now[key]:

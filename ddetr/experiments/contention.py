@@ -7,7 +7,7 @@ Each setting runs in its own process (OpenMP reads OMP_WAIT_POLICY when torch is
 imported), one after the other: warm-up iterations, then `iters` timed ones through
 the engine's own train_one_epoch. "Load" means `load` extra processes that spin in a
 Python loop for the whole measurement; "two trainings" runs two measurements at once.
-The settings: threads=N fixed (N = every core: what training did before the tuner),
+The settings: threads=N fixed (N = every core, the "before" rows: no tuner),
 threads=0 (ddetr.engine.threads tunes the count while training), one thread,
 OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning), float32 instead of
 bfloat16, and the data loading alone (the main process decodes and augments images).
@@ -49,28 +49,35 @@ def _child(overrides, iters, warmup):
 
     from ..config import get_config
     from ..engine.threads import ThreadTuner
-    from ..engine.train import _build_run, train_one_epoch
+    from ..engine.train import (build_loaders, build_optimizer, prepare_model,
+                                seed_everything, train_one_epoch)
+    from ..models import build_model
 
     overrides = dict(overrides)
     data_only = overrides.pop("data_only", False)
     cfg = get_config("cpu", {"output_dir": "runs/contention", **overrides,
                              "iters_per_epoch": warmup})
-    run = _build_run(cfg, torch.device("cpu"), 0, 1, False)
-    tuner = ThreadTuner.for_config(cfg, run.device)
+    device = torch.device("cpu")
+    seed_everything(cfg.seed)
+    model, criterion, _ = build_model(cfg)
+    model = prepare_model(model, device)
+    optimizer = build_optimizer(model, cfg)
+    _, loader, _, _ = build_loaders(cfg)
+    tuner = ThreadTuner.for_config(cfg, device)
     if data_only:
         t0, n = time.perf_counter(), 0
-        for i, (imgs, _, _) in enumerate(run.train_loader):
+        for i, (imgs, _, _) in enumerate(loader):
             if i == iters:
                 break
             n += imgs.shape[0]
         print(json.dumps({"images_per_s": n / (time.perf_counter() - t0)}), flush=True)
         return
-    train_one_epoch(run.model, run.criterion, run.train_loader, run.optimizer, run.device,
-                    0, cfg, run.scaler, False, None, tuner)
+    train_one_epoch(model, criterion, loader, optimizer, device, 0, cfg, None, False, None,
+                    tuner)
     cfg.iters_per_epoch = iters
     t0, c0 = time.perf_counter(), time.process_time()
-    out = train_one_epoch(run.model, run.criterion, run.train_loader, run.optimizer,
-                          run.device, 1, cfg, run.scaler, False, None, tuner)
+    out = train_one_epoch(model, criterion, loader, optimizer, device, 1, cfg, None, False,
+                          None, tuner)
     wall = time.perf_counter() - t0
     print(json.dumps({"images_per_s": out["images_per_s"],
                       "cpu_per_wall": (time.process_time() - c0) / wall,

@@ -46,7 +46,9 @@ class PositionEmbeddingSine(nn.Module):
     """Args:
         num_pos_feats: channels per axis (C / 2 for a model of width C).
         temperature: the largest wavelength is 2 pi * temperature (in units of scale).
-        normalize: map coordinates to [0, scale] of the valid image (always on here).
+        normalize: map coordinates to [0, scale] of the valid image (ddetr's models use
+            True, the default; False codes the pixel index 1, 2, ... itself, as DETR's
+            default does; the name and the option are the official code's).
         scale: 2 pi, so that one image spans one turn of the fastest sine.
     """
 
@@ -80,4 +82,4 @@ class PositionEmbeddingSine(nn.Module):
 
 def build_position_encoding(cfg):
     """The sine encoding with d_model channels in all (d_model / 2 per axis)."""
-    return PositionEmbeddingSine(cfg.d_model // 2, normalize=True)
+    return PositionEmbeddingSine(cfg.d_model // 2)

@@ -8,14 +8,19 @@ names a stage and the shapes it produces, computed from the config and the image
 stride-2 convolutions give). ``architecture_shapes`` returns the same shapes as a dict.
 Shapes use the book's letters: N batch, C = d_model, S tokens, Lq queries.
 """
+import functools
+
 import matplotlib.pyplot as plt
 
-# C3, C4, C5 channels of the backbones ddetr.models.backbone builds
-BACKBONE_CHANNELS = {
-    "resnet18": (128, 256, 512), "resnet34": (128, 256, 512),
-    "resnet50": (512, 1024, 2048), "regnet_x_400mf": (64, 160, 400),
-    "regnet_x_800mf": (128, 288, 672), "regnet_y_400mf": (104, 208, 440),
-}
+from ..models.backbone import Backbone
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone_outputs(name, multi, dilation):
+    """The channels and strides of the maps ddetr's Backbone puts out, read off one
+    built without weights (a fraction of a second, once per backbone)."""
+    backbone = Backbone(name, return_interm_layers=multi, dilation=dilation)
+    return tuple(backbone.num_channels), tuple(backbone.strides)
 
 
 def _ceil_div(a, b):
@@ -30,15 +35,9 @@ def architecture_shapes(cfg, image_size=(800, 1216)):
     "queries", "logits" (N, Lq, num_classes), "boxes" (N, Lq, 4), and the strides.
     """
     H, W = image_size
-    if cfg.backbone not in BACKBONE_CHANNELS:
-        raise ValueError(f"backbone must be one of {sorted(BACKBONE_CHANNELS)}, "
-                         f"got {cfg.backbone!r}")
-    channels = BACKBONE_CHANNELS[cfg.backbone]
     multi = cfg.architecture == "deformable_detr" and cfg.num_feature_levels > 1
-    strides = [8, 16, 32] if multi else [32]
-    channels = list(channels) if multi else [channels[-1]]
-    if cfg.dilation:
-        strides[-1] //= 2
+    channels, strides = _backbone_outputs(cfg.backbone, multi, cfg.dilation)
+    strides = list(strides)
     backbone = [(("N", c, _ceil_div(H, s), _ceil_div(W, s))) for c, s in zip(channels, strides)]
     level_strides = list(strides)
     levels = [("N", cfg.d_model, h, w) for _, _, h, w in backbone]
