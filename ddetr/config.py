@@ -66,6 +66,8 @@ class Config:
     dn_groups: int = 5                     # noised copies of the objects per image
     dn_label_noise: float = 0.2            # probability of a flipped label
     dn_box_noise: float = 0.4              # centre shift / size scale, in box sizes
+    dino_look_forward_twice: bool = False  # DINO's Sec. 3.5: a layer's box loss also
+                                           # trains the layer before (needs refinement)
     attention: str = "deformable"          # "dense": DETR's attention in the encoder and
                                            # the decoder's cross-attention, all else kept
                                            # (the baseline that differs in attention only)
@@ -354,6 +356,11 @@ def _check_combinations(cfg):
         fail(["dn_detr", "two_stage", "query_anchors"], "dn_detr=true gives the decoder "
              "noised ground-truth boxes as reference boxes: it needs Deformable DETR with "
              "4-d reference boxes, two_stage=true or query_anchors=dab")
+    if cfg.dino_look_forward_twice and not (cfg.with_box_refine
+                                            and cfg.architecture == "deformable_detr"):
+        fail(["dino_look_forward_twice", "with_box_refine"], "look forward twice passes "
+             "gradients through the refined boxes: it needs Deformable DETR with "
+             "with_box_refine=true")
     if cfg.architecture == "detr" and cfg.attention != "deformable":
         fail(["architecture", "attention"], "attention='dense' makes Deformable DETR's "
              "model dense (architecture='deformable_detr'); architecture='detr' is DETR's "

@@ -85,12 +85,15 @@ class DeformableDETR(nn.Module):
             must be built with the same value).
         denoising: None, or (groups, label_noise, box_noise) of DN-DETR's denoising
             queries in training (``ddetr.models.denoising``; adds ``label_enc``).
+        look_forward_twice: DINO's gradient path through refinement (see
+            ``DeformableTransformerDecoder``); needs with_box_refine.
     """
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
                  aux_loss=True, with_box_refine=False, two_stage=False, query_anchors="none",
-                 denoising=None):
+                 denoising=None, look_forward_twice=False):
         super().__init__()
+        transformer.decoder.look_forward_twice = look_forward_twice
         if query_anchors != getattr(transformer, "query_anchors", "none"):
             raise ValueError(f"query_anchors={query_anchors!r}, but the transformer was "
                              f"built with {getattr(transformer, 'query_anchors', 'none')!r}")
@@ -233,4 +236,5 @@ def build_deformable_detr(cfg):
                           with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage,
                           query_anchors=cfg.query_anchors,
                           denoising=((cfg.dn_groups, cfg.dn_label_noise, cfg.dn_box_noise)
-                                     if cfg.dn_detr else None))
+                                     if cfg.dn_detr else None),
+                          look_forward_twice=cfg.dino_look_forward_twice)

@@ -206,6 +206,12 @@ class DeformableTransformerDecoder(nn.Module):
     for the official state-dict names, a detector lists its heads under the decoder's
     ``bbox_embed`` (and ``class_embed``), and passes them to every forward call.
 
+    Look forward twice (DINO, Zhang et al., ICLR 2023, Sec. 3.5; training only, the
+    outputs are the same): the references returned are the refined boxes *before* the
+    detach, so the loss on layer i's box, which the model decodes relative to layer
+    i-1's reference, also trains layer i-1 (the next layer's input stays detached).
+    A detector sets ``look_forward_twice``.
+
     With DAB-style anchor queries the transformer sets ``ref_point_head`` (an MLP
     2C -> C): every layer then makes its positional query from the current reference
     box, ``query_pos = ref_point_head(sine_embed(box))``, so that the query's
@@ -217,6 +223,7 @@ class DeformableTransformerDecoder(nn.Module):
         self.layers = get_clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.ref_point_head = None
+        self.look_forward_twice = False
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index,
                 valid_ratios, query_pos=None, padding_mask=None, box_heads=None,
@@ -238,7 +245,8 @@ class DeformableTransformerDecoder(nn.Module):
         Returns:
             hs (num_layers, N, Lq, C), the output of each layer, and references
             (num_layers, N, Lq, 2|4), the reference points each layer's output is
-            relative to for the *next* layer (detached, as in the paper).
+            relative to for the *next* layer (detached, as in the paper, unless
+            look_forward_twice).
         """
         check_tensor("tgt", tgt, "(N, Lq, C)")
         check_tensor("reference_points", reference_points, "(N, Lq, 2|4)")
@@ -273,10 +281,12 @@ class DeformableTransformerDecoder(nn.Module):
                     sine_embed(reference_points, out.shape[-1] // 2))
             out = layer(out, query_pos, reference_input, src, spatial_shapes,
                         level_start_index, padding_mask, src_pos, self_attn_mask)
+            refined = reference_points
             if box_heads is not None:
-                reference_points = decode_boxes(box_heads[lid](out), reference_points).detach()
+                refined = decode_boxes(box_heads[lid](out), reference_points)
+                reference_points = refined.detach()
             hs.append(out)
-            references.append(reference_points)
+            references.append(refined if self.look_forward_twice else reference_points)
         return torch.stack(hs), torch.stack(references)
 
 
