@@ -68,6 +68,10 @@ class Config:
     dn_box_noise: float = 0.4              # centre shift / size scale, in box sizes
     dino_look_forward_twice: bool = False  # DINO's Sec. 3.5: a layer's box loss also
                                            # trains the layer before (needs refinement)
+    h_detr: bool = False                   # H-DETR's hybrid matching (ddetr.models.
+                                           # hybrid_matching); needs two_stage
+    h_detr_queries: int = 150              # one-to-many queries (more proposals)
+    h_detr_k: int = 6                      # each object repeated k times for them
     attention: str = "deformable"          # "dense": DETR's attention in the encoder and
                                            # the decoder's cross-attention, all else kept
                                            # (the baseline that differs in attention only)
@@ -299,7 +303,8 @@ RANGES = {
 RANGES.update({k: (">= 1", lambda v: v >= 1) for k in (
     "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward", "enc_n_points",
     "dec_n_points", "num_queries", "num_classes", "max_size", "val_scale", "batch_size",
-    "epochs", "lr_drop", "synthetic_train_images", "synthetic_val_images", "dn_groups")})
+    "epochs", "lr_drop", "synthetic_train_images", "synthetic_val_images", "dn_groups",
+    "h_detr_queries", "h_detr_k")})
 RANGES.update({k: (">= 0", lambda v: v >= 0) for k in (
     "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm", "num_workers",
     "threads", "eval_every", "iters_per_epoch", "time_limit_min", "synthetic_seed", "set_cost_class",
@@ -356,6 +361,9 @@ def _check_combinations(cfg):
         fail(["dn_detr", "two_stage", "query_anchors"], "dn_detr=true gives the decoder "
              "noised ground-truth boxes as reference boxes: it needs Deformable DETR with "
              "4-d reference boxes, two_stage=true or query_anchors=dab")
+    if cfg.h_detr and not (cfg.two_stage and cfg.architecture == "deformable_detr"):
+        fail(["h_detr", "two_stage"], "h_detr=true takes its one-to-many queries from "
+             "more encoder proposals: it needs Deformable DETR with two_stage=true")
     if cfg.dino_look_forward_twice and not (cfg.with_box_refine
                                             and cfg.architecture == "deformable_detr"):
         fail(["dino_look_forward_twice", "with_box_refine"], "look forward twice passes "
@@ -395,6 +403,7 @@ MODEL_KEYS = ("architecture", "backbone", "backbone_norm", "dilation", "num_feat
               "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward",
               "enc_n_points", "dec_n_points", "num_queries", "num_classes",
               "with_box_refine", "two_stage", "query_anchors", "attention", "dn_detr")
+# (the other training-only switches, dino_look_forward_twice and h_detr, add no weights)
 
 # Keys that ``train(cfg, resume=...)`` applies when they differ from the checkpoint's:
 # the run's length and budget, evaluation and logging, the machine (workers, device,

@@ -105,7 +105,8 @@ def test_groups_are_independent_of_each_other(dn_model):
         for queries in (dn, changed):
             srcs, level_masks, pos = model.features(images, masks)
             hs = model.transformer(srcs, level_masks, pos, None, None, model.bbox_embed,
-                                   (model.class_embed[-1], model.bbox_embed[-1]), queries)[0]
+                                   (model.class_embed[-1], model.bbox_embed[-1]), queries,
+                                   0, queries.attn_mask)[0]
             transformer_outputs.append(hs)
     same, moved = transformer_outputs
     torch.testing.assert_close(moved[:, :, :2], same[:, :, :2])           # group 0

@@ -16,8 +16,9 @@ every object counts as class 0 ("foreground").
 
 The criterion returns the *unweighted* losses, named loss_ce, loss_bbox, loss_giou for
 the last layer, with suffix _0 .. _{n-2} for the earlier decoder layers, _enc for the
-proposals, and _dn, _dn_0 .. for DN-DETR's denoising queries when the model made them
-(``denoising_losses``); ``weight_dict`` holds their weights (2, 5, 2 in the paper). It also reports
+proposals, _dn, _dn_0 .. for DN-DETR's denoising queries and _o2m, _o2m_0 .. for
+H-DETR's one-to-many queries when the model made them (``denoising_losses``,
+``one_to_many_losses``); ``weight_dict`` holds their weights (2, 5, 2 in the paper). It also reports
 ``class_error`` and ``cardinality_error`` for logging; they have no weight.
 """
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
+from .hybrid_matching import repeat_targets
 from .matcher import build_matcher
 
 
@@ -58,10 +60,13 @@ class SetCriterion(nn.Module):
         matcher: a HungarianMatcher.
         weight_dict: loss name -> weight (used by the engine, not here).
         focal_alpha, focal_gamma: of the classification loss.
+        one_to_many_k: how often H-DETR's one-to-many queries see each object.
     """
 
-    def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0):
+    def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0,
+                 one_to_many_k=6):
         super().__init__()
+        self.one_to_many_k = one_to_many_k
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
@@ -146,9 +151,27 @@ class SetCriterion(nn.Module):
         losses = {}
         for (out, tgt, suffix, log), indices in zip(pairs, indices_on(matchings, device)):
             losses.update(self.losses_of(out, tgt, indices, num_boxes, suffix, log))
+        if "one_to_many_outputs" in outputs:
+            losses.update(self.one_to_many_losses(outputs["one_to_many_outputs"], targets,
+                                                  num_boxes))
         if "dn_outputs" in outputs:
             losses.update(self.denoising_losses(outputs["dn_outputs"], outputs["dn_meta"],
                                                 targets, num_boxes))
+        return losses
+
+    def one_to_many_losses(self, outputs, targets, num_boxes):
+        """H-DETR (ddetr.models.hybrid_matching): the one-to-many queries matched by the
+        same matcher to every object repeated one_to_many_k times, at every decoder
+        layer, normalised by the repeated count. Suffixes _o2m and _o2m_0 .. _o2m_{n-2}."""
+        k = self.one_to_many_k
+        repeated = repeat_targets(targets, k)
+        outs = [(outputs, "_o2m")]
+        outs += [(aux, f"_o2m_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        matchings = self.matcher.match_all([(out, repeated) for out, _ in outs])
+        device = outputs["pred_logits"].device
+        losses = {}
+        for (out, suffix), indices in zip(outs, indices_on(matchings, device)):
+            losses.update(self.losses_of(out, repeated, indices, num_boxes * k, suffix))
         return losses
 
     def denoising_losses(self, dn_outputs, dn, targets, num_boxes):
@@ -189,13 +212,14 @@ def build_weight_dict(cfg):
             weights.update({f"{k}_{i}": v for k, v in base.items()})
     if cfg.two_stage and cfg.architecture != "detr":
         weights.update({f"{k}_enc": v for k, v in base.items()})
-    if cfg.dn_detr:
-        suffixes = ["_dn"] + ([f"_dn_{i}" for i in range(cfg.dec_layers - 1)]
-                              if cfg.aux_loss else [])
-        weights.update({k + s: v for s in suffixes for k, v in base.items()})
+    for on, name in ((cfg.dn_detr, "_dn"), (cfg.h_detr, "_o2m")):
+        if on:
+            suffixes = [name] + ([f"{name}_{i}" for i in range(cfg.dec_layers - 1)]
+                                 if cfg.aux_loss else [])
+            weights.update({k + s: v for s in suffixes for k, v in base.items()})
     return weights
 
 
 def build_criterion(cfg):
     return SetCriterion(cfg.num_classes, build_matcher(cfg), build_weight_dict(cfg),
-                        focal_alpha=cfg.focal_alpha)
+                        focal_alpha=cfg.focal_alpha, one_to_many_k=cfg.h_detr_k)

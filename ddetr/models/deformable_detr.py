@@ -49,6 +49,7 @@ from ..nn.geometry import decode_boxes, inverse_sigmoid
 from ..nn.helpers import get_clones
 from .backbone import build_backbone, resize_mask
 from .denoising import make_denoising_queries, split_denoising
+from .hybrid_matching import hybrid_attn_mask
 from .detr import MLP, check_inputs
 
 
@@ -87,12 +88,15 @@ class DeformableDETR(nn.Module):
             queries in training (``ddetr.models.denoising``; adds ``label_enc``).
         look_forward_twice: DINO's gradient path through refinement (see
             ``DeformableTransformerDecoder``); needs with_box_refine.
+        one_to_many: H-DETR's one-to-many queries in training, this many more
+            proposals (``ddetr.models.hybrid_matching``); two-stage only; 0: off.
     """
 
     def __init__(self, backbone, transformer, num_classes, num_queries, num_feature_levels,
                  aux_loss=True, with_box_refine=False, two_stage=False, query_anchors="none",
-                 denoising=None, look_forward_twice=False):
+                 denoising=None, look_forward_twice=False, one_to_many=0):
         super().__init__()
+        self.one_to_many = one_to_many
         transformer.decoder.look_forward_twice = look_forward_twice
         if query_anchors != getattr(transformer, "query_anchors", "none"):
             raise ValueError(f"query_anchors={query_anchors!r}, but the transformer was "
@@ -188,34 +192,49 @@ class DeformableDETR(nn.Module):
         in training with denoising queries."""
         check_inputs(images, masks)
         srcs, level_masks, pos = self.features(images, masks)
-        dn = None
+        extra = self.one_to_many if self.training else 0
+        dn, attn_mask = None, None
         if self.training and self.denoising is not None and targets is not None:
-            dn = make_denoising_queries(targets, self.label_enc, self.num_queries,
+            dn = make_denoising_queries(targets, self.label_enc, self.num_queries + extra,
                                         *self.denoising)
+            attn_mask = None if dn is None else dn.attn_mask
+        if extra:
+            attn_mask = hybrid_attn_mask(attn_mask, 0 if dn is None else dn.num_queries,
+                                         self.num_queries, extra, images.device)
         query_embed = None if self.two_stage else self.query_embed.weight
         anchors = self.refpoint_embed.weight if self.query_anchors == "dab" else None
         box_heads = self.bbox_embed if self.with_box_refine else None
         # two-stage: the heads after the decoder's (index dec_layers) score the proposals
         proposal_heads = (self.class_embed[-1], self.bbox_embed[-1]) if self.two_stage else None
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
-            srcs, level_masks, pos, query_embed, anchors, box_heads, proposal_heads, dn)
+            srcs, level_masks, pos, query_embed, anchors, box_heads, proposal_heads, dn,
+            extra, attn_mask)
+        logits, boxes = self.heads(hs, init_reference, inter_references)
+        if dn is not None:
+            (dn_logits, logits), (dn_boxes, boxes) = (
+                zip(*[split_denoising(x, dn) for x in xs]) for xs in (logits, boxes))
+        out = self.set_outputs([x[:, :self.num_queries] for x in logits],
+                               [x[:, :self.num_queries] for x in boxes])
+        if dn is not None:
+            out["dn_outputs"], out["dn_meta"] = self.set_outputs(dn_logits, dn_boxes), dn
+        if extra:
+            out["one_to_many_outputs"] = self.set_outputs(
+                [x[:, self.num_queries:] for x in logits],
+                [x[:, self.num_queries:] for x in boxes])
+        if self.two_stage:
+            out["enc_outputs"] = {"pred_logits": enc_class,
+                                  "pred_boxes": enc_coord_unact.sigmoid()}
+        return out
 
+    def heads(self, hs, init_reference, inter_references):
+        """Every decoder layer's class logits and boxes (lists of (N, Lall, ...)),
+        each box decoded relative to the reference the layer started from."""
         logits, boxes = [], []
         for lvl in range(hs.shape[0]):
             reference = init_reference if lvl == 0 else inter_references[lvl - 1]
             boxes.append(decode_boxes(self.bbox_embed[lvl](hs[lvl]), reference))
             logits.append(self.class_embed[lvl](hs[lvl]))
-        if dn is None:
-            out = self.set_outputs(logits, boxes)
-        else:
-            (dn_logits, logits), (dn_boxes, boxes) = (
-                zip(*[split_denoising(x, dn) for x in xs]) for xs in (logits, boxes))
-            out = self.set_outputs(logits, boxes)
-            out["dn_outputs"], out["dn_meta"] = self.set_outputs(dn_logits, dn_boxes), dn
-        if self.two_stage:
-            out["enc_outputs"] = {"pred_logits": enc_class,
-                                  "pred_boxes": enc_coord_unact.sigmoid()}
-        return out
+        return logits, boxes
 
     def set_outputs(self, logits, boxes):
         """Per-layer lists of logits and boxes -> the last layer's "pred_logits" and
@@ -237,4 +256,5 @@ def build_deformable_detr(cfg):
                           query_anchors=cfg.query_anchors,
                           denoising=((cfg.dn_groups, cfg.dn_label_noise, cfg.dn_box_noise)
                                      if cfg.dn_detr else None),
-                          look_forward_twice=cfg.dino_look_forward_twice)
+                          look_forward_twice=cfg.dino_look_forward_twice,
+                          one_to_many=cfg.h_detr_queries if cfg.h_detr else 0)

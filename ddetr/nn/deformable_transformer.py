@@ -450,7 +450,8 @@ class DeformableTransformer(nn.Module):
                              f"{shape(query_embed)}")
 
     def forward(self, srcs, masks, pos_embeds, query_embed=None, anchors=None,
-                box_heads=None, proposal_heads=None, denoising=None):
+                box_heads=None, proposal_heads=None, denoising=None, one_to_many=0,
+                self_attn_mask=None):
         """
         Args:
             srcs: list of L maps (N, C, H_l, W_l); masks: list of (N, H_l, W_l) bool;
@@ -464,14 +465,20 @@ class DeformableTransformer(nn.Module):
                 encoder token's proposal and regress its box.
             denoising: training only, None or DN-DETR's denoising queries
                 (``ddetr.models.denoising.DenoisingQueries``: tgt (N, Ldn, C), boxes
-                (N, Ldn, 4), attn_mask (Ldn + Lq, Ldn + Lq)), put before the Lq
-                queries; they need 4-d reference boxes (two-stage or DAB anchors).
+                (N, Ldn, 4)), put before the Lq queries; they need 4-d reference boxes
+                (two-stage or DAB anchors).
+            one_to_many: training only, two-stage only: L_extra more proposals kept
+                after the Lq, as H-DETR's one-to-many queries
+                (``ddetr.models.hybrid_matching``).
+            self_attn_mask: (Ldn + Lq + L_extra)^2 bool or None, True where a query
+                may not see another (denoising groups, the one-to-many set).
 
         Returns:
-            hs (num_dec_layers, N, Ldn + Lq, C); init_reference (N, Ldn + Lq, 2|4) in
-            [0, 1]; inter_references (num_dec_layers, N, Ldn + Lq, 2|4); and, two-stage
-            only, enc_outputs_class (N, S, num_classes) and enc_outputs_coord_unact
-            (N, S, 4) (else None, None). Ldn = 0 without denoising.
+            hs (num_dec_layers, N, Lall, C) for Lall = Ldn + Lq + L_extra;
+            init_reference (N, Lall, 2|4) in [0, 1]; inter_references
+            (num_dec_layers, N, Lall, 2|4); and, two-stage only, enc_outputs_class
+            (N, S, num_classes) and enc_outputs_coord_unact (N, S, 4) (else None,
+            None). Ldn = 0 without denoising, L_extra = 0 without one_to_many.
         """
         self.check_inputs(srcs, masks, pos_embeds, query_embed)
         if self.two_stage and proposal_heads is None:
@@ -485,25 +492,27 @@ class DeformableTransformer(nn.Module):
         if self.two_stage:
             (tgt, reference_points, query_pos, enc_class,
              enc_coord_unact) = self.proposal_queries(memory, mask, spatial_shapes,
-                                                      proposal_heads)
+                                                      proposal_heads, one_to_many)
         else:
+            if one_to_many:
+                raise ValueError("one_to_many queries are extra proposals: they need "
+                                 "two_stage=True")
             tgt, reference_points, query_pos = self.learned_queries(
                 query_embed, anchors, memory.shape[0])
-        self_attn_mask = None
         if denoising is not None:
             tgt, reference_points, query_pos = self.with_denoising(
                 denoising, tgt, reference_points, query_pos)
-            self_attn_mask = denoising.attn_mask
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes,
                                             level_start_index, valid_ratios, query_pos, mask,
                                             box_heads, pos, self_attn_mask)
         return hs, reference_points, inter_references, enc_class, enc_coord_unact
 
-    def proposal_queries(self, memory, mask, spatial_shapes, proposal_heads):
+    def proposal_queries(self, memory, mask, spatial_shapes, proposal_heads, extra=0):
         """Two-stage: every encoder token's proposal scored and regressed by
-        proposal_heads; the top Lq by foreground (first class) score become the
-        decoder's reference boxes, and their sine codes its queries. Unlike the
-        official code, padded tokens are excluded (their proposals are +inf).
+        proposal_heads; the top Lq (+ extra: H-DETR's one-to-many set) by foreground
+        (first class) score become the decoder's reference boxes, and their sine codes
+        its queries. Unlike the official code, padded tokens are excluded (their
+        proposals are +inf).
 
         Returns tgt, reference_points (N, Lq, 4) in [0, 1], query_pos, and every
         token's class logits (N, S, num_classes) and boxes (N, S, 4) (inverse-sigmoid).
@@ -515,7 +524,7 @@ class DeformableTransformer(nn.Module):
         enc_class = class_head(output_memory)
         enc_coord_unact = box_head(output_memory) + proposals
         score = enc_class[..., 0].masked_fill(mask, float("-inf"))
-        topk = min(self.two_stage_num_proposals, score.shape[1])
+        topk = min(self.two_stage_num_proposals + extra, score.shape[1])
         topk_index = torch.topk(score, topk, dim=1)[1]
         topk_coords_unact = torch.gather(
             enc_coord_unact, 1, topk_index[..., None].expand(-1, -1, 4)).detach()
