@@ -6,7 +6,6 @@ so entropy / log(n) near 1 means "this query averages everything".
 """
 import math
 
-import torch
 
 
 def attention_entropy(weights, dim=-1, eps=1e-12):

@@ -10,7 +10,6 @@ The sampling ``V(p)`` at a fractional location is bilinear interpolation, implem
 here with gathers (no grid_sample), which makes this file a second, independent
 vectorised formulation next to ``ms_deform_attn_reference``.
 """
-import torch
 
 
 def bilinear_sample(value, spatial_shape, locations):
