@@ -160,3 +160,35 @@ def test_paper_presets_leave_it_off():
     for name in PRESETS:
         if name != "cpu":
             assert not get_config(name).dn_detr, name
+
+
+def test_the_pictures_draw_what_they_say():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ddetr.viz.training_queries import plot_noised_boxes, plot_query_mask, plot_recipe_runs
+    torch.manual_seed(0)
+    targets = targets_of(2)
+    dn = make_denoising_queries(targets, torch.nn.Embedding(7, 8), 4, 3, 0.2, 0.4)
+    ax = plot_noised_boxes(torch.zeros(64, 64, 3).numpy(), targets[0]["boxes"], dn.boxes[0],
+                           3, 64)
+    assert len(ax.patches) == 2 + 3 * 2                      # objects + noised copies
+    ax = plot_query_mask(dn.attn_mask, [("g0", 2), ("g1", 2), ("g2", 2), ("one-to-one", 4)])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["g0", "g1", "g2", "one-to-one"]
+    assert (ax.images[0].get_array() == dn.attn_mask.numpy()).all()
+    runs = [{"recipe": r, "seed": s, "images_seen": 100, "epochs": 2.0,
+             "evals": [{"epoch": 1.0, "AP": 0.1}, {"epoch": 2.0, "AP": 0.2 + s}]}
+            for r in ("preset", "dn_detr") for s in (0, 1)]
+    ax = plot_recipe_runs(runs)
+    assert len(ax.lines) == 4 and list(ax.lines[1].get_xdata()) == [50.0, 100.0]
+    plt.close("all")
+
+
+def test_recipe_summary_sets_each_recipe_against_the_preset():
+    from ddetr.experiments.train_record import recipe_summary
+    runs = [{"recipe": r, "seed": s, "images_seen": 7500, "coco": {"AP": ap}}
+            for r, s, ap in (("preset", 0, 0.30), ("preset", 1, 0.34),
+                             ("dn_detr", 0, 0.40), ("dn_detr", 1, 0.38))]
+    lines = recipe_summary(runs)
+    assert lines[0].startswith("preset") and "AP 0.320 (spread 0.040)" in lines[0]
+    assert lines[-1] == ("dn_detr - preset: +0.070 AP; the larger seed spread: 0.040")

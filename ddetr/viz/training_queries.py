@@ -1,5 +1,6 @@
-"""Pictures of DN-DETR's denoising queries (ddetr.models.denoising): the noised copies
-of an image's boxes, group by group, and the decoder's self-attention mask."""
+"""Pictures of the training-only queries (ddetr.models.denoising, hybrid_matching): the
+noised copies of an image's boxes, group by group, the decoder's self-attention mask
+over all query sets, and recorded recipe runs."""
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -29,18 +30,20 @@ def plot_noised_boxes(image, boxes, noised, groups, size, ax=None):
     return ax
 
 
-def plot_denoising_mask(mask, T, groups, ax=None):
-    """The (G*T + Lq)^2 self-attention mask: row = the query that looks, column = the
-    query it would look at; dark = blocked. Group and matching parts are labelled."""
+def plot_query_mask(mask, parts, ax=None):
+    """A decoder self-attention mask (Lall, Lall): row = the query that looks, column =
+    the query it would look at; dark = blocked. parts: [(label, count), ...] of the
+    query sets in order (e.g. denoising groups, "one-to-one", "one-to-many"), whose
+    edges are drawn and labelled."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4.2, 4.2))
     ax.imshow(np.asarray(mask), cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")
-    dn = T * groups
-    for edge in [g * T for g in range(1, groups + 1)]:
-        ax.axhline(edge - 0.5, color="tab:red" if edge == dn else "0.6", lw=1)
-        ax.axvline(edge - 0.5, color="tab:red" if edge == dn else "0.6", lw=1)
-    ticks = [g * T + (T - 1) / 2 for g in range(groups)] + [dn + (len(mask) - dn - 1) / 2]
-    labels = [f"group {g}" for g in range(groups)] + ["matching"]
+    edges = np.cumsum([n for _, n in parts])
+    for edge in edges[:-1]:
+        ax.axhline(edge - 0.5, color="tab:red", lw=1)
+        ax.axvline(edge - 0.5, color="tab:red", lw=1)
+    ticks = [e - n / 2 - 0.5 for e, (_, n) in zip(edges, parts)]
+    labels = [label for label, _ in parts]
     ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(ticks, labels, fontsize=8)
     ax.set_xlabel("is looked at")
