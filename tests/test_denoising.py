@@ -192,3 +192,13 @@ def test_recipe_summary_sets_each_recipe_against_the_preset():
     lines = recipe_summary(runs)
     assert lines[0].startswith("preset") and "AP 0.320 (spread 0.040)" in lines[0]
     assert lines[-1] == ("dn_detr - preset: +0.070 AP; the larger seed spread: 0.040")
+
+
+def test_the_label_table_stays_out_of_a_hugging_face_folder(dn_model):
+    from ddetr.engine.huggingface import to_hf_state
+    model, _ = dn_model
+    assert "label_enc.weight" in model.state_dict()
+    hf = to_hf_state(model.state_dict())
+    assert not any("label_enc" in k for k in hf)
+    plain = build_model(get_config("cpu"))[0]
+    assert set(hf) == set(to_hf_state(plain.state_dict()))

@@ -279,12 +279,16 @@ def from_hf_state(hf_state, own, kind, source):
     return state
 
 
+TRAINING_ONLY = ("label_enc.",)   # ddetr.models.denoising: not part of the detector
+
+
 def to_hf_state(state):
     """Hugging Face state dict (save_pretrained's names, timm backbone) of a ddetr one:
-    contiguous copies, batch-norm step counters left out."""
+    contiguous copies, batch-norm step counters and training-only weights (the label
+    table of DN-DETR's denoising queries) left out."""
     out = {}
     for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
+        if key.endswith("num_batches_tracked") or key.startswith(TRAINING_ONLY):
             continue
         names = hf_names(key)
         if IN_PROJ.fullmatch(key):
