@@ -283,8 +283,8 @@ MS_DEFORM_ATTN_BAD_INPUTS = {
                               r"spatial_shapes must be \(L, 2\) = \(2, 2\) for n_levels=2, "
                               r"got shape \(1, 2\)"),
     "spatial_shapes vs S": ({"input_spatial_shapes": torch.tensor([[4, 5], [2, 2]])},
-                            ValueError, r"spatial_shapes \[\[4, 5\], \[2, 2\]\] hold 24 "
-                                        r"positions, the flattened input has S=20"),
+                            ValueError, r"value has S=20 keys but spatial_shapes "
+                                        r"\[\(4, 5\), \(2, 2\)\] sum to 24"),
     "mask dtype": ({"input_padding_mask": torch.zeros(2, 20)}, TypeError,
                    r"input_padding_mask must be a bool tensor \(True = padding\), "
                    r"got dtype torch.float32"),
