@@ -523,18 +523,18 @@ DECODER_BAD_INPUTS = {
                                r"like tgt, got \(2, 4, 3\)"),
     "reference_points dtype": ({"reference_points": torch.ones(2, 4, 2, dtype=torch.int64)},
                                TypeError, r"reference_points must be a floating-point tensor"),
+    # the memory, its mask and its tables are checked by the layers' cross-attention
     "memory width": ({"src": torch.randn(2, 39, 8)}, ValueError,
-                     r"src must have d_model=16 channels .*got shape \(2, 39, 8\)"),
+                     r"input_flatten must have d_model=16 channels .*got shape \(2, 39, 8\)"),
     "batch sizes": ({"tgt": torch.randn(1, 4, 16), "reference_points": torch.rand(1, 4, 2),
                      "query_pos": torch.randn(1, 4, 16)}, ValueError,
-                    r"tgt, reference_points, src must have one batch size, got tgt 1, "
-                    r"reference_points 1, src 2"),
+                    r"valid_ratios must be \(N, L, 2\) = \(1, 2, 2\), got shape \(2, 2, 2\)"),
     "query_pos missing": ({"query_pos": None}, ValueError, r"query_pos \(N, Lq, C\) is required"),
     "query_pos shape": ({"query_pos": torch.randn(2, 5, 16)}, ValueError,
                         r"query_pos must be None or a tensor of the shape of tgt "
                         r"\(2, 4, 16\), got \(2, 5, 16\)"),
     "mask shape": ({"padding_mask": torch.zeros(2, 4, dtype=torch.bool)}, ValueError,
-                   r"padding_mask must be \(N, S\) = \(2, 39\), got shape \(2, 4\)"),
+                   r"input_padding_mask must be \(N, S\) = \(2, 39\), got shape \(2, 4\)"),
     "box heads": ({"box_heads": [torch.nn.Linear(16, 4)]}, ValueError,
                   r"box_heads must hold a head per decoder layer \(2\), got 1"),
 }
