@@ -6,8 +6,10 @@ import torch
 
 import ddetr.nn.ms_deform_attn as ms_deform_attn_module
 
+from ddetr.config import get_config
+from ddetr.models import build_model
 from ddetr.nn import (DeformableAttention, DeformableTransformer, MSDeformAttn,
-                      MultiHeadAttention, Transformer)
+                      MultiHeadAttention, Transformer, set_attention_backend)
 from ddetr.ops import (bilinear_sample, deform_attn, level_start_index_of,
                        ms_deform_attn_reference, scaled_dot_product_attention)
 
@@ -570,3 +572,27 @@ def test_dense_transformer_checks_its_inputs(case):
     tr(**good)
     with pytest.raises(error, match=message):
         tr(**{**good, **change})
+
+
+def test_set_attention_backend_sets_every_ms_deform_attn_of_a_model():
+    tr = DeformableTransformer(16, 2, 2, 2, 32, 0.0, 2, 2, 2)
+    modules = [m for m in tr.modules() if isinstance(m, MSDeformAttn)]
+    assert len(modules) == 4 and {m.backend for m in modules} == {"auto"}
+    assert set_attention_backend(tr, "reference") is tr
+    assert {m.backend for m in modules} == {"reference"}
+
+
+def test_the_backend_is_checked_where_it_is_set():
+    attn = MSDeformAttn(16, 2, 2, 2)
+    message = r"backend must be one of \['auto', 'reference', 'kernel', 'triton'\], got 'gpu'"
+    with pytest.raises(ValueError, match=message):
+        attn.backend = "gpu"
+    with pytest.raises(ValueError, match=message):          # even with no MSDeformAttn in it
+        set_attention_backend(torch.nn.Linear(2, 2), "gpu")
+    assert attn.backend == "auto"
+
+
+def test_a_model_built_from_a_config_runs_on_its_attention_backend():
+    model = build_model(get_config("cpu", {"attention_backend": "reference"}))[0]
+    backends = {m.backend for m in model.modules() if isinstance(m, MSDeformAttn)}
+    assert backends == {"reference"}
