@@ -298,6 +298,10 @@ class DeformableTransformer(nn.Module):
         attention ("deformable", or "dense": the baseline of the module docstring),
         query_anchors ("none", or "dab": the queries come with learned anchor boxes,
         see ``forward``'s anchors, and the decoder gets a ``ref_point_head``).
+
+    The MSDeformAttn modules run on backend "auto"; ``set_attention_backend(model,
+    backend)`` (``ddetr.nn``) changes it for all of them, as ``build_deformable_transformer``
+    does with a config's ``attention_backend``.
     """
 
     def __init__(self, d_model=256, n_heads=8, num_encoder_layers=6, num_decoder_layers=6,
