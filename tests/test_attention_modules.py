@@ -6,8 +6,10 @@ import torch
 
 import ddetr.nn.ms_deform_attn as ms_deform_attn_module
 
+from ddetr.config import get_config
+from ddetr.models import build_model
 from ddetr.nn import (DeformableAttention, DeformableTransformer, MSDeformAttn,
-                      MultiHeadAttention, Transformer)
+                      MultiHeadAttention, Transformer, set_attention_backend)
 from ddetr.ops import (bilinear_sample, deform_attn, level_start_index_of,
                        ms_deform_attn_reference, scaled_dot_product_attention)
 
@@ -283,8 +285,8 @@ MS_DEFORM_ATTN_BAD_INPUTS = {
                               r"spatial_shapes must be \(L, 2\) = \(2, 2\) for n_levels=2, "
                               r"got shape \(1, 2\)"),
     "spatial_shapes vs S": ({"input_spatial_shapes": torch.tensor([[4, 5], [2, 2]])},
-                            ValueError, r"spatial_shapes \[\[4, 5\], \[2, 2\]\] hold 24 "
-                                        r"positions, the flattened input has S=20"),
+                            ValueError, r"value has S=20 keys but spatial_shapes "
+                                        r"\[\(4, 5\), \(2, 2\)\] sum to 24"),
     "mask dtype": ({"input_padding_mask": torch.zeros(2, 20)}, TypeError,
                    r"input_padding_mask must be a bool tensor \(True = padding\), "
                    r"got dtype torch.float32"),
@@ -523,18 +525,18 @@ DECODER_BAD_INPUTS = {
                                r"like tgt, got \(2, 4, 3\)"),
     "reference_points dtype": ({"reference_points": torch.ones(2, 4, 2, dtype=torch.int64)},
                                TypeError, r"reference_points must be a floating-point tensor"),
+    # the memory, its mask and its tables are checked by the layers' cross-attention
     "memory width": ({"src": torch.randn(2, 39, 8)}, ValueError,
-                     r"src must have d_model=16 channels .*got shape \(2, 39, 8\)"),
+                     r"input_flatten must have d_model=16 channels .*got shape \(2, 39, 8\)"),
     "batch sizes": ({"tgt": torch.randn(1, 4, 16), "reference_points": torch.rand(1, 4, 2),
                      "query_pos": torch.randn(1, 4, 16)}, ValueError,
-                    r"tgt, reference_points, src must have one batch size, got tgt 1, "
-                    r"reference_points 1, src 2"),
+                    r"valid_ratios must be \(N, L, 2\) = \(1, 2, 2\), got shape \(2, 2, 2\)"),
     "query_pos missing": ({"query_pos": None}, ValueError, r"query_pos \(N, Lq, C\) is required"),
     "query_pos shape": ({"query_pos": torch.randn(2, 5, 16)}, ValueError,
                         r"query_pos must be None or a tensor of the shape of tgt "
                         r"\(2, 4, 16\), got \(2, 5, 16\)"),
     "mask shape": ({"padding_mask": torch.zeros(2, 4, dtype=torch.bool)}, ValueError,
-                   r"padding_mask must be \(N, S\) = \(2, 39\), got shape \(2, 4\)"),
+                   r"input_padding_mask must be \(N, S\) = \(2, 39\), got shape \(2, 4\)"),
     "box heads": ({"box_heads": [torch.nn.Linear(16, 4)]}, ValueError,
                   r"box_heads must hold a head per decoder layer \(2\), got 1"),
 }
@@ -570,3 +572,27 @@ def test_dense_transformer_checks_its_inputs(case):
     tr(**good)
     with pytest.raises(error, match=message):
         tr(**{**good, **change})
+
+
+def test_set_attention_backend_sets_every_ms_deform_attn_of_a_model():
+    tr = DeformableTransformer(16, 2, 2, 2, 32, 0.0, 2, 2, 2)
+    modules = [m for m in tr.modules() if isinstance(m, MSDeformAttn)]
+    assert len(modules) == 4 and {m.backend for m in modules} == {"auto"}
+    assert set_attention_backend(tr, "reference") is tr
+    assert {m.backend for m in modules} == {"reference"}
+
+
+def test_the_backend_is_checked_where_it_is_set():
+    attn = MSDeformAttn(16, 2, 2, 2)
+    message = r"backend must be one of \['auto', 'reference', 'kernel', 'triton'\], got 'gpu'"
+    with pytest.raises(ValueError, match=message):
+        attn.backend = "gpu"
+    with pytest.raises(ValueError, match=message):          # even with no MSDeformAttn in it
+        set_attention_backend(torch.nn.Linear(2, 2), "gpu")
+    assert attn.backend == "auto"
+
+
+def test_a_model_built_from_a_config_runs_on_its_attention_backend():
+    model = build_model(get_config("cpu", {"attention_backend": "reference"}))[0]
+    backends = {m.backend for m in model.modules() if isinstance(m, MSDeformAttn)}
+    assert backends == {"reference"}

@@ -11,6 +11,7 @@ from torch import nn
 
 from ddetr.config import get_config
 from ddetr.models import build_model
+from ddetr.nn import MultiHeadAttention
 from ddetr.nn.deformable_transformer import (DeformableTransformerDecoderLayer,
                                              DeformableTransformerEncoderLayer,
                                              make_attention)
@@ -69,7 +70,7 @@ def test_dense_decoder_needs_the_memory_positions():
     decoder = build_model(cfg)[0].transformer.decoder
     tgt, query_pos, _ = _inputs(S=5, C=cfg.d_model)
     memory, _, mask = _inputs(S=12, C=cfg.d_model)
-    with pytest.raises(ValueError, match="dense cross-attention needs src_pos"):
+    with pytest.raises(ValueError, match=r"dense attention needs input_pos \(N, S, C\).*src_pos"):
         decoder(tgt, torch.rand(2, 5, 2), memory, None, None, torch.ones(2, 1, 2),
                 query_pos, mask)
 
@@ -87,7 +88,7 @@ def test_dense_baseline_differs_in_the_attention_modules_only(variant):
     assert outside(dense) == outside(deformable)
     # and the attention modules are what the names say
     enc = dense.transformer.encoder.layers[0].self_attn
-    assert type(enc).__name__ == "MultiHeadAttention"
+    assert type(enc).__name__ == "DenseCrossAttention" and isinstance(enc, MultiHeadAttention)
     assert type(deformable.transformer.encoder.layers[0].self_attn).__name__ == "MSDeformAttn"
 
 
@@ -107,4 +108,4 @@ def test_initial_boxes_sit_at_the_reference_points(attention):
 def test_make_attention_rejects_unknown_kinds():
     with pytest.raises(ValueError, match=r"attention must be one of \['deformable', "
                                          r"'dense'\], got 'sparse'"):
-        make_attention("sparse", 32, 1, 4, 2, 0.0, "auto")
+        make_attention("sparse", 32, 1, 4, 2, 0.0)

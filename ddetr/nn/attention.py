@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..ops.dense_attention import multi_head_attention
-from .checks import (check_attn_mask, check_heads, check_padding_mask, check_same,
-                     check_tensor, check_width)
+from .checks import (check_attn_mask, check_dropout, check_heads, check_padding_mask,
+                     check_same, check_tensor, check_width)
 
 
 class MultiHeadAttention(nn.Module):
@@ -24,8 +24,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model=256, n_heads=8, dropout=0.0):
         super().__init__()
         check_heads(d_model, n_heads)
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         self.d_model, self.n_heads, self.dropout = d_model, n_heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))

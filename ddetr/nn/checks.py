@@ -43,6 +43,12 @@ def check_heads(d_model, n_heads, **counts):
         raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
 
 
+def check_dropout(dropout):
+    """A dropout probability in [0, 1) (1 would drop everything)."""
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
 def check_tensor(name, t, layout, floating=True):
     """t a tensor with as many dimensions as layout names (e.g. "(N, Lq, C)"), and of a
     floating-point dtype unless floating=False."""

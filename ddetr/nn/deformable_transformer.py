@@ -29,12 +29,14 @@ Parameter names (``level_embed``, ``encoder.layers.{i}.self_attn``, ``norm1``,
 ``pos_trans``...) follow the official implementation.
 
 The dense baseline. With ``attention="dense"`` the encoder's self-attention and the
-decoder's cross-attention are DETR's: every query attends to all S tokens, keys carry
-their position codes (key = token + pos), values do not. Everything else stays as it
-is -- input projections, level embeddings, reference points and the boxes predicted
-relative to them, refinement, two-stage proposals, initialisation -- so that a model
-with dense attention differs from Deformable DETR in its attention only (chapter 7's
-baseline). The reference points then serve the boxes, not the sampling.
+decoder's cross-attention are DETR's (``DenseCrossAttention``, called exactly as
+MSDeformAttn is, so no layer asks which it holds): every query attends to all S
+tokens, keys carry their position codes (key = token + pos), values do not.
+Everything else stays as it is -- input projections, level embeddings, reference
+points and the boxes predicted relative to them, refinement, two-stage proposals,
+initialisation -- so that a model with dense attention differs from Deformable DETR
+in its attention only (chapter 7's baseline). The reference points then serve the
+boxes, not the sampling.
 """
 import torch
 import torch.nn.functional as F
@@ -42,26 +44,29 @@ from torch import nn
 
 from ..ops.checks import level_shapes, level_tables
 from .attention import MultiHeadAttention
-from .checks import (check_heads, check_like, check_padding_mask, check_same,
+from .checks import (check_dropout, check_heads, check_like, check_padding_mask, check_same,
                      check_spatial_shapes, check_tensor, check_width, shape)
+from .dense_cross_attention import DenseCrossAttention
 from .geometry import (decode_boxes, pixel_centres, size_tensor, to_padded_levels, valid_ratio,
                        valid_size)
 from .helpers import get_clones, with_pos
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, set_attention_backend
 from .position_encoding import sine_embed
 
 
 ATTENTIONS = ("deformable", "dense")
 
 
-def make_attention(kind, d_model, n_levels, n_heads, n_points, dropout, backend):
+def make_attention(kind, d_model, n_levels, n_heads, n_points, dropout):
     """The attention of an encoder layer (self) or decoder layer (cross): MSDeformAttn,
-    or with kind="dense" DETR's MultiHeadAttention over all tokens of all levels."""
+    or with kind="dense" DETR's attention over all tokens of all levels
+    (``DenseCrossAttention``, called as MSDeformAttn is). The backend of MSDeformAttn
+    is set on the built model (``set_attention_backend``)."""
     if kind not in ATTENTIONS:
         raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {kind!r}")
     if kind == "dense":
-        return MultiHeadAttention(d_model, n_heads, dropout=dropout)
-    return MSDeformAttn(d_model, n_levels, n_heads, n_points, backend)
+        return DenseCrossAttention(d_model, n_heads, dropout=dropout)
+    return MSDeformAttn(d_model, n_levels, n_heads, n_points)
 
 
 def check_valid_ratios(valid_ratios, N, L):
@@ -78,11 +83,11 @@ class DeformableTransformerEncoderLayer(nn.Module):
     (N, S, C) -> (N, S, C)."""
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8,
-                 n_points=4, backend="auto", attention="deformable"):
+                 n_points=4, attention="deformable"):
         super().__init__()
-        self.attention, self.n_levels, self.d_model = attention, n_levels, d_model
+        self.n_levels, self.d_model = n_levels, d_model
         self.self_attn = make_attention(attention, d_model, n_levels, n_heads, n_points,
-                                        dropout, backend)
+                                        dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -94,12 +99,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
                 padding_mask=None):
         """src, pos (N, S, C); reference_points (N, S, L, 2); padding_mask (N, S)."""
-        query = with_pos(src, pos)
-        if self.attention == "dense":
-            attn = self.self_attn(query, query, src, padding_mask)[0]
-        else:
-            attn = self.self_attn(query, reference_points, src, spatial_shapes,
-                                  level_start_index, padding_mask)
+        attn = self.self_attn(with_pos(src, pos), reference_points, src, spatial_shapes,
+                              level_start_index, padding_mask, pos)
         src = self.norm1(src + self.dropout1(attn))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(ffn))
@@ -162,11 +163,11 @@ class DeformableTransformerDecoderLayer(nn.Module):
     """
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8,
-                 n_points=4, backend="auto", attention="deformable"):
+                 n_points=4, attention="deformable"):
         super().__init__()
-        self.attention, self.n_levels = attention, n_levels
+        self.n_levels = n_levels
         self.cross_attn = make_attention(attention, d_model, n_levels, n_heads, n_points,
-                                         dropout, backend)
+                                         dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout)
@@ -187,12 +188,8 @@ class DeformableTransformerDecoderLayer(nn.Module):
         q = k = with_pos(tgt, query_pos)
         attn, _ = self.self_attn(q, k, tgt, attn_mask=self_attn_mask)
         tgt = self.norm2(tgt + self.dropout2(attn))
-        if self.attention == "dense":
-            attn = self.cross_attn(with_pos(tgt, query_pos), with_pos(src, src_pos), src,
-                                   padding_mask)[0]
-        else:
-            attn = self.cross_attn(with_pos(tgt, query_pos), reference_points, src,
-                                   spatial_shapes, level_start_index, padding_mask)
+        attn = self.cross_attn(with_pos(tgt, query_pos), reference_points, src,
+                               spatial_shapes, level_start_index, padding_mask, src_pos)
         tgt = self.norm1(tgt + self.dropout1(attn))
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
@@ -225,6 +222,25 @@ class DeformableTransformerDecoder(nn.Module):
         self.ref_point_head = None
         self.look_forward_twice = False
 
+    def check_inputs(self, tgt, reference_points, valid_ratios, query_pos, box_heads):
+        """Raise TypeError/ValueError unless ``forward``'s own inputs fit. The memory,
+        its position codes, the level tables and the padding mask go to every layer's
+        attention as they are, and are checked there."""
+        check_tensor("tgt", tgt, "(N, Lq, C)")
+        check_tensor("reference_points", reference_points, "(N, Lq, 2|4)")
+        N, Lq, _ = tgt.shape
+        if reference_points.shape[:2] != (N, Lq) or reference_points.shape[-1] not in (2, 4):
+            raise ValueError(f"reference_points must be (N, Lq, 2 or 4) = ({N}, {Lq}, 2|4) "
+                             f"like tgt, got {shape(reference_points)}")
+        check_valid_ratios(valid_ratios, N, self.layers[0].n_levels)
+        if query_pos is None and self.ref_point_head is None:
+            raise ValueError("query_pos (N, Lq, C) is required (it is made from the "
+                             "reference boxes only with DAB anchors), got None")
+        check_like("query_pos", query_pos, tgt, "tgt")
+        if box_heads is not None and len(box_heads) < self.num_layers:
+            raise ValueError(f"box_heads must hold a head per decoder layer "
+                             f"({self.num_layers}), got {len(box_heads)}")
+
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index,
                 valid_ratios, query_pos=None, padding_mask=None, box_heads=None,
                 src_pos=None, self_attn_mask=None):
@@ -236,6 +252,8 @@ class DeformableTransformerDecoder(nn.Module):
             src: (N, S, C) memory. valid_ratios: (N, L, 2). padding_mask: (N, S).
             src_pos: (N, S, C) the memory's position codes; dense attention adds them
                 to its keys (required there), MSDeformAttn does not use them.
+            (src, src_pos, spatial_shapes, level_start_index and padding_mask are
+            checked by the layers' cross-attention.)
             box_heads: None, or a box head per layer ((N, Lq, C) -> (N, Lq, 4) offsets
                 in inverse-sigmoid space, see ``decode_boxes``) to refine the
                 reference boxes with after each layer.
@@ -248,30 +266,7 @@ class DeformableTransformerDecoder(nn.Module):
             relative to for the *next* layer (detached, as in the paper, unless
             look_forward_twice).
         """
-        check_tensor("tgt", tgt, "(N, Lq, C)")
-        check_tensor("reference_points", reference_points, "(N, Lq, 2|4)")
-        check_tensor("src", src, "(N, S, C)")
-        N, Lq, C = tgt.shape
-        if reference_points.shape[:2] != (N, Lq) or reference_points.shape[-1] not in (2, 4):
-            raise ValueError(f"reference_points must be (N, Lq, 2 or 4) = ({N}, {Lq}, 2|4) "
-                             f"like tgt, got {shape(reference_points)}")
-        check_width("src", src, C)
-        check_same("batch size", tgt=tgt, reference_points=reference_points, src=src)
-        L = self.layers[0].n_levels
-        check_valid_ratios(valid_ratios, N, L)
-        if self.layers[0].attention == "dense":
-            if src_pos is None:
-                raise ValueError("dense cross-attention needs src_pos (N, S, C), the "
-                                 "memory's position codes (its keys), got None")
-            check_like("src_pos", src_pos, src, "src")
-        if query_pos is None and self.ref_point_head is None:
-            raise ValueError("query_pos (N, Lq, C) is required (it is made from the "
-                             "reference boxes only with DAB anchors), got None")
-        check_like("query_pos", query_pos, tgt, "tgt")
-        check_padding_mask("padding_mask", padding_mask, N, src.shape[1])
-        if box_heads is not None and len(box_heads) < self.num_layers:
-            raise ValueError(f"box_heads must hold a head per decoder layer "
-                             f"({self.num_layers}), got {len(box_heads)}")
+        self.check_inputs(tgt, reference_points, valid_ratios, query_pos, box_heads)
         out = tgt
         hs, references = [], []
         for lid, layer in enumerate(self.layers):
@@ -299,42 +294,42 @@ class DeformableTransformer(nn.Module):
         d_model C, n_heads M, num_encoder_layers, num_decoder_layers, dim_feedforward,
         dropout, num_feature_levels L, enc_n_points / dec_n_points K,
         two_stage (decoder queries from encoder proposals), two_stage_num_proposals
-        (how many; = the number of queries), backend (MSDeformAttn backend),
+        (how many; = the number of queries),
         attention ("deformable", or "dense": the baseline of the module docstring),
         query_anchors ("none", or "dab": the queries come with learned anchor boxes,
         see ``forward``'s anchors, and the decoder gets a ``ref_point_head``).
+
+    The MSDeformAttn modules run on backend "auto"; ``set_attention_backend(model,
+    backend)`` (``ddetr.nn``) changes it for all of them, as ``build_deformable_transformer``
+    does with a config's ``attention_backend``.
     """
 
     def __init__(self, d_model=256, n_heads=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=1024, dropout=0.1, num_feature_levels=4, dec_n_points=4,
                  enc_n_points=4, two_stage=False, two_stage_num_proposals=300,
-                 backend="auto", query_anchors="none", attention="deformable"):
+                 query_anchors="none", attention="deformable"):
         super().__init__()
         check_heads(d_model, n_heads, num_encoder_layers=num_encoder_layers,
                     num_decoder_layers=num_decoder_layers, dim_feedforward=dim_feedforward,
                     num_feature_levels=num_feature_levels, dec_n_points=dec_n_points,
                     enc_n_points=enc_n_points, two_stage_num_proposals=two_stage_num_proposals)
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         if query_anchors not in ("none", "dab"):
             raise ValueError(f"query_anchors must be 'none' or 'dab', got {query_anchors!r}")
         if query_anchors == "dab" and two_stage:
             raise ValueError("query_anchors='dab' and two_stage=True both make the "
                              "decoder's reference boxes; choose one")
-        if attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got "
-                             f"{attention!r}")
         self.query_anchors, self.attention = query_anchors, attention
         self.d_model, self.n_heads = d_model, n_heads
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
         encoder_layer = DeformableTransformerEncoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, n_heads, enc_n_points,
-            backend, attention)
+            attention)
         self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
         decoder_layer = DeformableTransformerDecoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, n_heads, dec_n_points,
-            backend, attention)
+            attention)
         self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
         # which level a token comes from: added to its position code
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
@@ -570,11 +565,12 @@ class DeformableTransformer(nn.Module):
 
 
 def build_deformable_transformer(cfg):
-    return DeformableTransformer(
+    """The transformer of cfg, its MSDeformAttn modules on cfg.attention_backend."""
+    transformer = DeformableTransformer(
         d_model=cfg.d_model, n_heads=cfg.n_heads, num_encoder_layers=cfg.enc_layers,
         num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
         dropout=cfg.dropout, num_feature_levels=cfg.num_feature_levels,
         dec_n_points=cfg.dec_n_points, enc_n_points=cfg.enc_n_points,
         two_stage=cfg.two_stage, two_stage_num_proposals=cfg.num_queries,
-        backend=cfg.attention_backend, query_anchors=cfg.query_anchors,
-        attention=cfg.attention)
+        query_anchors=cfg.query_anchors, attention=cfg.attention)
+    return set_attention_backend(transformer, cfg.attention_backend)

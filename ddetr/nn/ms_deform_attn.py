@@ -15,11 +15,28 @@ from .checks import (check_heads, check_padding_mask, check_same, check_spatial_
 from .deformable_attention import init_deformable_attention
 
 
+def check_backend_name(backend):
+    """One of ``ddetr.ops.ms_deform_attn.BACKENDS``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+
+
+def set_attention_backend(model, backend):
+    """Run every MSDeformAttn of ``model`` on ``backend`` (one of
+    ``ddetr.ops.ms_deform_attn.BACKENDS``) from now on; returns model."""
+    check_backend_name(backend)
+    for module in model.modules():
+        if isinstance(module, MSDeformAttn):
+            module._backend = backend
+    return model
+
+
 class MSDeformAttn(nn.Module):
     """Args: d_model C, n_levels L, n_heads M (D = C / M), n_points K per head and level.
 
     ``backend`` is passed to ``ddetr.ops.ms_deform_attn``: one of its BACKENDS ("auto",
-    "reference", "kernel", "triton").
+    "reference", "kernel", "triton"); it can be changed later, on one module
+    (``attn.backend = ...``) or on every module of a model (``set_attention_backend``).
 
     The sampling runs in the wider of the value's and the locations' dtypes (float32
     reference points under autocast; float64 reference points with a float32 query);
@@ -29,8 +46,6 @@ class MSDeformAttn(nn.Module):
     def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, backend="auto"):
         super().__init__()
         check_heads(d_model, n_heads, n_levels=n_levels, n_points=n_points)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.d_model, self.n_levels = d_model, n_levels
         self.n_heads, self.n_points = n_heads, n_points
         self.backend = backend
@@ -39,6 +54,16 @@ class MSDeformAttn(nn.Module):
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self.reset_parameters()
+
+    @property
+    def backend(self):
+        """The ``ddetr.ops.ms_deform_attn`` backend this module runs on."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend):
+        check_backend_name(backend)
+        self._backend = backend
 
     def reset_parameters(self):
         init_deformable_attention(self, self.n_heads, self.n_levels, self.n_points)
@@ -58,6 +83,10 @@ class MSDeformAttn(nn.Module):
             (N, Lq, M, L, K), the softmax taken jointly over the L*K samples of a head.
         """
         self.check_sampling_inputs(query, reference_points, spatial_shapes)
+        return self._sampling(query, reference_points, spatial_shapes)
+
+    def _sampling(self, query, reference_points, spatial_shapes):
+        """``sampling`` on checked inputs."""
         N, Lq, _ = query.shape
         M, L, K = self.n_heads, self.n_levels, self.n_points
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, K, 2)
@@ -73,10 +102,10 @@ class MSDeformAttn(nn.Module):
                          + offsets / K * reference_points[:, :, None, :, None, 2:] * 0.5)
         return locations, weights
 
-    def check_sampling_inputs(self, query, reference_points, spatial_shapes, S=None):
+    def check_sampling_inputs(self, query, reference_points, spatial_shapes):
         """Raise TypeError/ValueError unless query (N, Lq, C), reference_points
-        (N, Lq, L, 2|4) floating point and spatial_shapes (L, 2) int64 fit the module
-        (and, with S, hold S positions)."""
+        (N, Lq, L, 2|4) floating point and spatial_shapes (L, 2) int64 fit the module.
+        (That the levels hold the S positions of the input is the operator's check.)"""
         check_tensor("query", query, "(N, Lq, C)")
         check_width("query", query, self.d_model)
         check_tensor("reference_points", reference_points, "(N, Lq, L, 2|4)")
@@ -85,30 +114,39 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[:3] != (N, Lq, L) or reference_points.shape[-1] not in (2, 4):
             raise ValueError(f"reference_points must be (N, Lq, L, 2 or 4) = "
                              f"({N}, {Lq}, {L}, 2|4), got {shape(reference_points)}")
-        check_spatial_shapes("spatial_shapes", spatial_shapes, L, S)
+        check_spatial_shapes("spatial_shapes", spatial_shapes, L)
 
-    def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
-                input_level_start_index, input_padding_mask=None):
-        """query (N, Lq, C), reference_points (N, Lq, L, 2|4), input_flatten (N, S, C),
-        input_spatial_shapes (L, 2), input_level_start_index (L,),
-        input_padding_mask (N, S) bool (True = padding) or None -> (N, Lq, C)."""
+    def check_inputs(self, query, reference_points, input_flatten, input_spatial_shapes,
+                     input_padding_mask):
+        """``forward``'s checks, once per call; the operator checks the level tables
+        against the input (and nothing here is checked again there)."""
         check_tensor("input_flatten", input_flatten, "(N, S, C)")
         check_width("input_flatten", input_flatten, self.d_model)
-        check_tensor("query", query, "(N, Lq, C)")
-        check_tensor("reference_points", reference_points, "(N, Lq, L, 2|4)")
+        self.check_sampling_inputs(query, reference_points, input_spatial_shapes)
         check_same("batch size", query=query, reference_points=reference_points,
                    input_flatten=input_flatten)
         check_same("device", query=query, reference_points=reference_points,
                    input_flatten=input_flatten)
+        check_padding_mask("input_padding_mask", input_padding_mask, *input_flatten.shape[:2])
+
+    def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
+                input_level_start_index, input_padding_mask=None, input_pos=None):
+        """query (N, Lq, C), reference_points (N, Lq, L, 2|4), input_flatten (N, S, C),
+        input_spatial_shapes (L, 2), input_level_start_index (L,),
+        input_padding_mask (N, S) bool (True = padding) or None -> (N, Lq, C).
+
+        input_pos, the input's position codes, is not used (deformable attention's
+        samples carry no position code); it is accepted so that ``DenseCrossAttention``,
+        whose keys need it, is called the same way."""
+        self.check_inputs(query, reference_points, input_flatten, input_spatial_shapes,
+                          input_padding_mask)
         N, S, C = input_flatten.shape
-        self.check_sampling_inputs(query, reference_points, input_spatial_shapes, S)
-        check_padding_mask("input_padding_mask", input_padding_mask, N, S)
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, self.n_heads, C // self.n_heads)
         out_dtype = value.dtype
-        locations, weights = self.sampling(query, reference_points, input_spatial_shapes)
+        locations, weights = self._sampling(query, reference_points, input_spatial_shapes)
         # Under autocast the projections give half precision while the reference points
         # stay float32. Locations and weights are always sampled in float32 or wider;
         # value keeps its half type on a GPU, whose kernels read half value with float32
