@@ -213,10 +213,10 @@ def test_points_far_outside_read_zero_and_have_zero_gradient(impl):
 @pytest.mark.parametrize("N, Lq, D", [(0, 5, 4), (2, 0, 4), (0, 0, 4), (2, 5, 0), (2, 5, 8)])
 def test_empty_batch_queries_or_channels(impl, N, Lq, D):
     """No batch, no queries or no channels: with a zero output gradient every gradient
-    comes out exactly zero, never uninitialised memory (fresh allocations three times;
-    D = 8 is the control that has work to do)."""
+    comes out exactly zero, never uninitialised memory (on a GPU fresh allocations three
+    times; D = 8 is the control that has work to do)."""
     inputs = impl.inputs(N, [(3, 4), (2, 2)], 2, D, Lq, 2)
-    for _ in range(3):
+    for _ in range(3 if impl.device == "cuda" else 1):
         for i in (0, 3, 4):
             inputs[i].grad = None
         out = impl.op(*inputs)
