@@ -1,6 +1,7 @@
-"""The built book in a real browser: every chapter page shows its figures and its math,
-and the browser console stays free of errors (nothing is fetched from the network);
-the animations and slider views play, offline.
+"""The built book in a real browser, as a reader sees it: every chapter page renders,
+shows its figures and typesets its math, with no console error and no request outside
+the book (nothing is fetched from the network); the animations and slider views play,
+offline.
 
 Uses the ``built_book`` fixture (tests/conftest.py), so the book is built once per
 session. Needs Debian's chromium and chromium-driver (``make browser`` installs them)
@@ -115,12 +116,30 @@ return Array.from(document.querySelectorAll("main img, article img"))
 """
 
 
+def _requests(browser):
+    """URLs the page asked for since the last call (Chromium's performance log)."""
+    import json
+
+    urls = []
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def _foreign(urls, site):
+    """The URLs that are neither the book's own files nor data: URLs."""
+    return [u for u in urls if not (u.startswith(site) or u.startswith("data:"))]
+
+
 @pytest.mark.slow
 def test_chapter_pages_render_figures_and_math(browser, site):
     pages = chapter_pages()
     assert pages, "no chapter notebook is listed in _toc.yml"
     problems = []
     for page in pages:
+        _requests(browser)                                  # forget earlier pages
         browser.get(f"{site}/{page}.html")
         # Sphinx loads MathJax only on pages that have math; those must render it all.
         n_tex = browser.execute_script(
@@ -146,39 +165,14 @@ def test_chapter_pages_render_figures_and_math(browser, site):
         for entry in browser.get_log("browser"):
             if entry["level"] == "SEVERE":
                 problems.append(f"{page}: console error: {entry['message']}")
+        foreign = _foreign(_requests(browser), site)
+        if foreign:
+            problems.append(f"{page}: requests outside the book: {foreign[:5]}")
         if page == SCREENSHOT_PAGE or (page == pages[0] and SCREENSHOT_PAGE not in pages):
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(ARTIFACTS / "chapter.png"))
     assert not problems, "\n".join(problems)
     assert (ARTIFACTS / "chapter.png").stat().st_size > 10_000
-
-
-KERNEL_PAGE = "notebooks/05_kernel"
-CODE_WIDTH = """
-return Array.from(document.querySelectorAll(
-    "div.cell div.cell_input pre, div.cell div.cell_output pre, div.highlight pre"))
-  .map(pre => ({longest: Math.max(...pre.textContent.split("\\n").map(l => l.length)),
-                scroll: pre.scrollWidth, client: pre.clientWidth}));
-"""
-
-
-@pytest.mark.slow
-def test_code_lines_fit_at_1280_pixels(browser, site):
-    """book/_static/custom.css widens the content column: at a 1280-pixel window, a code
-    block of chapter 5 whose lines are at most 88 characters (the width of ddetr/csrc)
-    does not scroll sideways. Saves _build/artifacts/kernel_1280.png."""
-    browser.set_window_size(1280, 1600)
-    browser.get(f"{site}/{KERNEL_PAGE}.html")
-    assert browser.execute_script("return window.innerWidth;") >= 1260
-    blocks = browser.execute_script(CODE_WIDTH)
-    short = [b for b in blocks if b["longest"] <= 88]
-    assert any(b["longest"] >= 80 for b in short), \
-        f"no code block with 80-88 character lines on {KERNEL_PAGE}"
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(ARTIFACTS / "kernel_1280.png"))
-    overflowing = [b for b in short if b["scroll"] > b["client"]]
-    assert not overflowing, (f"{len(overflowing)} of {len(short)} code blocks with lines of "
-                             f"at most 88 characters scroll sideways: {overflowing[:3]}")
 
 
 # pages with animations or slider views (matplotlib's player, ddetr.viz.animation), and
@@ -204,18 +198,6 @@ const div = document.querySelectorAll("div.animation")[arguments[0]];
 div.querySelector('button[title="' + arguments[1] + '"]').click();
 return div.querySelector("img").src.slice(-200);
 """
-
-
-def _requests(browser):
-    """URLs the page asked for since the last call (Chromium's performance log)."""
-    import json
-
-    urls = []
-    for entry in browser.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
 
 
 @pytest.mark.slow
@@ -250,8 +232,7 @@ def test_animations_and_views_play_offline(browser, site):
                 "document.querySelectorAll('div.animation')[2].scrollIntoView();")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(ARTIFACTS / "model_view.png"))
-        foreign = [u for u in _requests(browser)
-                   if not (u.startswith(site) or u.startswith("data:"))]
+        foreign = _foreign(_requests(browser), site)
         if foreign:
             problems.append(f"{page}: requests outside the book: {foreign[:5]}")
         for entry in browser.get_log("browser"):

@@ -1,10 +1,11 @@
-"""The fused CPU kernel against the grid_sample reference (and the naive loop).
+"""The fused CPU kernel: what only it has.
 
-Forward and the three gradients (value, sampling_locations, attention_weights):
-float32 within a tolerance over randomized shapes, float64 with gradcheck; the edges of
-the sampling convention (borders, far outside, 1xW levels); empty batch and Lq = 0;
-the torch.library registration (opcheck, torch.compile, torch.export); and the
-dispatcher's choices and errors.
+Forward and the three gradients against the grid_sample reference over randomized
+shapes (hypothesis); torch.compile and torch.export of the registered op; the
+dispatcher's choices and errors; the C++ checks of the level tables; its deterministic
+backward; and the build key. The cases every implementation shares (the reference, the
+naive loop, gradcheck, the edges of the sampling convention, empty inputs, NaN and Inf,
+opcheck) are in test_ms_deform_attn_backends.py, run here as ``kernel-cpu``.
 """
 import warnings
 
@@ -13,8 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ddetr.ops import (kernel, level_start_index_of, ms_deform_attn, ms_deform_attn_naive,
-                       ms_deform_attn_reference)
+from ddetr.ops import kernel, ms_deform_attn, ms_deform_attn_reference
 from op_inputs import make_inputs, outputs_and_grads
 
 
@@ -58,124 +58,7 @@ def test_float32_larger_shape_matches_reference():
                                          8, 32, 50, 4), rtol=1e-4, atol=2e-4)
 
 
-# ---- float64: gradcheck -----------------------------------------------------------------
-
-@pytest.mark.parametrize("N, shapes, M, D, Lq, K, seed", [
-    (1, [(3, 4)], 1, 2, 3, 2, 0),
-    (2, [(4, 5), (2, 3)], 2, 3, 4, 2, 1),
-    (2, [(1, 6), (5, 1), (1, 1)], 3, 2, 3, 3, 2),
-])
-def test_float64_gradcheck(N, shapes, M, D, Lq, K, seed):
-    value, ss, lsi, loc, w = make_inputs(N, shapes, M, D, Lq, K, dtype=torch.float64,
-                                         seed=seed)
-    # keep points off the pixel-centre grid lines where bilinear is not differentiable
-    assert torch.autograd.gradcheck(lambda v, p, a: fused(v, ss, lsi, p, a), (value, loc, w))
-
-
-def test_float64_matches_reference_tightly():
-    assert_matches_reference(make_inputs(2, [(6, 7), (3, 4), (1, 5)], 4, 8, 20, 4,
-                                         dtype=torch.float64), rtol=1e-10, atol=1e-10)
-
-
-# ---- the sampling convention at its edges ---------------------------------------------
-
-def edge_locations(shapes, M, K):
-    """Points exactly on pixel centres, on the borders of the map and of the outer
-    pixel centres, and far outside; one row of (x, y) per query."""
-    H, W = shapes[0]
-    xs = [0.0, 1.0, 0.5 / W, 1 - 0.5 / W, -0.5 / W, 1 + 0.5 / W, 0.5, -1e6, 1e6, -3.0, 4.0,
-          -0.25 / W, 1 + 0.25 / W]
-    ys = [0.0, 1.0, 0.5 / H, 1 - 0.5 / H, -0.5 / H, 1 + 0.5 / H, 0.5, 1e6, -1e6, 0.3, 0.7,
-          -0.25 / H, 1 + 0.25 / H]
-    pairs = [(x, y) for x in xs for y in ys]
-    return torch.tensor(pairs, dtype=torch.float64)
-
-
-def kinks(loc, spatial_shapes):
-    """(N, Lq, M, L, K, 2) bool: True where the coordinate sits on a kink of bilinear
-    interpolation, i.e. u = x W - 1/2 (or v) is an integer in [-1, W - 1] (a pixel
-    centre line, or the line one pixel outside the map). The derivative along that
-    coordinate is one-sided there: the kernel takes the right derivative (its floor);
-    grid_sample's side depends on the rounding of its own coordinate arithmetic."""
-    sizes = spatial_shapes.flip(1).to(loc.dtype).view(1, 1, 1, -1, 1, 2)  # (W, H)
-    u = loc * sizes - 0.5
-    return (u == u.floor()) & (u >= -1) & (u <= sizes - 1)
-
-
-@pytest.mark.parametrize("shapes", [[(4, 6)], [(1, 7)], [(5, 1)], [(1, 1)],
-                                    [(1, 8), (3, 3), (1, 1)]])
-def test_edges_match_reference_and_naive(shapes):
-    M, K = 2, 1
-    pairs = edge_locations(shapes, M, K)  # (P, 2)
-    Lq = pairs.shape[0]
-    value, ss, lsi, _, w = make_inputs(1, shapes, M, 3, Lq, K, dtype=torch.float64,
-                                       requires_grad=False)
-    L = len(shapes)
-    loc = pairs.view(1, Lq, 1, 1, 1, 2).expand(1, Lq, M, L, K, 2).contiguous()
-    inputs = [value.requires_grad_(), ss, lsi, loc.requires_grad_(), w.requires_grad_()]
-    got = outputs_and_grads(fused, inputs)
-    want = outputs_and_grads(ms_deform_attn_reference, inputs)
-    # the output and the gradients of value and weights are continuous: equal everywhere;
-    # the location gradient is compared away from the kinks
-    smooth = ~kinks(loc.detach(), ss)
-    assert smooth.any()
-    got[2], want[2] = got[2][smooth], want[2][smooth]
-    for name, g, r in zip(NAMES, got, want):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
-    # the independent loop agrees on the forward (it is slow: a few queries suffice)
-    few = [t.detach() for t in inputs]
-    few[3], few[4] = few[3][:, :20], few[4][:, :20]
-    torch.testing.assert_close(fused(*few), ms_deform_attn_naive(*few))
-
-
-def test_gradient_at_a_kink_is_the_right_derivative():
-    """On a pixel-centre line the kernel differentiates towards the next pixel."""
-    value = torch.tensor([0.0, 1.0, 5.0], dtype=torch.float64).view(1, 3, 1, 1)
-    ss = torch.tensor([[1, 3]])
-    lsi = torch.tensor([0])
-    x = torch.tensor(1.5 / 3, dtype=torch.float64, requires_grad=True)  # centre of pixel 1
-    loc = torch.stack([x, torch.tensor(0.5, dtype=torch.float64)]).view(1, 1, 1, 1, 1, 2)
-    w = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
-    out = fused(value, ss, lsi, loc, w)
-    assert out.item() == 1.0
-    out.backward()
-    assert x.grad.item() == pytest.approx((5.0 - 1.0) * 3)  # slope towards pixel 2, times W
-
-
-def test_points_far_outside_read_zero_and_have_zero_gradient():
-    value, ss, lsi, loc, w = make_inputs(1, [(4, 4)], 1, 2, 3, 1, requires_grad=False)
-    loc = torch.tensor([1e30, -1e30, 1e8]).view(1, 3, 1, 1, 1, 1).expand_as(loc).clone()
-    loc.requires_grad_()
-    w.requires_grad_()
-    out = fused(value, ss, lsi, loc, w)
-    assert out.abs().max() == 0
-    out.sum().backward()
-    assert loc.grad.abs().max() == 0 and w.grad.abs().max() == 0
-
-
-# ---- empty inputs ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("N, Lq, D", [(0, 5, 4), (2, 0, 4), (0, 0, 4), (2, 5, 0)])
-def test_empty_batch_or_no_queries(N, Lq, D):
-    inputs = make_inputs(N, [(3, 4), (2, 2)], 2, D, Lq, 2)
-    out = fused(*inputs)
-    assert out.shape == (N, Lq, 2 * D)
-    out.backward(torch.zeros_like(out))  # called even for an empty output
-    for i in (0, 3, 4):
-        assert inputs[i].grad.shape == inputs[i].shape
-        assert inputs[i].grad.abs().sum() == 0
-
-
-# ---- the registered operator: opcheck, compile, export ----------------------------------
-
-def test_opcheck():
-    """torch.library's own check: schema, fake kernel, autograd registration."""
-    inputs = make_inputs(2, [(3, 4), (2, 2)], 2, 4, 5, 2)
-    torch.library.opcheck(torch.ops.ddetr.ms_deform_attn.default, inputs)
-    grad = torch.randn(2, 5, 8)
-    torch.library.opcheck(torch.ops.ddetr.ms_deform_attn_backward.default,
-                          (grad, *[t.detach() for t in inputs]))
-
+# ---- the registered operator: compile, export ----------------------------------------
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compiler):
@@ -338,66 +221,6 @@ def test_python_checks_run_before_the_kernel():
         fused(value, torch.tensor([[4, 4]]), lsi, loc, w)
     with pytest.raises(TypeError, match="int64"):
         fused(value, ss.int(), lsi, loc, w)
-
-
-# ---- NaN, Inf and huge values: as the reference ---------------------------------------------
-
-SPECIAL = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 1e8]
-
-
-def special_inputs(dtype, seed=0):
-    """Every special location coordinate (x or y, the other one ordinary) crossed with
-    ordinary, NaN, +Inf, -Inf and zero weights; plus ordinary points with special
-    weights. One query per case, two heads, two levels (one 1 x W)."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(3, 4), (1, 5)]
-    M, D, L, K = 2, 3, len(shapes), 2
-    cases = []
-    ordinary = [0.3, 0.45, 0.71, -0.05, 1.02]
-    for sx in SPECIAL + ordinary:
-        for sy in SPECIAL + ordinary:
-            if sx in ordinary and sy in ordinary and sx != sy:
-                continue
-            for a in (0.7, float("nan"), float("inf"), float("-inf"), 0.0):
-                cases.append((sx, sy, a))
-    Lq = len(cases)
-    ss = torch.tensor(shapes)
-    lsi = level_start_index_of(ss)
-    S = int(ss.prod(1).sum())
-    value = torch.randn(1, S, M, D, generator=gen, dtype=dtype)
-    loc = torch.rand(1, Lq, M, L, K, 2, generator=gen, dtype=dtype)
-    w = torch.rand(1, Lq, M, L, K, generator=gen, dtype=dtype)
-    for q, (sx, sy, a) in enumerate(cases):
-        # the special point is head 0, level q % L, point 0; the others stay ordinary
-        loc[0, q, 0, q % L, 0] = torch.tensor([sx, sy], dtype=dtype)
-        w[0, q, 0, q % L, 0] = a
-    return [value, ss, lsi, loc, w]
-
-
-def assert_same_specials(got, want, name, rtol, atol):
-    """Same NaN, +Inf and -Inf entries; the finite entries close."""
-    for what, test in (("NaN", torch.isnan), ("+Inf", lambda t: t == float("inf")),
-                       ("-Inf", lambda t: t == float("-inf"))):
-        differ = test(got) != test(want)
-        assert not differ.any(), (f"{name}: {what} differs at {differ.nonzero()[:5].tolist()}"
-                                  f" (kernel {got[differ][:5].tolist()}, "
-                                  f"reference {want[differ][:5].tolist()})")
-    finite = torch.isfinite(want)
-    torch.testing.assert_close(got[finite], want[finite], rtol=rtol, atol=atol,
-                               msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_nan_inf_and_huge_inputs_propagate_as_in_the_reference(dtype):
-    inputs = special_inputs(dtype)
-    for t in (inputs[0], inputs[3], inputs[4]):
-        t.requires_grad_()
-    got = outputs_and_grads(fused, inputs)
-    want = outputs_and_grads(ms_deform_attn_reference, inputs)
-    assert torch.isnan(want[0]).any() and torch.isnan(want[2]).any()  # the test bites
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
-    for name, g, w in zip(NAMES, got, want):
-        assert_same_specials(g, w, name, **tol)
 
 
 # ---- level tables ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The Triton kernels (backend="triton") against the reference and the naive loop.
+"""The Triton kernels (backend="triton"): what only they have.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors: the autouse
 fixture ``interpreter`` sets TRITON_INTERPRET=1 for every test not marked ``cuda``.
@@ -8,11 +8,13 @@ force, so these tests share one process with any other (compiled GPU kernels
 included) in any order. The shapes are small: the interpreter runs each program in
 Python with numpy.
 
-Forward and the three gradients (value, sampling_locations, attention_weights) in
-float32 and float64, with float16 and bfloat16 against the float32 reference; the odd
-layouts (1xW, Hx1, 1x1 levels, points outside, empty batch, Lq = 0, D not a power of
-two); NaN and Inf as in the reference; the torch.library registration (opcheck,
-torch.compile); the dispatcher; and the kernels compiled for sm_90 without a GPU.
+torch.compile of the registered op, its checks and the level-table guard; the
+dispatcher; the kernels compiled for sm_90 without a GPU; on a GPU the agreement with
+the CUDA kernel, determinism and inductor. The cases every implementation shares (the
+reference, the naive loop, half precision, gradcheck, the edges of the sampling
+convention, empty inputs, NaN and Inf, opcheck, the benchmark shapes) are in
+test_ms_deform_attn_backends.py, run there as ``triton-cpu`` (the interpreter) and
+``triton-cuda``.
 
 The tests marked ``cuda`` run the compiled kernels on a GPU, unchanged, where one is.
 """
@@ -24,11 +26,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from ddetr.ops import (kernel, ms_deform_attn, ms_deform_attn_naive,  # noqa: E402
-                       ms_deform_attn_reference)
+from ddetr.ops import kernel, ms_deform_attn, ms_deform_attn_reference  # noqa: E402
 from ddetr.ops import ms_deform_attn_triton as tri  # noqa: E402
-from op_inputs import (assert_location_grads_close, assert_matches_reference,  # noqa: E402
-                       make_inputs, outputs_and_grads)
+from op_inputs import (assert_location_grads_close, make_inputs,  # noqa: E402
+                       outputs_and_grads)
+from test_ms_deform_attn_backends import CASES  # noqa: E402
 
 # the module of the dispatcher (ddetr.ops.ms_deform_attn is the function)
 dispatch = importlib.import_module("ddetr.ops.ms_deform_attn")
@@ -65,193 +67,7 @@ def assert_all_close(got, want, msg="", **tol):
         torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{msg}{name}: {m}")
 
 
-# ---- against the reference and the naive loop (interpreter) ------------------------------
-
-CASES = [  # (N, levels, M, D, Lq, K)
-    (2, [(5, 7), (3, 4), (1, 6)], 3, 5, 7, 2),         # D = 5 (padded to 8), a 1xW level
-    (1, [(4, 1), (1, 1)], 2, 8, 5, 3),                  # an Hx1 and a 1x1 level
-    (2, [(6, 6)], 1, 1, 4, 1),                          # L = K = D = 1
-    (1, [(8, 9), (4, 5), (2, 3), (1, 2)], 8, 4, 9, 4),  # the paper's L = K = 4, M = 8
-    (1, [(3, 4), (2, 2)], 4, 33, 5, 2),                 # D = 33: 64 lanes, 16 rows a block
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES)
-def test_matches_reference(case, dtype):
-    inputs = make_inputs(*case, dtype=dtype)
-    got = outputs_and_grads(triton_op, inputs)
-    want = outputs_and_grads(ms_deform_attn_reference, detached_copy(inputs))
-    assert_all_close(got, want, **TOL[dtype])
-
-
-@pytest.mark.parametrize("case", CASES[:3])
-def test_matches_naive_loop(case):
-    """The independent oracle: forward and all three gradients, a few queries."""
-    inputs = make_inputs(*case, dtype=torch.float64)
-    got = outputs_and_grads(triton_op, inputs)
-    want = outputs_and_grads(ms_deform_attn_naive, detached_copy(inputs))
-    assert_all_close(got, want, **TOL[torch.float64])
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)])
-def test_half_precision(dtype, tol):
-    """Half inputs, float32 sums: against the float32 reference of the same (rounded)
-    inputs; outputs and gradients come back in the input dtype."""
-    inputs = make_inputs(*CASES[0], dtype=dtype)
-    got = outputs_and_grads(triton_op, inputs)
-    want = outputs_and_grads(ms_deform_attn_reference, detached_copy(inputs, torch.float32))
-    for name, g, w in zip(NAMES, got, want):
-        assert g.dtype == dtype, name
-        scale = w.abs().max().clamp_min(1)  # location gradients carry a factor W
-        torch.testing.assert_close(g.float() / scale, w / scale, rtol=tol, atol=tol,
-                                   msg=lambda m: f"{name}: {m}")
-
-
-def test_float64_gradcheck():
-    value, ss, lsi, loc, w = make_inputs(1, [(3, 4), (1, 2)], 1, 2, 2, 2, dtype=torch.float64)
-    # fast mode: a random projection of the Jacobian, few interpreter runs
-    assert torch.autograd.gradcheck(lambda v, p, a: triton_op(v, ss, lsi, p, a),
-                                    (value, loc, w), fast_mode=True)
-
-
-def edge_locations(H, W):
-    """(P, 2) points on pixel centres, on the borders of the map and of the outer
-    pixel centres, half a pixel outside and far outside."""
-    xs = [0.0, 1.0, 0.5 / W, 1 - 0.5 / W, -0.5 / W, 1 + 0.5 / W, 0.5, -1e6, 1e6, -0.25 / W]
-    ys = [0.0, 1.0, 0.5 / H, 1 - 0.5 / H, -0.5 / H, 1 + 0.5 / H, 0.3, 1e6, -1e6, 1.25 / H]
-    return torch.tensor([(x, y) for x in xs for y in ys], dtype=torch.float64)
-
-
-def kinks(loc, spatial_shapes):
-    """True where a coordinate sits on a kink of bilinear interpolation (u = x W - 1/2
-    an integer in [-1, W - 1]); the location gradient is one-sided there."""
-    sizes = spatial_shapes.flip(1).to(loc.dtype).view(1, 1, 1, -1, 1, 2)  # (W, H)
-    u = loc * sizes - 0.5
-    return (u == u.floor()) & (u >= -1) & (u <= sizes - 1)
-
-
-@pytest.mark.parametrize("shapes", [[(4, 6)], [(1, 7)], [(5, 1)], [(1, 1)],
-                                    [(1, 8), (3, 3), (1, 1)]])
-def test_edges_match_reference_and_naive(shapes):
-    M = 2
-    pairs = edge_locations(*shapes[0])
-    Lq, L = pairs.shape[0], len(shapes)
-    value, ss, lsi, _, w = make_inputs(1, shapes, M, 3, Lq, 1, dtype=torch.float64)
-    loc = pairs.view(1, Lq, 1, 1, 1, 2).expand(1, Lq, M, L, 1, 2).contiguous().requires_grad_()
-    inputs = [value, ss, lsi, loc, w]
-    got = outputs_and_grads(triton_op, inputs)
-    want = outputs_and_grads(ms_deform_attn_reference, detached_copy(inputs))
-    smooth = ~kinks(loc.detach(), ss)  # location gradients compared off the kinks
-    assert smooth.any()
-    got[2], want[2] = got[2][smooth], want[2][smooth]
-    assert_all_close(got, want, **TOL[torch.float64])
-    few = [t.detach() for t in inputs]
-    few[3], few[4] = few[3][:, :20], few[4][:, :20]
-    torch.testing.assert_close(triton_op(*few), ms_deform_attn_naive(*few))
-
-
-def test_gradient_at_a_kink_is_the_right_derivative():
-    """On a pixel-centre line the kernel differentiates towards the next pixel, as the
-    C++ kernel and grid_sample do (floor)."""
-    value = torch.tensor([0.0, 1.0, 5.0], dtype=torch.float64).view(1, 3, 1, 1)
-    x = torch.tensor(1.5 / 3, dtype=torch.float64, requires_grad=True)  # centre of pixel 1
-    loc = torch.stack([x, torch.tensor(0.5, dtype=torch.float64)]).view(1, 1, 1, 1, 1, 2)
-    w = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
-    out = triton_op(value, torch.tensor([[1, 3]]), torch.tensor([0]), loc, w)
-    assert out.item() == 1.0
-    out.backward()
-    assert x.grad.item() == pytest.approx((5.0 - 1.0) * 3)
-
-
-@pytest.mark.parametrize("N, Lq", [(0, 5), (2, 0), (0, 0)])
-def test_empty_batch_or_no_queries(N, Lq):
-    inputs = make_inputs(N, [(3, 4), (2, 2)], 2, 4, Lq, 2)
-    out = triton_op(*inputs)
-    assert out.shape == (N, Lq, 8)
-    out.sum().backward()
-    for i in (0, 3, 4):
-        assert inputs[i].grad.shape == inputs[i].shape
-        assert inputs[i].grad.abs().sum() == 0
-
-
-# ---- NaN and Inf: as in the reference ----------------------------------------------------
-
-def with_special(inputs, which, index, special):
-    """A copy of inputs with one entry of locations (which=3) or weights (4) replaced."""
-    inputs = detached_copy(inputs)
-    t = inputs[which].detach().clone()
-    t[index] = special
-    inputs[which] = t.requires_grad_()
-    return inputs
-
-
-SPECIALS = [float("nan"), float("inf"), float("-inf"), 1e30, -1e30]
-# numpy (under the interpreter) warns when it multiplies Inf by 0; that is the point here
-quiet_numpy = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
-
-@quiet_numpy
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("special", SPECIALS)
-@pytest.mark.parametrize("coordinate", [0, 1])
-def test_nonfinite_locations_propagate_as_in_reference(dtype, special, coordinate):
-    """A NaN/Inf coordinate makes its row NaN; its value gradient stays finite, its
-    weight gradient is NaN, its location gradient is (0, NaN) for a bad x and (NaN, 0)
-    for a bad y; a huge finite one reads zero with zero gradients."""
-    base = make_inputs(2, [(4, 5), (2, 3)], 2, 3, 3, 2, dtype=dtype, spread=0)
-    inputs = with_special(base, 3, (0, 1, 1, 0, 1, coordinate), special)
-    got = outputs_and_grads(triton_op, inputs)
-    want = outputs_and_grads(ms_deform_attn_reference, detached_copy(inputs))
-    assert want[0].isnan().any() == (abs(special) == float("inf") or special != special)
-    for name, g, w in zip(NAMES, got, want):
-        torch.testing.assert_close(g, w, **TOL[dtype], equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
-
-
-@quiet_numpy
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("special", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("inside", [True, False])
-def test_nonfinite_weights_propagate_as_in_reference(dtype, special, inside):
-    """NaN/Inf weights enter by multiplication. With an Inf weight the location
-    gradient sums products of Inf in another order than grid_sample does, so only
-    which of its entries are finite is compared there (Inf against NaN may differ)."""
-    base = make_inputs(2, [(4, 5), (2, 3)], 2, 3, 3, 2, dtype=dtype, spread=0)
-    base = detached_copy(base)
-    if not inside:  # the point with the special weight falls outside every map
-        base[3] = base[3].detach().index_put((torch.tensor([0]), torch.tensor([1]),
-                                              torch.tensor([1]), torch.tensor([0]),
-                                              torch.tensor([1])),
-                                             torch.tensor([[5.0, -3.0]], dtype=dtype))
-        base[3].requires_grad_()
-    inputs = with_special(base, 4, (0, 1, 1, 0, 1), special)
-    got = outputs_and_grads(triton_op, inputs)
-    want = outputs_and_grads(ms_deform_attn_reference, detached_copy(inputs))
-    assert want[0].isfinite().all().item() is False
-    for i, (name, g, w) in enumerate(zip(NAMES, got, want)):
-        if i == 2 and special != special:
-            torch.testing.assert_close(g, w, **TOL[dtype], equal_nan=True,
-                                       msg=lambda m: f"{name}: {m}")
-        elif i == 2:
-            assert torch.equal(g.isfinite(), w.isfinite()), name
-            finite = w.isfinite()
-            torch.testing.assert_close(g[finite], w[finite], **TOL[dtype])
-        else:
-            torch.testing.assert_close(g, w, **TOL[dtype], equal_nan=True,
-                                       msg=lambda m: f"{name}: {m}")
-
-
 # ---- the registered operator ---------------------------------------------------------------
-
-def test_opcheck():
-    """torch.library's own check: schema, fake kernel, autograd registration."""
-    inputs = make_inputs(2, [(3, 4), (2, 2)], 2, 4, 5, 2)
-    torch.library.opcheck(torch.ops.ddetr.ms_deform_attn_triton.default, inputs)
-    grad = torch.randn(2, 5, 8)
-    torch.library.opcheck(torch.ops.ddetr.ms_deform_attn_triton_backward.default,
-                          (grad, *[t.detach() for t in inputs]))
-
 
 def test_torch_compile_fullgraph():
     """backend="triton" inside a compiled function: one graph with the op in it (fake
@@ -314,38 +130,19 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         torch.ops.ddetr.ms_deform_attn_triton(*inputs)
 
 
-def test_auto_on_cpu_never_takes_triton(monkeypatch):
-    def refuse(*args):
-        raise AssertionError("auto took Triton on a CPU tensor")
-
-    def unsupported(value, num_levels=None):
-        raise kernel.KernelUnsupportedError("not built in this test")
-
-    monkeypatch.setattr(tri, "ms_deform_attn_triton", refuse)
-    monkeypatch.setattr(kernel, "check_available", unsupported)
+def test_auto_on_cpu_never_takes_triton():
+    """Under the interpreter Triton can run CPU tensors, yet "auto" never picks it there:
+    the CPU kernel where it runs (float32), else the reference (float16, which the CPU
+    kernel refuses and Triton would take)."""
     inputs = [t.detach() for t in make_inputs(1, [(3, 3)], 1, 2, 2, 1)]
-    torch.testing.assert_close(ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs))
-
-
-def test_the_chooser_follows_the_order(monkeypatch):
-    """choose_backend's rule for a GPU tensor, run on a CPU tensor with the GPU's order
-    (the interpreter makes Triton available): the first that can run; a failed build
-    warns once and is passed over; with neither, the reference."""
-    def no_nvcc(value, num_levels=None):
-        raise kernel.KernelBuildError("no nvcc in this test")
-
-    value, ss = torch.zeros(1, 1, 1, 1), torch.ones(1, 2, dtype=torch.int64)
-    assert dispatch.AUTO_ORDER["cuda"] == ("kernel", "triton")
-    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", dispatch.AUTO_ORDER["cuda"])
-    monkeypatch.setattr(kernel, "check_available", lambda value, num_levels=None: None)
-    assert dispatch.choose_backend(value, ss) == "kernel"
-    monkeypatch.setattr(kernel, "check_available", no_nvcc)
-    monkeypatch.setattr(kernel, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="no nvcc in this test"):
-        assert dispatch.choose_backend(value, ss) == "triton"
-    monkeypatch.delenv("TRITON_INTERPRET")  # now neither fused one can run
-    assert dispatch.choose_backend(value, ss) == "reference"
-    assert dispatch.choose_backend(value, ss, "kernel") == "kernel"  # asked for: as asked
+    half = [t.half() if t.is_floating_point() else t for t in inputs]
+    tri.check_available(half[0])  # Triton could run it: raises if not
+    with pytest.raises(kernel.KernelUnsupportedError, match="float16"):
+        kernel.check_available(half[0])
+    assert dispatch.choose_backend(half[0], half[1]) == "reference"
+    assert dispatch.choose_backend(inputs[0], inputs[1]) == "kernel"
+    torch.testing.assert_close(ms_deform_attn(*half), ms_deform_attn_reference(*half))
+    assert dispatch.choose_backend(half[0], half[1], "triton") == "triton"  # asked for
 
 
 def test_bad_backend_lists_triton():
@@ -426,29 +223,7 @@ GPU_CASES = CASES + [
     (N, levels, M, D, Lq or sum(h * w for h, w in levels), K)
     for N, levels, M, D, Lq, K in BENCH_SHAPES.values()]
 GPU_IDS = [f"case{i}" for i in range(len(CASES))] + list(BENCH_SHAPES)
-GPU_TOL = {torch.float32: dict(rtol=1e-4, atol=2e-4),
-           torch.float64: dict(rtol=1e-9, atol=1e-9),
-           torch.float16: 1e-2, torch.bfloat16: 6e-2}
-
-
-@needs_gpu
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16,
-                                   torch.bfloat16])
-@pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
-def test_cuda_matches_reference(case, dtype):
-    inputs = make_inputs(*case, dtype=dtype, device="cuda")
-    got = outputs_and_grads(triton_op, inputs)
-    if dtype in (torch.float32, torch.float64):  # against float64, either side of an edge
-        assert_matches_reference(got, inputs, ms_deform_attn_reference, **GPU_TOL[dtype])
-        return
-    want = outputs_and_grads(ms_deform_attn_reference, detached_copy(inputs, torch.float32))
-    tol = GPU_TOL[dtype]
-    for name, g, w in zip(NAMES, got, want):
-        assert g.dtype == dtype, name
-        scale = w.abs().max().clamp_min(1)
-        torch.testing.assert_close(g.float() / scale, w / scale, rtol=tol, atol=tol,
-                                   msg=lambda m: f"{name}: {m}")
+GPU_TOL = {torch.float32: dict(rtol=1e-4, atol=2e-4), torch.float64: dict(rtol=1e-9, atol=1e-9)}
 
 
 @pytest.fixture(scope="module")
@@ -473,41 +248,6 @@ def test_cuda_matches_cuda_kernel(cuda_kernel, case, dtype):
     # the two may round a point near a cell edge to different sides (either is right)
     assert_location_grads_close(got[2], want[2], inputs, ms_deform_attn_reference,
                                 **GPU_TOL[dtype])
-
-
-@needs_gpu
-@pytest.mark.cuda
-def test_cuda_float64_gradcheck():
-    value, ss, lsi, loc, w = make_inputs(2, [(4, 5), (2, 3)], 2, 3, 4, 2,
-                                         dtype=torch.float64, device="cuda")
-    assert torch.autograd.gradcheck(lambda v, p, a: triton_op(v, ss, lsi, p, a), (value, loc, w))
-
-
-@needs_gpu
-@pytest.mark.cuda
-@pytest.mark.parametrize("special", [float("nan"), float("inf"), 1e30])
-def test_cuda_nonfinite_locations_as_in_reference(special):
-    base = make_inputs(2, [(4, 5), (2, 3)], 2, 3, 3, 2, device="cuda", spread=0)
-    inputs = with_special(base, 3, (0, 1, 1, 0, 1, 0), special)
-    got = outputs_and_grads(triton_op, inputs)
-    want = outputs_and_grads(ms_deform_attn_reference,
-                             [t.detach().cpu().requires_grad_(t.is_floating_point())
-                              for t in inputs])
-    for name, g, w in zip(NAMES, got, want):
-        torch.testing.assert_close(g.cpu(), w, **TOL[torch.float32], equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
-
-
-@needs_gpu
-@pytest.mark.cuda
-@pytest.mark.parametrize("N, Lq", [(0, 5), (2, 0)])
-def test_cuda_empty(N, Lq):
-    inputs = make_inputs(N, [(3, 4), (2, 2)], 2, 4, Lq, 2, device="cuda")
-    out = triton_op(*inputs)
-    assert out.shape == (N, Lq, 8)
-    out.sum().backward()
-    for i in (0, 3, 4):
-        assert inputs[i].grad.shape == inputs[i].shape and inputs[i].grad.abs().sum() == 0
 
 
 @needs_gpu
