@@ -147,48 +147,68 @@ def draw_image(rng, size=256, min_size=None, max_size=None, max_objects=8):
     draw = ImageDraw.Draw(layer)
     objects, boxes = [], []
     for _ in range(int(rng.integers(2, max_objects + 1))):
-        for _attempt in range(20):
-            cls = int(rng.integers(len(CATEGORIES)))
-            name = CATEGORIES[cls]
-            s = math.exp(rng.uniform(math.log(min_size), math.log(max_size)))
-            cx, cy = rng.uniform(0.05 * size, 0.95 * size, 2)
-            pts = _place_shape(name, rng, cx, cy, s)
-            x0, y0 = pts.min(0).clip(0, size)
-            x1, y1 = pts.max(0).clip(0, size)
-            if x1 - x0 < 0.6 * min_size or y1 - y0 < 0.6 * min_size:
-                continue                             # mostly outside the image
-            if _overlap_ok((x0, y0, x1, y1), boxes):
-                break
-        else:
+        placed = _place_object(rng, size, min_size, max_size, boxes)
+        if placed is None:
             continue
-        # a random colour, far enough in brightness from the background under it
-        patch = bg[int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))]
-        under = _luma(patch.reshape(-1, 3).mean(0))
-        for _c in range(10):
-            colour = rng.integers(0, 256, 3)
-            if abs(_luma(colour) - under) > 60:
-                break
-        fill = tuple(int(c) for c in colour) + (255,)
-        poly = [tuple(p) for p in (pts * ss)]
-        draw.polygon(poly, fill=fill)
-        if name == "ring":                                # cut the hole out of the disc
+        cls, pts, box = placed
+        fill = _contrasting_colour(rng, bg, box)
+        draw.polygon([tuple(p) for p in (pts * ss)], fill=fill)
+        if CATEGORIES[cls] == "ring":                     # cut the hole out of the disc
             centre = pts.mean(0)
             inner = (pts - centre) * rng.uniform(0.45, 0.6) + centre
             draw.polygon([tuple(p) for p in inner * ss], fill=(0, 0, 0, 0))
-        boxes.append((x0, y0, x1, y1))
-        objects.append({
-            "category_id": cls + 1,
+        boxes.append(box)
+        objects.append(_annotation(cls, pts, box, size))
+    layer = layer.resize((size, size), Image.BOX)
+    img = img.convert("RGBA")
+    img.alpha_composite(layer)
+    return _photometric_jitter(rng, img.convert("RGB")), objects
+
+
+def _place_object(rng, size, min_size, max_size, boxes):
+    """(class index, polygon (P, 2), box (x0, y0, x1, y1)) of a shape that lies mostly
+    inside the image and overlaps the boxes placed so far little enough; None after 20
+    attempts."""
+    for _attempt in range(20):
+        cls = int(rng.integers(len(CATEGORIES)))
+        s = math.exp(rng.uniform(math.log(min_size), math.log(max_size)))
+        cx, cy = rng.uniform(0.05 * size, 0.95 * size, 2)
+        pts = _place_shape(CATEGORIES[cls], rng, cx, cy, s)
+        x0, y0 = pts.min(0).clip(0, size)
+        x1, y1 = pts.max(0).clip(0, size)
+        if x1 - x0 < 0.6 * min_size or y1 - y0 < 0.6 * min_size:
+            continue                             # mostly outside the image
+        if _overlap_ok((x0, y0, x1, y1), boxes):
+            return cls, pts, (x0, y0, x1, y1)
+    return None
+
+
+def _contrasting_colour(rng, bg, box):
+    """An RGBA fill: a random colour, far enough in brightness from the background under
+    the box (up to 10 draws)."""
+    x0, y0, x1, y1 = box
+    patch = bg[int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))]
+    under = _luma(patch.reshape(-1, 3).mean(0))
+    for _c in range(10):
+        colour = rng.integers(0, 256, 3)
+        if abs(_luma(colour) - under) > 60:
+            break
+    return tuple(int(c) for c in colour) + (255,)
+
+
+def _annotation(cls, pts, box, size):
+    """The COCO annotation of a drawn shape (its id is given when the set is written)."""
+    x0, y0, x1, y1 = box
+    return {"category_id": cls + 1,
             "bbox": [round(float(x0), 2), round(float(y0), 2),
                      round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
             "area": round(_polygon_area(pts.clip(0, size)), 2),
             "segmentation": [[round(float(v), 1) for v in pts.clip(0, size).reshape(-1)]],
-            "iscrowd": 0,
-        })
-    layer = layer.resize((size, size), Image.BOX)
-    img = img.convert("RGBA")
-    img.alpha_composite(layer)
-    img = img.convert("RGB")
-    # photometric jitter: brightness, contrast, per-channel gain, blur, grain
+            "iscrowd": 0}
+
+
+def _photometric_jitter(rng, img):
+    """Brightness, contrast, per-channel gain, grain and sometimes a blur."""
     arr = np.asarray(img, np.float32)
     mean = arr.mean()
     arr = (arr - mean) * rng.uniform(0.7, 1.3) + mean * rng.uniform(0.75, 1.25)
@@ -197,7 +217,7 @@ def draw_image(rng, size=256, min_size=None, max_size=None, max_objects=8):
     img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
-    return img, objects
+    return img
 
 
 # --- a whole set -------------------------------------------------------------------

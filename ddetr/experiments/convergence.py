@@ -403,55 +403,69 @@ def run_convergence(out_dir, quick=False, models=None, seeds=None, steps=None,
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; expected some of {known}")
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
-
     order = run_order([r for r in RUNS if r[0] in models], settings["seeds"],
                       settings["late_seeds"])
     cfg0 = run_config("detr", {}, 0, settings, runs_dir)
     root = ensure_data(cfg0)                # once, before the worker processes read it
-
     commit, dirty = git_commit()
-    result = {"schema": SCHEMA,
-              "command": command or "python -m ddetr experiment convergence"
-                                    + (" --quick" if quick else ""),
-              "commit": commit, "dirty": dirty,
+    command = command or "python -m ddetr experiment convergence" + (" --quick" if quick else "")
+    result = new_result(command, quick, device, settings, cfg0.batch_size, root, order,
+                        (commit, dirty))
+    recorder = ResultRecorder(result, out_dir)
+    not_after = None if start_within_min is None else time.time() + 60 * start_within_min
+    jobs_args = [(name, label, overrides, seed, settings, runs_dir / f"{name}_seed{seed}",
+                  settings["threads"], not_after, (commit, dirty))
+                 for (name, label, overrides), seed in order]
+    run_jobs(train_run, jobs_args, settings["jobs"], recorder.finished, recorder.failed)
+    return result
+
+
+def new_result(command, quick, device, settings, batch_size, root, order, commit):
+    """The results dict of an experiment about to start: what, where and on what it
+    runs, the data's size classes, no runs yet, every (model, seed) pending."""
+    result = {"schema": SCHEMA, "command": command, "commit": commit[0], "dirty": commit[1],
               "machine": machine_description(device),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "quick": quick, "load_average": {"start": load_average(), "end": None},
-              "settings": {"preset": "cpu", "batch_size": cfg0.batch_size, **settings},
+              "settings": {"preset": "cpu", "batch_size": batch_size, **settings},
               "data": {split: size_class_counts(json.loads(coco_paths(root, split)[1]
                                                              .read_text()))
                        for split in ("train", "val")},
               "runs": [], "pending": [f"{r[0]}/seed{s}" for r, s in order],
               "paper": PAPER}
     result["machine"]["torch_threads"] = settings["threads"] or torch.get_num_threads()
-    write_results(result, out_dir)
-    t_start = time.perf_counter()
+    return result
 
-    def finished(record):
+
+class ResultRecorder:
+    """Writes the results file at the start and after every finished or failed run
+    (the callbacks of ``run_jobs``), keeping the runs in RUNS' order."""
+
+    def __init__(self, result, out_dir):
+        self.result, self.out_dir = result, out_dir
+        self.known = [r[0] for r in RUNS]
+        self.start = time.perf_counter()
+        write_results(result, out_dir)
+
+    def finished(self, record):
         if record is None:              # skipped: started too late (stays "pending")
             return
+        result = self.result
         result["runs"].append(record)
-        result["runs"].sort(key=lambda r: (known.index(r["model"]), r["seed"]))
+        result["runs"].sort(key=lambda r: (self.known.index(r["model"]), r["seed"]))
         result["pending"].remove(f"{record['model']}/seed{record['seed']}")
         if record.get("compact"):
-            target = out_dir / COMPACT_NAME
+            target = self.out_dir / COMPACT_NAME
             Path(record["compact"]).replace(target)
             record["compact"] = str(target)
         result["load_average"]["end"] = load_average()
-        result["wall_total_s"] = round(time.perf_counter() - t_start, 1)
-        write_results(result, out_dir)
+        result["wall_total_s"] = round(time.perf_counter() - self.start, 1)
+        write_results(result, self.out_dir)
         print(f"done {record['model']} seed {record['seed']}: {record['steps']} steps, "
               f"{record['wall_s']:.0f} s, AP {record['evals'][-1]['AP']:.4f}", flush=True)
 
-    def failed(args, error):
+    def failed(self, args, error):
         name, seed = args[0], args[3]
-        result.setdefault("failed", []).append(f"{name}/seed{seed}: {error!r}")
-        write_results(result, out_dir)
-
-    not_after = None if start_within_min is None else time.time() + 60 * start_within_min
-    jobs_args = [(name, label, overrides, seed, settings, runs_dir / f"{name}_seed{seed}",
-                  settings["threads"], not_after, (commit, dirty))
-                 for (name, label, overrides), seed in order]
-    run_jobs(train_run, jobs_args, settings["jobs"], finished, failed)
-    return result
+        self.result.setdefault("failed", []).append(f"{name}/seed{seed}: {error!r}")
+        write_results(self.result, self.out_dir)
 
