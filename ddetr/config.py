@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from .data import DATASETS
+from .files import existing_file
 from .models import ARCHITECTURES
 from .models.backbone import BACKBONES, NORMS, RESNETS
 from .models.deformable_detr import INPUT_PROJ_GROUPS
@@ -183,11 +184,8 @@ def parse_overrides(overrides):
 
 def _read_yaml(path):
     """The mapping of keys in a YAML config file; errors name the file and the line."""
-    if path.is_dir():
-        raise IsADirectoryError(f"config {path} is a directory; expected a YAML file of "
-                                f"key: value lines (e.g. my.yaml) or a preset name")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    existing_file(path, "config", "a YAML file of key: value lines (e.g. my.yaml) or a "
+                  "preset name")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

@@ -39,6 +39,7 @@ import torch
 from ..config import (MODEL_KEYS, PRESETS, RESUMABLE_KEYS, config_to_dict, get_config,
                       parse_overrides)
 from ..data.coco_categories import COCO_CATEGORIES
+from ..files import existing_file
 from ..models import build_model
 
 COMPACT_FORMAT = "ddetr.compact/1"
@@ -172,12 +173,8 @@ def read_file(path):
 
     Raises FileNotFoundError (no such file) or CheckpointError (a folder, not a torch
     file, code in the pickle, not a dict), each naming the path."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; expected a checkpoint "
-                              f"file (e.g. {path / 'checkpoint.pth'})")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = existing_file(path, "checkpoint", f"a checkpoint file (e.g. "
+                         f"{Path(path) / 'checkpoint.pth'})", folder_error=CheckpointError)
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             blob = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,6 +1,4 @@
 """Using a trained checkpoint: load it, evaluate it, run it on one image."""
-from pathlib import Path
-
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -8,6 +6,7 @@ from torchvision import tv_tensors
 
 from ..data import build_dataset, collate, make_transforms
 from ..data.transforms import check_resizable
+from ..files import existing_file
 from .checkpoint import load_model, require_data
 from .evaluate import evaluate
 from .huggingface import is_huggingface_folder, load_huggingface
@@ -51,12 +50,7 @@ def evaluate_checkpoint(checkpoint, device="cpu", overrides=None, split="val",
 def read_image(path):
     """The RGB PIL image of the file at path; one line naming the file when it is
     missing, a folder or unreadable."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"image {path} is a directory; expected an image file "
-                                f"(e.g. a .jpg or .png)")
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
+    path = existing_file(path, "image", "an image file (e.g. a .jpg or .png)")
     try:
         with Image.open(path) as img:
             return img.convert("RGB")

@@ -50,3 +50,11 @@ def _git(*args):
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def provenance(command, device):
+    """The fields a recorded result starts with: the command, the commit and whether
+    tracked files had uncommitted changes, the machine, its load average now."""
+    commit, dirty = git_commit()
+    return {"command": command, "commit": commit, "uncommitted_changes": dirty,
+            "machine": machine_description(device), "load_average_at_start": load_average()}

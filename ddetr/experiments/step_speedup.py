@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import get_config, parse_overrides
-from ..engine.precision import autocast_dtype
+from ..config import parse_overrides
 from ..engine.train import (build_optimizer, param_groups, prepare_model, seed_everything,
                             train_step)
 from ..engine.schedule import set_base_rates
 from ..models import build_model
-from .machine import git_commit, load_average, machine_description
+from .machine import load_average, provenance
 from .markdown_block import write_block
+from .train_profile_cpu import precision_configs
 from .train_step import random_batch
 
 BEFORE = ("torch's default AdamW on a CPU (a loop over the parameter tensors), "
@@ -79,11 +79,8 @@ def bench_step_speedup(out_dir="benchmarks", config="cpu", size=(256, 256), roun
         raise ValueError(f"rounds, steps and size expect >= 1 and warmup >= 0, got "
                          f"rounds={rounds}, steps={steps}, size={size}, warmup={warmup}")
     overrides = parse_overrides(overrides)
-    amps = (False, True) if autocast_dtype(torch.device("cpu")) else (False,)
-    cfgs = [get_config(config, {**overrides, "device": "cpu", "amp": a}) for a in amps]
-    commit, dirty = git_commit()
-    result = {"command": command, "commit": commit, "uncommitted_changes": dirty,
-              "machine": machine_description("cpu"), "load_average_at_start": load_average(),
+    cfgs = precision_configs(config, overrides)
+    result = {**provenance(command, "cpu"),
               "config": config, "overrides": overrides, "size": list(size),
               "rounds": rounds, "steps_per_round": steps, "warmup": warmup,
               "before": list(BEFORE), "runs": []}

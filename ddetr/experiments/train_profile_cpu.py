@@ -29,7 +29,7 @@ from ..engine.evaluate import evaluate
 from ..engine.precision import autocast_dtype
 from ..engine.train import build_loaders, build_optimizer, seed_everything, train_step
 from ..models import build_model
-from .machine import git_commit, load_average, machine_description
+from .machine import load_average, provenance
 
 # operator kind: substrings of torch.profiler keys, first match wins
 KINDS = (("fused op backward", ("ms_deform_attn_backward", "MSDeformAttnBackward",
@@ -148,6 +148,13 @@ def profile_precision(cfg, steps, warmup):
                                           max_name_column_width=50)}
 
 
+def precision_configs(config, overrides):
+    """The preset's Config on the CPU in float32 and, where this processor computes
+    bfloat16 natively, with bfloat16 autocast (amp)."""
+    amps = (False, True) if autocast_dtype(torch.device("cpu")) else (False,)
+    return [get_config(config, {**overrides, "device": "cpu", "amp": a}) for a in amps]
+
+
 def profile_train_step_cpu(out_dir="benchmarks", config="cpu", steps=8, warmup=3,
                            overrides=None, command=None):
     """Profile the preset's CPU training step in float32 and, where native, bfloat16;
@@ -156,11 +163,8 @@ def profile_train_step_cpu(out_dir="benchmarks", config="cpu", steps=8, warmup=3
         raise ValueError(f"steps expects >= 1 and warmup >= 0, got steps={steps}, "
                          f"warmup={warmup}")
     overrides = parse_overrides(overrides)
-    amps = (False, True) if autocast_dtype(torch.device("cpu")) else (False,)
-    cfgs = [get_config(config, {**overrides, "device": "cpu", "amp": a}) for a in amps]
-    commit, dirty = git_commit()
-    result = {"command": command, "commit": commit, "uncommitted_changes": dirty,
-              "machine": machine_description("cpu"), "load_average_at_start": load_average(),
+    cfgs = precision_configs(config, overrides)
+    result = {**provenance(command, "cpu"),
               "config": config, "overrides": overrides, "steps": steps, "warmup": warmup,
               "runs": []}
     for cfg in cfgs:
