@@ -139,8 +139,9 @@ PRESETS = {
     # data (benchmarks/train_cpu.md): a RegNetX-400MF with batch norm (every stage
     # trains), 2 encoder and 4 decoder layers of width 128, iterative refinement and
     # two-stage proposals, no dropout, a learning rate 2.5x the paper's for the whole
-    # network, and bfloat16 mixed precision where the CPU has it natively (float32
-    # elsewhere).
+    # network, bfloat16 mixed precision where the CPU has it natively (float32
+    # elsewhere), and DN-DETR's denoising queries in training (benchmarks/train_cpu.md,
+    # "recipe runs"; turning two_stage off needs dn_detr=false too).
     "cpu": {"backbone": "regnet_x_400mf", "backbone_norm": "batch_norm",
             "d_model": 128, "n_heads": 8, "enc_layers": 2,
             "dec_layers": 4, "dim_feedforward": 256, "dropout": 0.0, "num_queries": 50,
@@ -150,6 +151,7 @@ PRESETS = {
             "train_scales": [224, 256], "max_size": 256, "val_scale": 256,
             "num_workers": 0, "batch_size": 4, "epochs": 11, "lr_drop": 9,
             "lr": 5e-4, "lr_backbone": 5e-4, "eval_every": 4, "amp": True,
+            "dn_detr": True,
             "output_dir": "runs/cpu"},
 }
 
@@ -354,19 +356,6 @@ def _check_combinations(cfg):
     if cfg.query_anchors == "dab" and cfg.two_stage:
         fail(["query_anchors", "two_stage"], "query_anchors='dab' and two_stage=true both "
              "make the decoder's queries; choose one")
-    if cfg.dn_detr and (cfg.architecture != "deformable_detr"
-                        or not (cfg.two_stage or cfg.query_anchors == "dab")):
-        fail(["dn_detr", "two_stage", "query_anchors"], "dn_detr=true gives the decoder "
-             "noised ground-truth boxes as reference boxes: it needs Deformable DETR with "
-             "4-d reference boxes, two_stage=true or query_anchors=dab")
-    if cfg.h_detr and not (cfg.two_stage and cfg.architecture == "deformable_detr"):
-        fail(["h_detr", "two_stage"], "h_detr=true takes its one-to-many queries from "
-             "more encoder proposals: it needs Deformable DETR with two_stage=true")
-    if cfg.dino_look_forward_twice and not (cfg.with_box_refine
-                                            and cfg.architecture == "deformable_detr"):
-        fail(["dino_look_forward_twice", "with_box_refine"], "look forward twice passes "
-             "gradients through the refined boxes: it needs Deformable DETR with "
-             "with_box_refine=true")
     if cfg.architecture == "detr" and cfg.attention != "deformable":
         fail(["architecture", "attention"], "attention='dense' makes Deformable DETR's "
              "model dense (architecture='deformable_detr'); architecture='detr' is DETR's "
@@ -387,6 +376,23 @@ def _check_combinations(cfg):
     if cfg.set_cost_class == cfg.set_cost_bbox == cfg.set_cost_giou == 0:
         fail(["set_cost_class", "set_cost_bbox", "set_cost_giou"],
              "all matching costs are 0: the matcher needs at least one > 0")
+    _check_training_switches(cfg, fail)
+
+
+def _check_training_switches(cfg, fail):
+    """The training-only techniques after the paper need the parts they work on."""
+    deformable = cfg.architecture == "deformable_detr"
+    if cfg.h_detr and not (cfg.two_stage and deformable):
+        fail(["h_detr", "two_stage"], "h_detr=true takes its one-to-many queries from "
+             "more encoder proposals: it needs Deformable DETR with two_stage=true")
+    if cfg.dino_look_forward_twice and not (cfg.with_box_refine and deformable):
+        fail(["dino_look_forward_twice", "with_box_refine"], "look forward twice passes "
+             "gradients through the refined boxes: it needs Deformable DETR with "
+             "with_box_refine=true")
+    if cfg.dn_detr and not (deformable and (cfg.two_stage or cfg.query_anchors == "dab")):
+        fail(["dn_detr", "two_stage", "query_anchors"], "dn_detr=true gives the decoder "
+             "noised ground-truth boxes as reference boxes: it needs Deformable DETR with "
+             "4-d reference boxes, two_stage=true or query_anchors=dab (or dn_detr=false)")
 
 
 def config_to_dict(cfg):

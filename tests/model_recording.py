@@ -20,7 +20,8 @@ SMALL = {"architecture": "deformable_detr", "backbone": "regnet_x_400mf",
          "backbone_norm": "batch_norm", "d_model": 32, "n_heads": 4, "enc_layers": 2,
          "dec_layers": 2, "dim_feedforward": 64, "dropout": 0.0, "num_queries": 10,
          "num_classes": 5, "num_feature_levels": 4, "with_box_refine": False,
-         "two_stage": False, "aux_loss": True, "attention_backend": "reference"}
+         "two_stage": False, "aux_loss": True, "attention_backend": "reference",
+         "dn_detr": False}
 VARIANTS = {
     "multi_scale": {},
     "single_scale": {"num_feature_levels": 1},

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1,
         "dim_feedforward": 64, "num_queries": 10, "num_feature_levels": 1,
-        "backbone": "resnet18", "two_stage": False, "with_box_refine": False,
+        "backbone": "resnet18", "two_stage": False, "with_box_refine": False, "dn_detr": False,
         "attention_backend": "reference", "device": "cpu"}
 
 

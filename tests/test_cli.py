@@ -15,6 +15,7 @@ from ddetr.cli import build_parser, parse_args
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["d_model=32", "n_heads=2", "enc_layers=1", "dec_layers=1", "dim_feedforward=64",
         "num_queries=10", "num_feature_levels=1", "two_stage=false", "with_box_refine=false",
+        "dn_detr=false",
         "attention_backend=reference", "device=cpu", "train_scales=[64]", "max_size=64",
         "val_scale=64", "batch_size=1", "epochs=1"]
 

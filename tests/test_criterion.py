@@ -10,7 +10,7 @@ from ddetr.models.matcher import HungarianMatcher
 
 # the cpu preset made plain (whatever it sets)
 PLAIN = {"architecture": "deformable_detr", "num_feature_levels": 4,
-         "with_box_refine": False, "two_stage": False, "aux_loss": True}
+         "with_box_refine": False, "two_stage": False, "aux_loss": True, "dn_detr": False}
 
 
 def empty_targets(n):

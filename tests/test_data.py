@@ -323,7 +323,7 @@ def test_a_saved_config_never_generates(tmp_path):
 
 def _tiny_cli_config(data_path, run_dir):
     return ["d_model=32", "n_heads=2", "enc_layers=1", "dec_layers=1", "dim_feedforward=64",
-            "num_queries=10", "num_feature_levels=1", "two_stage=false",
+            "num_queries=10", "num_feature_levels=1", "two_stage=false", "dn_detr=false",
             "with_box_refine=false", "attention_backend=reference", "device=cpu",
             "synthetic_train_images=4", "synthetic_val_images=2", "synthetic_image_size=64",
             "train_scales=[64]", "max_size=64", "val_scale=64", "batch_size=2",

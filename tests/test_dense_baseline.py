@@ -16,7 +16,8 @@ from ddetr.nn.deformable_transformer import (DeformableTransformerDecoderLayer,
                                              DeformableTransformerEncoderLayer,
                                              make_attention)
 
-PLAIN = {"with_box_refine": False, "two_stage": False, "num_feature_levels": 1}
+PLAIN = {"with_box_refine": False, "two_stage": False, "num_feature_levels": 1,
+         "dn_detr": False}
 
 
 def torch_attention(ours):

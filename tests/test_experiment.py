@@ -104,7 +104,7 @@ def test_the_experiment_models_differ_where_their_names_say():
     preset = get_config("cpu", BASE)
     now = get_config("cpu")
     assert {k for k in MODEL_KEYS if getattr(now, k) != getattr(preset, k)} == {
-        "dec_layers", "with_box_refine", "two_stage"}    # BASE: the variants' switches off
+        "dec_layers", "with_box_refine", "two_stage", "dn_detr"}   # BASE: the switches off
     for name, cfg in cfgs.items():
         differ = {k for k in MODEL_KEYS if getattr(cfg, k) != getattr(preset, k)}
         assert differ <= {"attention", "num_feature_levels", "with_box_refine",

@@ -27,7 +27,7 @@ PAPER_COUNTS = {
 
 # the cpu preset made plain (whatever it sets), so each variant is exactly what it says
 PLAIN = {"architecture": "deformable_detr", "num_feature_levels": 4,
-         "with_box_refine": False, "two_stage": False, "aux_loss": True}
+         "with_box_refine": False, "two_stage": False, "aux_loss": True, "dn_detr": False}
 VARIANTS = {
     "multi_scale": {},
     "single_scale": {"num_feature_levels": 1},

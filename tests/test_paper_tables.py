@@ -40,7 +40,7 @@ def test_model_flops_adds_the_sampling_of_every_deformable_call():
     from ddetr.analysis.flops import model_flops
     from ddetr.config import get_config
     from ddetr.models import build_model
-    cfg = get_config("cpu", {"two_stage": False})
+    cfg = get_config("cpu", {"two_stage": False, "dn_detr": False})
     model = build_model(cfg)[0]
     plain, plain_ops = model_flops(model, 64, 64, by_op=True)
     total, ops = model_flops(model, 64, 64, with_sampling=True, by_op=True)
