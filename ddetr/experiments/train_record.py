@@ -157,7 +157,7 @@ def budget_table(results, section="budget_runs"):
     return "\n".join(lines)
 
 
-def recipe_summary(records, baseline="preset"):
+def recipe_summary(records, baseline="plain"):
     """Lines of text: per recipe of the recipe_runs records, the final AP of each seed,
     their mean and spread (max - min), the images seen, and each recipe's mean against
     the baseline recipe's with the larger of the two spreads beside it."""
