@@ -518,6 +518,8 @@ class DeformableTransformer(nn.Module):
         class_head, box_head = proposal_heads
         enc_class = class_head(output_memory)
         enc_coord_unact = box_head(output_memory) + proposals
+        # top-k proposals by their foreground (first class) score; padded tokens are
+        # excluded (their proposals are +inf)
         score = enc_class[..., 0].masked_fill(mask, float("-inf"))
         topk = min(self.two_stage_num_proposals + extra, score.shape[1])
         topk_index = torch.topk(score, topk, dim=1)[1]
