@@ -202,3 +202,17 @@ def test_the_label_table_stays_out_of_a_hugging_face_folder(dn_model):
     assert not any("label_enc" in k for k in hf)
     plain = build_model(get_config("cpu", {"dn_detr": False}))[0]
     assert set(hf) == set(to_hf_state(plain.state_dict()))
+
+
+def test_fewer_tokens_than_queries():
+    """Two-stage keeps at most one proposal per token: with 9 tokens (one level, 96
+    pixels) and 10 queries the denoising mask and the outputs follow the 9."""
+    torch.manual_seed(0)
+    cfg = get_config("cpu", {"num_feature_levels": 1, "num_queries": 10, "h_detr": True,
+                             "h_detr_queries": 4})
+    model, criterion, _ = build_model(cfg)
+    images, masks = torch.randn(2, 3, 96, 96), torch.zeros(2, 96, 96, dtype=torch.bool)
+    out = model.train()(images, masks, targets_of(2, 1))
+    assert out["pred_logits"].shape[1] == 9 and "one_to_many_outputs" not in out
+    assert out["dn_outputs"]["pred_boxes"].shape == (2, 5 * 2, 4)
+    assert set(criterion(out, targets_of(2, 1))) >= {"loss_ce_dn", "loss_bbox"}

@@ -192,15 +192,17 @@ class DeformableDETR(nn.Module):
         in training with denoising queries."""
         check_inputs(images, masks)
         srcs, level_masks, pos = self.features(images, masks)
-        extra = self.one_to_many if self.training else 0
+        lq, extra = self.num_queries, self.one_to_many if self.training else 0
+        if self.two_stage:          # the top-k keeps at most one proposal per token
+            tokens = sum(src.shape[-2] * src.shape[-1] for src in srcs)
+            lq, extra = min(lq, tokens), max(0, min(extra, tokens - lq))
         dn, attn_mask = None, None
         if self.training and self.denoising is not None and targets is not None:
-            dn = make_denoising_queries(targets, self.label_enc, self.num_queries + extra,
-                                        *self.denoising)
+            dn = make_denoising_queries(targets, self.label_enc, lq + extra, *self.denoising)
             attn_mask = None if dn is None else dn.attn_mask
         if extra:
             attn_mask = hybrid_attn_mask(attn_mask, 0 if dn is None else dn.num_queries,
-                                         self.num_queries, extra, images.device)
+                                         lq, extra, images.device)
         query_embed = None if self.two_stage else self.query_embed.weight
         anchors = self.refpoint_embed.weight if self.query_anchors == "dab" else None
         box_heads = self.bbox_embed if self.with_box_refine else None
@@ -213,14 +215,12 @@ class DeformableDETR(nn.Module):
         if dn is not None:
             (dn_logits, logits), (dn_boxes, boxes) = (
                 zip(*[split_denoising(x, dn) for x in xs]) for xs in (logits, boxes))
-        out = self.set_outputs([x[:, :self.num_queries] for x in logits],
-                               [x[:, :self.num_queries] for x in boxes])
+        out = self.set_outputs([x[:, :lq] for x in logits], [x[:, :lq] for x in boxes])
         if dn is not None:
             out["dn_outputs"], out["dn_meta"] = self.set_outputs(dn_logits, dn_boxes), dn
         if extra:
-            out["one_to_many_outputs"] = self.set_outputs(
-                [x[:, self.num_queries:] for x in logits],
-                [x[:, self.num_queries:] for x in boxes])
+            out["one_to_many_outputs"] = self.set_outputs([x[:, lq:] for x in logits],
+                                                          [x[:, lq:] for x in boxes])
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_class,
                                   "pred_boxes": enc_coord_unact.sigmoid()}
