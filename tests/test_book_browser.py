@@ -128,9 +128,13 @@ def _requests(browser):
     return urls
 
 
+# the browser's own pages and in-memory data: not requests to a network
+LOCAL_SCHEMES = ("data:", "blob:", "about:", "chrome:", "chrome-extension:", "devtools:")
+
+
 def _foreign(urls, site):
-    """The URLs that are neither the book's own files nor data: URLs."""
-    return [u for u in urls if not (u.startswith(site) or u.startswith("data:"))]
+    """The URLs that are neither the book's own files nor the browser's own (LOCAL_SCHEMES)."""
+    return [u for u in urls if not (u.startswith(site) or u.startswith(LOCAL_SCHEMES))]
 
 
 @pytest.mark.slow
