@@ -62,3 +62,17 @@ def test_bad_arguments_are_one_line(tmp_path, args, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()          # refused before anything was written
+
+
+def test_profile_sorts_operators_into_kinds():
+    """The autograd wrapper of the fused op counts as its backward, not its forward."""
+    from types import SimpleNamespace as E
+
+    from ddetr.experiments.train_profile_cpu import operator_kinds
+    events = [E(key="GeneratedBackwardFor_ddetr_ms_deform_attn_default", self_cpu_time_total=3e6),
+              E(key="ddetr::ms_deform_attn_backward", self_cpu_time_total=1e6),
+              E(key="ddetr::ms_deform_attn", self_cpu_time_total=2e6),
+              E(key="aten::convolution_backward", self_cpu_time_total=4e6),
+              E(key="aten::sin", self_cpu_time_total=5e6)]
+    assert operator_kinds(events) == {"fused op backward": 4.0, "fused op forward": 2.0,
+                                      "convolution backward": 4.0, "other": 5.0}

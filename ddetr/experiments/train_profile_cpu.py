@@ -33,7 +33,8 @@ from .machine import load_average, provenance
 
 # operator kind: substrings of torch.profiler keys, first match wins
 KINDS = (("fused op backward", ("ms_deform_attn_backward", "MSDeformAttnBackward",
-                                "ms_deform_attn_cpu_backward")),
+                                "ms_deform_attn_cpu_backward",
+                                "GeneratedBackwardFor_ddetr_ms_deform_attn")),
          ("fused op forward", ("ms_deform_attn",)),
          ("convolution backward", ("convolution_backward", "ConvolutionBackward")),
          ("convolution forward", ("conv2d", "convolution", "mkldnn_convolution")),
