@@ -14,6 +14,7 @@ experiment
     python -m ddetr bench contention
     python -m ddetr bench onnx --threads 2
     python -m ddetr experiment convergence --quick
+    python -m ddetr experiment record runs/cpu --name "seed 0" --command "..." --reference
 
 Config overrides (``key=value``) may stand anywhere after the verb, also right after
 ``--resume``. A mistake in the config, the data, a checkpoint or the device is printed
@@ -23,6 +24,7 @@ step trained (``ddetr.config``). Ctrl-C is one line too (training: where it stop
 which checkpoint is kept), with exit status 130.
 """
 import argparse
+import json
 import logging
 import os
 import re
@@ -38,6 +40,7 @@ from .engine.train import resolve_device, train
 from .experiments.convergence import RUNS, run_convergence
 from .experiments.kernel_inputs import SHAPES
 from .experiments.kernels import bench_kernels, build_kernel
+from .experiments.train_record import SECTIONS, record_run
 
 VERBS_WITH_OVERRIDES = ("train", "evaluate", "demo", "export")
 OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")   # key=value, key a config name
@@ -247,10 +250,18 @@ def _add_bench_speedup(targets):
 
 
 def _add_experiment(sub):
-    """python -m ddetr experiment"""
-    p = sub.add_parser("experiment", help="reproduce the paper's claims in miniature")
-    p.add_argument("name", choices=["convergence"],
-                   help="convergence: DETR vs Deformable DETR (single/multi-scale, ...)")
+    """python -m ddetr experiment NAME"""
+    p = sub.add_parser("experiment", help="reproduce the paper's claims in miniature; "
+                                          "record a training run")
+    names = p.add_subparsers(dest="experiment", required=True)
+    for add in (_add_experiment_convergence, _add_experiment_record):
+        add(names)
+
+
+def _add_experiment_convergence(names):
+    """experiment convergence"""
+    p = names.add_parser("convergence",
+                         help="DETR vs Deformable DETR (single/multi-scale, ...)")
     p.add_argument("--quick", action="store_true",
                    default=os.environ.get("DDETR_QUICK", "") not in ("", "0"),
                    help="a few steps on a tiny set (CI); also DDETR_QUICK=1")
@@ -274,6 +285,27 @@ def _add_experiment(sub):
                    help="start no run later than this many minutes in (the rest stay "
                         "pending)")
     p.set_defaults(func=run_experiment)
+
+
+def _add_experiment_record(names):
+    """experiment record"""
+    p = names.add_parser("record", help="add a finished cpu-preset run to "
+                                        "benchmarks/train_cpu.json (and its table)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (its checkpoint.pth)")
+    p.add_argument("--name", required=True, help="the record's name (replaces a namesake)")
+    p.add_argument("--command", required=True, dest="run_command",   # not the verb's
+                   help="the command that trained the run")
+    p.add_argument("--note", default="", help="a remark kept with the record")
+    p.add_argument("--section", default="budget_runs", choices=SECTIONS,
+                   help="budget_runs (default) or recipe_runs (recipes at a fixed number "
+                        "of images)")
+    p.add_argument("--recipe", default="preset", help="what the run changed, in short")
+    p.add_argument("--reference", action="store_true",
+                   help="also store its weights: the reference of its kind of processor")
+    p.add_argument("--commit", default=None, help="the commit the run trained at "
+                                                  "(default: the checkout's)")
+    p.add_argument("--out", default="benchmarks", help="folder of train_cpu.json/.md")
+    p.set_defaults(func=run_experiment_record)
 
 
 def parse_args(argv):
@@ -514,4 +546,12 @@ def run_experiment(args):
                     start_within_min=args.start_within_min, lr_drop=args.lr_drop,
                     device=args.device)
     print((Path(args.out) / "convergence.md").read_text())
+    return 0
+
+
+def run_experiment_record(args):
+    record = record_run(args.run_dir, args.name, args.run_command, args.note, args.out,
+                        args.reference, args.commit, args.section, args.recipe)
+    print(json.dumps({k: record[k] for k in ("name", "epochs", "images_per_s",
+                                            "lr_drop_epoch", "coco")}))
     return 0

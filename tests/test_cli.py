@@ -136,6 +136,8 @@ def test_one_parser_for_every_verb():
     assert args.func is cli_module.run_bench_train and args.overrides == ["amp=true"]
     args = parser.parse_args(["experiment", "convergence", "--quick", "--seeds", "0", "1"])
     assert args.func is cli_module.run_experiment and args.seeds == [0, 1]
+    args = parser.parse_args(["experiment", "record", "runs/x", "--name", "n", "--command", "c"])
+    assert args.func is cli_module.run_experiment_record and args.run_command == "c"
     assert not (ROOT / "ddetr" / "engine" / "cli.py").exists()
 
 

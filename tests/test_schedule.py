@@ -80,6 +80,24 @@ def test_resume_carries_the_time_already_spent(monkeypatch):
     assert not schedule.step(opt, 2)
 
 
+def test_the_schedule_records_the_rates_it_set_in_each_epoch(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(schedule_module.time, "perf_counter", clock)
+    cfg = _cfg(time_limit_min=110 / 60)       # by time, the first drop comes at 40 s
+    opt, schedule = _optimizer(), Schedule(cfg)
+    assert schedule.epoch_rates() == (None, None, None)
+    schedule.start_epoch(0, 100)
+    for it in range(50):                      # 1 s per iteration
+        assert schedule.step(opt, it)
+        clock.now += 1.0
+    first, last, changed_at = schedule.epoch_rates()
+    assert (first, changed_at) == (1.0, 40) and last == pytest.approx(0.1)
+    schedule.end_epoch(50.0)
+    schedule.start_epoch(1, 100)
+    assert schedule.step(opt, 0)
+    assert schedule.epoch_rates() == (pytest.approx(0.1), pytest.approx(0.1), None)
+
+
 class FakeTimes:
     """Iteration times as a function of the thread count (seconds per pixel)."""
 
@@ -108,6 +126,7 @@ def test_tuner_falls_back_to_one_thread_when_that_is_faster(keep_threads):
     counts = FakeTimes({4: 3.0, 2: 2.0, 1: 1.0}).run(tuner, 6 + 5)
     assert counts == [4, 4, 2, 2, 1, 1] + [1] * 5       # probes, then the fastest
     assert tuner.choice == 1 and tuner.used == {4: 2, 2: 2, 1: 7}
+    assert tuner.take_counts() == {"1": 7, "2": 2, "4": 2} and not tuner.used
     # the load goes: the next probe finds all the threads fastest again
     counts = FakeTimes({4: 1.0, 2: 2.0, 1: 3.0}).run(tuner, 6 + 5)
     assert counts[6:] == [4] * 5 and tuner.choice == 4

@@ -105,10 +105,18 @@ def test_the_plan_line_and_a_time_budget_that_drops_the_rate_before_it_stops(tmp
     assert "has finished" in training_plan(cfg)
 
 
-def test_record_cli_needs_a_name():
-    out = subprocess.run([sys.executable, "-m", "ddetr.experiments.train_record", "runs/x"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 2 and "--name" in out.stderr
+def test_record_cli_needs_a_name_and_a_run_folder(tmp_path):
+    def record(*args):
+        return subprocess.run([sys.executable, "-m", "ddetr", "experiment", "record", *args,
+                               "--out", str(tmp_path / "out")], capture_output=True,
+                              text=True, cwd=ROOT)
+    out = record(str(tmp_path), "--command", "c")
+    assert out.returncode == 2 and "the following arguments are required: --name" in out.stderr
+    out = record(str(tmp_path), "--name", "n", "--command", "c")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("python -m ddetr experiment: error: checkpoint ")
+    assert f"{tmp_path / 'checkpoint.pth'} does not exist" in out.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_generated_block_replaces_only_itself(tmp_path):

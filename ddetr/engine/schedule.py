@@ -17,6 +17,7 @@ instead of stopping before the drop.
     for it in ...:
         if not schedule.step(optimizer, it):  # sets the rates; False: out of time
             break                             # (the same answer on every process)
+    first, last, changed_at = schedule.epoch_rates()   # what it set this epoch
 
 The seconds spent are those of the epochs already logged (their "time_s": training and
 evaluation) plus this epoch's so far, averaged over processes so that every process
@@ -38,11 +39,12 @@ class Schedule:
         self.epoch, self.n_iters, self.t0 = len(history), 1, time.perf_counter()
         self.iteration = 0                        # the one step() last let run
         self.seconds = self.spent_s
+        self.rates = []                   # the first group's rate at each iteration run
 
     def start_epoch(self, epoch, n_iters):
         """Call at the start of an epoch of n_iters iterations."""
         self.epoch, self.n_iters, self.t0 = epoch, max(n_iters, 1), time.perf_counter()
-        self.iteration = 0
+        self.iteration, self.rates = 0, []
 
     def end_epoch(self, time_s):
         """Call when an epoch is logged with its "time_s"."""
@@ -76,7 +78,18 @@ class Schedule:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         self.iteration = it
+        self.rates.append(optimizer.param_groups[0]["lr"])
         return True
+
+    def epoch_rates(self):
+        """(first, last, changed_at) of the epoch started last: the first group's rate at
+        its first and at its last iteration, and the first iteration at another rate
+        than the first (None: one rate all epoch); (None, None, None) before any."""
+        if not self.rates:
+            return None, None, None
+        first = self.rates[0]
+        changed_at = next((i for i, lr in enumerate(self.rates) if lr != first), None)
+        return first, self.rates[-1], changed_at
 
 
 def set_base_rates(optimizer, groups):

@@ -23,8 +23,12 @@ whose count changes is not reproducible to the bit; cfg.threads = N fixes the co
     for batch in loader:
         tuner.before()
         ... one iteration on images of shape (N, 3, H, W) ...
-        tuner.after(seconds, N * H * W)
+        tuner.after(N * H * W)
+    tuner.take_counts()                             # {"count": iterations} so far
     tuner.restore()
+
+ddetr.engine.train runs it as one of train_one_epoch's hooks (before and after every
+iteration) and logs take_counts() as the epoch's "train_threads".
 """
 import statistics
 import time
@@ -84,6 +88,13 @@ class ThreadTuner:
             self.slow = self.slow + 1 if late else 0
             if self.slow >= self.probe:          # the load changed: probe again now
                 self.plan, self.slow = [], 0
+
+    def take_counts(self):
+        """{count (a str, as log.jsonl keeps it): iterations trained with it} since the
+        last call, which starts counting afresh."""
+        counts = {str(k): v for k, v in sorted(self.used.items())}
+        self.used.clear()
+        return counts
 
     def restore(self):
         """Give torch back the thread count it had before."""

@@ -162,63 +162,63 @@ def seed_everything(seed):
 
 
 # --- one epoch ---------------------------------------------------------------------
+@dataclass
+class EpochResult:
+    """What train_one_epoch measured.
+
+    losses: the epoch's mean losses, averaged over processes ("loss", the weighted
+        total, and every unweighted term); images_per_s: all processes together;
+    iterations: the iterations run; loss_per_iter: the total loss of each (this process).
+    """
+    losses: dict
+    images_per_s: float
+    iterations: int
+    loss_per_iter: list
+
+
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch, cfg, scaler=None,
-                    progress=True, schedule=None, tuner=None):
+                    progress=True, schedule=None, hooks=()):
     """One pass over loader (or cfg.iters_per_epoch batches, or until the schedule's
-    time budget is spent). schedule (a Schedule) sets the learning rates before every
-    iteration (None: they stay as they are); tuner (a ThreadTuner) picks the thread
-    count. Returns a dict of the epoch's mean losses (weighted total "loss" and every
-    unweighted term), averaged over processes, plus "images_per_s" (all processes
-    together), "iterations", "loss_per_iter" (the total loss of every iteration, this
-    process), "lr_first" and "lr_last" (the first group's rate at the first and the last
-    iteration), "lr_changed_at" (the first iteration at another rate, or None) and, with
-    a tuner, "threads" ({count: iterations})."""
+    time budget is spent); an EpochResult. schedule (a Schedule) sets the learning
+    rates before every iteration and records them (Schedule.epoch_rates; None: they
+    stay as they are). hooks: objects whose before() runs before every iteration and
+    after(pixels) after it (pixels: N * H * W of its images), e.g. a ThreadTuner.
+    progress: whether to show a tqdm bar (stderr, main process)."""
     model.train()
     criterion.train()
     n_iters = len(loader)
     if cfg.iters_per_epoch > 0:
         n_iters = min(n_iters, cfg.iters_per_epoch)
-    sums, count, images, per_iter = {}, 0, 0, []
+    sums, images, per_iter = {}, 0, []
     bar = tqdm(total=n_iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
-               disable=not progress or not dist.is_main_process(),
-               mininterval=2 if progress is True else float(progress or 2),
+               disable=not progress or not dist.is_main_process(), mininterval=2,
                dynamic_ncols=False, ncols=100)
     if schedule is not None:
         schedule.start_epoch(epoch, n_iters)
-    lrs = []
     start = time.perf_counter()
     for it, batch in enumerate(loader):
         if it >= n_iters or (schedule is not None and not schedule.step(optimizer, it)):
             break
-        lrs.append(optimizer.param_groups[0]["lr"])
-        if tuner is not None:
-            tuner.before()
+        for hook in hooks:
+            hook.before()
         values = train_step(model, criterion, optimizer, batch, device, cfg, scaler,
                             where=f"at epoch {epoch + 1}, iteration {it + 1}")
-        imgs = batch[0]
-        if tuner is not None:
-            tuner.after(imgs.shape[0] * imgs.shape[2] * imgs.shape[3])
+        n, _, h, w = batch[0].shape
+        for hook in hooks:
+            hook.after(n * h * w)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        images += imgs.shape[0]
+        images += n
         per_iter.append(round(values["loss"], 4))
         rate = images * dist.get_world_size() / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", img_s=f"{rate:.1f}",
+        bar.set_postfix(loss=f"{sums['loss'] / len(per_iter):.3f}", img_s=f"{rate:.1f}",
                         refresh=False)
         bar.update()
     bar.close()
     elapsed = time.perf_counter() - start
-    means = dist.reduce_mean({k: v / max(count, 1) for k, v in sums.items()})
-    means["images_per_s"] = images * dist.get_world_size() / max(elapsed, 1e-9)
-    means["iterations"] = count
-    means["loss_per_iter"] = per_iter
-    means["lr_first"], means["lr_last"] = (lrs[0], lrs[-1]) if lrs else (None, None)
-    means["lr_changed_at"] = next((i for i, lr in enumerate(lrs) if lr != lrs[0]), None)
-    if tuner is not None:
-        means["threads"] = {str(k): v for k, v in sorted(tuner.used.items())}
-        tuner.used.clear()
-    return means
+    count = len(per_iter)
+    return EpochResult(dist.reduce_mean({k: v / max(count, 1) for k, v in sums.items()}),
+                       images * dist.get_world_size() / max(elapsed, 1e-9), count, per_iter)
 
 
 def train_step(model, criterion, optimizer, batch, device, cfg, scaler=None, where=""):
@@ -314,8 +314,7 @@ def train(cfg, resume=None, progress=True):
             ddetr.config.RESUMABLE_KEYS may differ from the checkpoint's and are applied
             (e.g. a higher cfg.epochs trains longer, a new lr is set on the optimizer),
             any other changed key is refused.
-        progress: show tqdm progress bars (stderr); a number sets the seconds between
-            their updates (e.g. 30 in a notebook that is rendered as a page).
+        progress: show tqdm progress bars (stderr) and each evaluation's table.
     Returns:
         dict: "history" (one dict per epoch, as in log.jsonl), "stats" (the last COCO
         evaluation), "model" (unwrapped), "criterion", "postprocessor", "checkpoint"
@@ -402,7 +401,7 @@ class _Run:
     device: torch.device
     rank: int
     world: int
-    progress: object
+    progress: bool
     model: torch.nn.Module
     criterion: torch.nn.Module
     postprocessor: torch.nn.Module
@@ -525,13 +524,13 @@ def _train_epochs(run):
     for epoch in range(run.start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         run.stage = None
-        record, losses = _train_epoch(run, epoch, schedule)
+        record, result = _train_epoch(run, epoch, schedule)
         run.stage = f"after training epoch {epoch + 1}, before its checkpoint was saved"
         out_of_time = schedule.time_is_up()
         if out_of_time:
             record["time_limited"] = True
         if _evaluation_due(cfg, epoch, out_of_time):
-            run.stats = record["coco"] = _evaluate(run, epoch, losses)
+            run.stats = record["coco"] = _evaluate(run, epoch, result)
         record["time_s"] = time.perf_counter() - t0
         schedule.end_epoch(record["time_s"])
         _check_weights(run.model, epoch)
@@ -541,25 +540,29 @@ def _train_epochs(run):
         if out_of_time:
             if run.progress and dist.is_main_process():
                 print(f"stopped at the time limit of {cfg.time_limit_min} min "
-                      f"(epoch {epoch + 1}, {losses['iterations']} iterations)")
+                      f"(epoch {epoch + 1}, {result.iterations} iterations)")
             break
 
 
 def _train_epoch(run, epoch, schedule):
-    """One epoch of training; (its log record, its mean losses)."""
+    """One epoch of training; (its log record, its EpochResult)."""
     run.train_loader.batch_sampler.sampler.set_epoch(epoch)
     t0, c0 = time.perf_counter(), time.process_time()
-    losses = train_one_epoch(run.ddp_model, run.criterion, run.train_loader, run.optimizer,
-                             run.device, epoch, run.cfg, run.scaler, run.progress,
-                             schedule, run.tuner)
+    result = train_one_epoch(run.ddp_model, run.criterion, run.train_loader, run.optimizer,
+                             run.device, epoch, run.cfg, run.scaler, run.progress, schedule,
+                             hooks=[run.tuner] if run.tuner is not None else [])
     dist.average_buffers(run.model)            # the same batch-norm statistics everywhere
-    lr, lr_last, at = losses.pop("lr_first"), losses.pop("lr_last"), losses.pop("lr_changed_at")
+    lr, lr_last, at = schedule.epoch_rates()
+    train = {**result.losses, "images_per_s": result.images_per_s,
+             "iterations": result.iterations, "loss_per_iter": result.loss_per_iter}
+    if run.tuner is not None:
+        train["threads"] = run.tuner.take_counts()
     record = {"epoch": epoch + 1, "lr": lr, "train_time_s": time.perf_counter() - t0,
               "train_cpu_s": time.process_time() - c0,   # this process, all threads
-              **{f"train_{k}": v for k, v in losses.items()}}
+              **{f"train_{k}": v for k, v in train.items()}}
     if at is not None:                         # the drop came within this epoch:
         record["lr_last"], record["lr_changed_at"] = lr_last, at   # at that iteration
-    return record, losses
+    return record, result
 
 
 def _evaluation_due(cfg, epoch, out_of_time):
@@ -568,14 +571,15 @@ def _evaluation_due(cfg, epoch, out_of_time):
     return every or epoch + 1 == cfg.epochs or out_of_time
 
 
-def _evaluate(run, epoch, losses):
-    """COCO metrics on the validation set (printed with the epoch's loss)."""
+def _evaluate(run, epoch, trained):
+    """COCO metrics on the validation set (printed with the epoch's loss: trained, its
+    EpochResult)."""
     result = evaluate(run.model, run.postprocessor, run.val_loader, run.val_set.coco,
                       run.device, run.progress, run.cfg.amp)
     stats = {k: v for k, v in result.items() if k != "summary"}
     if run.progress and dist.is_main_process():
-        print(f"epoch {epoch + 1}: loss {losses['loss']:.3f}, "
-              f"{losses['images_per_s']:.1f} img/s\n{format_table(stats)}", flush=True)
+        print(f"epoch {epoch + 1}: loss {trained.losses['loss']:.3f}, "
+              f"{trained.images_per_s:.1f} img/s\n{format_table(stats)}", flush=True)
     return stats
 
 

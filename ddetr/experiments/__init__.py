@@ -32,7 +32,8 @@ What attention learns, for the book's figures:
     toy_attention   toy trainings with a known answer (chapters 3 and 4): deformable,
                     dense and multi-scale attention, in seconds on a CPU
 
-Training on the CPU (``python -m ddetr bench contention``, the training chapter):
+Training on the CPU (``python -m ddetr bench contention | experiment record``, the
+training chapter):
 
     contention      training images/s on a shared CPU, per thread setting
     train_record    recorded runs of the cpu preset (train_cpu.json), the reference

@@ -63,7 +63,7 @@ def _child(overrides, iters, warmup):
     model = prepare_model(model, device)
     optimizer = build_optimizer(model, cfg)
     _, loader, _, _ = build_loaders(cfg)
-    tuner = ThreadTuner.for_config(cfg, device)
+    tuner = ThreadTuner.for_config(cfg, device)    # on a CPU: never None
     if data_only:
         t0, n = time.perf_counter(), 0
         for i, (imgs, _, _) in enumerate(loader):
@@ -72,16 +72,17 @@ def _child(overrides, iters, warmup):
             n += imgs.shape[0]
         print(json.dumps({"images_per_s": n / (time.perf_counter() - t0)}), flush=True)
         return
-    train_one_epoch(model, criterion, loader, optimizer, device, 0, cfg, None, False, None,
-                    tuner)
+    train_one_epoch(model, criterion, loader, optimizer, device, 0, cfg, progress=False,
+                    hooks=[tuner])
+    tuner.take_counts()                           # the warm-up's are not measured
     cfg.iters_per_epoch = iters
     t0, c0 = time.perf_counter(), time.process_time()
-    out = train_one_epoch(model, criterion, loader, optimizer, device, 1, cfg, None, False,
-                          None, tuner)
+    out = train_one_epoch(model, criterion, loader, optimizer, device, 1, cfg,
+                          progress=False, hooks=[tuner])
     wall = time.perf_counter() - t0
-    print(json.dumps({"images_per_s": out["images_per_s"],
+    print(json.dumps({"images_per_s": out.images_per_s,
                       "cpu_per_wall": (time.process_time() - c0) / wall,
-                      "threads": out.get("threads")}), flush=True)
+                      "threads": tuner.take_counts()}), flush=True)
 
 
 def measure(load, env, overrides, copies, iters, warmup):

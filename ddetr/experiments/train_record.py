@@ -1,7 +1,7 @@
 """Recorded training runs of the cpu preset (benchmarks/train_cpu.json), and this
 run set beside them.
 
-    python -m ddetr.experiments.train_record runs/cpu --name "seed 0, 15 min" \\
+    python -m ddetr experiment record runs/cpu --name "seed 0, 15 min" \\
         --command "python -m ddetr train --config cpu time_limit_min=15" --reference
 
 reads a finished run folder (its checkpoint: config, history), and adds it to the
@@ -21,7 +21,6 @@ AVX2-only CPU).
 ``compare(history, reference)`` is what the chapter prints: this run and the reference
 side by side, and in words why this one fell short when it did.
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -245,25 +244,3 @@ def _verdict(mine, reference, goal_ap):
                 ("; ".join(reasons) if reasons else "with the same budget and speed, which "
                  "is the spread between seeds") + ". The reference run's predictions follow.")
     return " ".join(said)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir")
-    p.add_argument("--name", required=True)
-    p.add_argument("--command", required=True)
-    p.add_argument("--note", default="")
-    p.add_argument("--out", default="benchmarks")
-    p.add_argument("--reference", action="store_true")
-    p.add_argument("--commit", default=None, help="the commit the run trained at")
-    p.add_argument("--section", default="budget_runs", choices=SECTIONS)
-    p.add_argument("--recipe", default="preset", help="what the run changed, in short")
-    args = p.parse_args(argv)
-    record = record_run(args.run_dir, args.name, args.command, args.note, args.out,
-                        args.reference, args.commit, args.section, args.recipe)
-    print(json.dumps({k: record[k] for k in ("name", "epochs", "images_per_s",
-                                            "lr_drop_epoch", "coco")}))
-
-
-if __name__ == "__main__":
-    main()

@@ -59,7 +59,7 @@ def random_batch(batch_size, height, width, num_classes, seed=0, boxes_per_image
 def step_runner(cfg, batch):
     """A function n -> the engine's training loop (train_one_epoch) over n copies of
     ``batch``, for a fresh model of cfg with the seed's weights; returns the epoch's
-    result."""
+    EpochResult."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model, criterion, _ = build_model(cfg)
@@ -81,14 +81,14 @@ def time_train_step(cfg, batch, iters=10, warmup=3):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    losses = steps(iters)
+    result = steps(iters)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     images = iters * batch[0].shape[0]
     return {"images_per_s": round(images / seconds, 3),
             "step_ms": round(seconds / iters * 1e3, 2),
             "peak_MB": None if peak is None else round(peak, 1),
-            "loss": round(losses["loss"], 4)}
+            "loss": round(result.losses["loss"], 4)}
 
 
 def bench_train_step(out_dir="benchmarks", config="paper", device=None, batch_size=2,
