@@ -107,13 +107,16 @@ def bench_contention(out_dir="benchmarks", iters=40, warmup=5):
     """Measure every setting; write contention.json and contention.md to out_dir."""
     import torch
 
+    from ..config import get_config
+
     cores = torch.get_num_threads()
     commit, dirty = git_commit()
     result = {"benchmark": "training throughput of the cpu preset on a shared CPU",
               "command": f"python -m ddetr bench contention --iters {iters}",
               "commit": commit, "uncommitted_changes": dirty,
               "machine": machine_description("cpu"), "load_average_before": load_average(),
-              "iters": iters, "warmup": warmup, "results": []}
+              "batch_size": get_config("cpu").batch_size, "iters": iters, "warmup": warmup,
+              "results": []}
     data = measure(0, {}, {"data_only": True}, 1, iters, 0)[0]
     result["data_loading_images_per_s"] = round(data["images_per_s"], 2)
     for name, load, env, overrides, copies in settings(cores):
@@ -143,7 +146,7 @@ def contention_table(result):
              f"Commit {result['commit'][:7] if result['commit'] else 'unknown'}; {m['cpu']}, "
              f"{m['cpu_cores']} cores, torch {m['torch']}; load average before "
              f"{result['load_average_before']}. {result['iters']} timed iterations of "
-             f"batch 4 after {result['warmup']} warm-up ones, each setting in its own "
+             f"batch {result['batch_size']} after {result['warmup']} warm-up ones, each setting in its own "
              f"process. Data loading alone (main process): "
              f"{result['data_loading_images_per_s']} images/s.", "",
              "| setting | images/s | of 'alone, all threads' | CPU time / wall time | "
