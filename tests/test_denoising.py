@@ -181,6 +181,8 @@ def test_the_pictures_draw_what_they_say():
             for r in ("preset", "dn_detr") for s in (0, 1)]
     ax = plot_recipe_runs(runs)
     assert len(ax.lines) == 4 and list(ax.lines[1].get_xdata()) == [50.0, 100.0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["preset", "dn_detr",
+                                                                  "seed 0", "seed 1"]
     plt.close("all")
 
 

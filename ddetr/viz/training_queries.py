@@ -53,17 +53,22 @@ def plot_query_mask(mask, parts, ax=None):
 
 def plot_recipe_runs(rows, metric="AP", ax=None):
     """AP against images seen for recorded runs, one line per run (train_record's
-    recipe_runs records: their "evals" and "images_seen"), coloured by recipe."""
+    recipe_runs records: their "evals" and "images_seen"): the colour is the recipe,
+    the line style the seed; the legend, one entry per recipe, stands beside the axes."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(5, 3.4))
-    recipes = sorted({r["recipe"] for r in rows})
+        _, ax = plt.subplots(figsize=(8, 3.4))
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))       # in recorded order
     colours = dict(zip(recipes, plt.get_cmap("tab10")(np.arange(len(recipes)))))
+    seeds = sorted({r["seed"] for r in rows})
+    styles = dict(zip(seeds, ["-", "--", ":", "-."] * len(seeds)))
     for r in rows:
         per_epoch = r["images_seen"] / r["epochs"]
         x = [e["epoch"] * per_epoch for e in r["evals"]]
         ax.plot(x, [e[metric] for e in r["evals"]], marker="o", color=colours[r["recipe"]],
-                label=f"{r['recipe']}, seed {r['seed']}",
-                linestyle="-" if r["seed"] % 2 == 0 else "--")
+                linestyle=styles[r["seed"]])
+    handles = [plt.Line2D([], [], color=colours[k], marker="o", label=k) for k in recipes]
+    handles += [plt.Line2D([], [], color="grey", linestyle=styles[s], label=f"seed {s}")
+                for s in seeds]
     ax.set(xlabel="training images seen", ylabel=metric)
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     return ax
