@@ -194,6 +194,10 @@ def test_recipe_summary_sets_each_recipe_against_the_plain_one():
     lines = recipe_summary(runs)
     assert lines[0].startswith("plain") and "AP 0.320 (spread 0.040)" in lines[0]
     assert lines[-1] == ("dn_detr - plain: +0.070 AP; the larger seed spread: 0.040")
+    one = recipe_summary(runs + [{"recipe": "h_detr", "seed": 1, "images_seen": 7500,
+                                  "coco": {"AP": 0.31}}])
+    assert "h_detr     AP 0.310 (one seed) after 7500 images: seed 1 0.310" in one
+    assert one[-1] == "h_detr - plain: -0.010 AP; the larger seed spread: 0.040"
 
 
 def test_the_label_table_stays_out_of_a_hugging_face_folder(dn_model):

@@ -158,24 +158,28 @@ def budget_table(results, section="budget_runs"):
 
 def recipe_summary(records, baseline="plain"):
     """Lines of text: per recipe of the recipe_runs records, the final AP of each seed,
-    their mean and spread (max - min), the images seen, and each recipe's mean against
-    the baseline recipe's with the larger of the two spreads beside it."""
+    their mean and spread (max - min; a recipe run with one seed has none), the images
+    seen, and each recipe's mean against the baseline recipe's with the larger of the
+    two spreads beside it."""
     by_recipe = {}
     for r in records:
         by_recipe.setdefault(r["recipe"], []).append(r)
     lines, means, spreads = [], {}, {}
     for recipe, runs in by_recipe.items():
-        aps = [r["coco"]["AP"] for r in sorted(runs, key=lambda r: r["seed"])]
-        means[recipe], spreads[recipe] = sum(aps) / len(aps), max(aps) - min(aps)
-        seeds = ", ".join(f"seed {r['seed']} {r['coco']['AP']:.3f}"
-                          for r in sorted(runs, key=lambda r: r["seed"]))
-        lines.append(f"{recipe:<10} AP {means[recipe]:.3f} (spread {spreads[recipe]:.3f}) "
+        runs = sorted(runs, key=lambda r: r["seed"])
+        aps = [r["coco"]["AP"] for r in runs]
+        means[recipe] = sum(aps) / len(aps)
+        spreads[recipe] = max(aps) - min(aps) if len(aps) > 1 else None
+        spread = "one seed" if spreads[recipe] is None else f"spread {spreads[recipe]:.3f}"
+        seeds = ", ".join(f"seed {r['seed']} {r['coco']['AP']:.3f}" for r in runs)
+        lines.append(f"{recipe:<10} AP {means[recipe]:.3f} ({spread}) "
                      f"after {runs[0]['images_seen']} images: {seeds}")
     for recipe in means:
         if recipe != baseline and baseline in means:
+            known = [x for x in (spreads[recipe], spreads[baseline]) if x is not None]
             lines.append(f"{recipe} - {baseline}: {means[recipe] - means[baseline]:+.3f} AP; "
                          f"the larger seed spread: "
-                         f"{max(spreads[recipe], spreads[baseline]):.3f}")
+                         + (f"{max(known):.3f}" if known else "unknown (one seed each)"))
     return lines
 
 
