@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ddetr.experiments.markdown_block import write_block
 from ddetr.experiments.train_step import bench_train_step, random_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ def test_every_setting_trains_and_the_backends_agree(tmp_path):
     # one step, no warm-up: the loss is that of the same initial model on the same batch,
     # so the two attention implementations must agree (after AdamW's first updates,
     # rounding differences grow: its first steps move every weight by about lr)
+    write_block(tmp_path / "train_step.md", "step_speedup", "the speed-up's own block")
     result = bench_train_step(tmp_path, "cpu", "cpu", batch_size=2, size=(64, 64),
                               backends=("reference", "kernel"), amp=(False,), iters=1,
                               warmup=0, overrides=TINY, command="test")
@@ -44,6 +46,7 @@ def test_every_setting_trains_and_the_backends_agree(tmp_path):
     assert saved["machine"]["cpu_cores"] and saved["size"] == [64, 64]
     table = (tmp_path / "train_step.md").read_text()
     assert "| kernel | off |" in table and len(result["runs"]) == 2
+    assert "the speed-up's own block" in table              # another block stays
 
 
 @pytest.mark.parametrize("args, message", [

@@ -32,6 +32,7 @@ from ..engine.train import (build_optimizer, prepare_model, resolve_device, seed
                             train_one_epoch)
 from ..models import build_model
 from .machine import git_commit, load_average, machine_description
+from .markdown_block import write_block
 
 BACKENDS = ("reference", "kernel", "triton")
 DEFAULT_BACKENDS = {"cpu": ("reference", "kernel"), "cuda": ("kernel", "triton")}
@@ -164,7 +165,8 @@ def _measure_all(out_dir, config, device, sizes, size, backends, amp, iters, war
 
 
 def write_markdown(out_dir):
-    """``<out_dir>/train_step.md`` from every train_step_<device>.json there."""
+    """The "train_step" block of ``<out_dir>/train_step.md`` from every
+    train_step_<device>.json there."""
     out = Path(out_dir)
     lines = ["# The training step: images per second and peak memory", "",
              "Written by `python -m ddetr bench train` (ddetr/experiments/train_step.py, "
@@ -190,6 +192,6 @@ def write_markdown(out_dir):
                          f"{'-' if row['peak_MB'] is None else row['peak_MB']} | "
                          f"{row['loss']:.3f} |")
         lines.append("")
-    path = out / "train_step.md"
-    path.write_text("\n".join(lines))
+    path = out / "train_step.md"      # its own block: the speed-up's block stays
+    write_block(path, "train_step", "\n".join(lines))
     return path
