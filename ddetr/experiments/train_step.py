@@ -175,7 +175,8 @@ def write_markdown(out_dir):
     for path in sorted(out.glob("train_step_*.json")):
         r = json.loads(path.read_text())
         m = r["machine"]
-        where = m.get("gpu") or f"{m['cpu']}, {m['cpu_cores']} cores"
+        where = m.get("gpu") or (f"{m['cpu']}, {m['cpu_cores']} cores, native bfloat16: "
+                                 f"{m.get('native_bf16', 'not recorded')}")
         lines += [f"## {where}, torch {m['torch']}", "",
                   f"Command: `{r['command']}`  ", f"Commit: `{r['commit']}`"
                   + (" (with uncommitted changes)" if r["uncommitted_changes"] else "") + "  ",
