@@ -34,9 +34,10 @@ def test_one_measurement_next_to_a_busy_process(tmp_path, monkeypatch):
            "cpu_per_wall": [result["cpu_per_wall"]], "threads_used": [result["threads"]]}
     table = contention_table({"benchmark": "b", "command": "c", "commit": None,
                               "machine": {"cpu": "x", "cpu_cores": 2, "torch": "t"},
-                              "load_average_before": [0, 0, 0], "iters": 2, "warmup": 1,
+                              "load_average_before": [0, 0, 0], "batch_size": 2,
+                              "iters": 2, "warmup": 1,
                               "data_loading_images_per_s": 1.0, "results": [row]})
-    assert "| s |" in table and "100%" in table
+    assert "| s |" in table and "100%" in table and "of batch 2 after" in table
 
 
 def test_cli_refuses_zero_iterations():

@@ -146,8 +146,8 @@ def contention_table(result):
              f"Commit {result['commit'][:7] if result['commit'] else 'unknown'}; {m['cpu']}, "
              f"{m['cpu_cores']} cores, torch {m['torch']}; load average before "
              f"{result['load_average_before']}. {result['iters']} timed iterations of "
-             f"batch {result['batch_size']} after {result['warmup']} warm-up ones, each setting in its own "
-             f"process. Data loading alone (main process): "
+             f"batch {result['batch_size']} after {result['warmup']} warm-up ones, each "
+             f"setting in its own process. Data loading alone (main process): "
              f"{result['data_loading_images_per_s']} images/s.", "",
              "| setting | images/s | of 'alone, all threads' | CPU time / wall time | "
              "iterations per thread count |", "|---|---|---|---|---|"]
