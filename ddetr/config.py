@@ -138,12 +138,13 @@ PRESETS = {
     # A small model for the book and for CPUs, trained from scratch on the synthetic
     # data (benchmarks/train_cpu.md): a RegNetX-400MF with batch norm (every stage
     # trains), 2 encoder and 4 decoder layers of width 128, iterative refinement and
-    # two-stage proposals, no dropout, a learning rate 3.5x the paper's for the whole
-    # network, bfloat16 mixed precision where the CPU has it natively (float32
-    # elsewhere), DN-DETR's denoising queries in training (turning two_stage off needs
-    # dn_detr=false too), and batches of 2: for the same images, twice the optimizer
-    # steps of batches of 4, which learns more from them, at a higher rate than batches
-    # of 4 wanted (benchmarks/train_cpu.md, "recipe runs").
+    # two-stage proposals, no dropout, one rate for the whole network, bfloat16 mixed
+    # precision where the CPU has it natively (float32 elsewhere), DN-DETR's denoising
+    # queries in training (turning two_stage off needs dn_detr=false too), and batches
+    # of 4 at 7x the paper's rate: the rate that served batches of 2 (3.5x), scaled
+    # with the batch (benchmarks/train_cpu.md, "recipe runs": batches of 4 at 2.5x
+    # learned far less per image; batches of 2 more, but at a quarter fewer images a
+    # second).
     "cpu": {"backbone": "regnet_x_400mf", "backbone_norm": "batch_norm",
             "d_model": 128, "n_heads": 8, "enc_layers": 2,
             "dec_layers": 4, "dim_feedforward": 256, "dropout": 0.0, "num_queries": 50,
@@ -151,8 +152,8 @@ PRESETS = {
             "num_classes": 7, "dataset": "synthetic", "data_path": "data/synthetic",
             "synthetic_train_images": 1500, "synthetic_val_images": 200,
             "train_scales": [224, 256], "max_size": 256, "val_scale": 256,
-            "num_workers": 0, "batch_size": 2, "epochs": 11, "lr_drop": 9,
-            "lr": 7e-4, "lr_backbone": 7e-4, "eval_every": 4, "amp": True,
+            "num_workers": 0, "batch_size": 4, "epochs": 11, "lr_drop": 9,
+            "lr": 1.4e-3, "lr_backbone": 1.4e-3, "eval_every": 4, "amp": True,
             "dn_detr": True,
             "output_dir": "runs/cpu"},
 }

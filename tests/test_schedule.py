@@ -121,7 +121,7 @@ def keep_threads():
 
 
 def test_tuner_falls_back_to_one_thread_when_that_is_faster(keep_threads):
-    tuner = ThreadTuner(4, probe=2, period=5)
+    tuner = ThreadTuner(4, probe=2, period=5, warmup=0)
     assert tuner.candidates == [4, 2, 1]
     counts = FakeTimes({4: 3.0, 2: 2.0, 1: 1.0}).run(tuner, 6 + 5)
     assert counts == [4, 4, 2, 2, 1, 1] + [1] * 5       # probes, then the fastest
@@ -134,6 +134,21 @@ def test_tuner_falls_back_to_one_thread_when_that_is_faster(keep_threads):
     assert torch.get_num_threads() == tuner.original
 
 
+def test_tuner_warms_up_then_probes_less_often_while_the_choice_holds(keep_threads):
+    tuner = ThreadTuner(2, probe=1, period=2, warmup=3, max_period=8)
+    # the warm-up is untimed: two threads, however slow those iterations are
+    counts = FakeTimes({2: 9.0, 1: 9.5}).run(tuner, 3)
+    assert counts == [2, 2, 2] and tuner.best_time is None
+    # probes (2, 1) then the choice; each probe that keeps it doubles the gap, up to 8
+    counts = FakeTimes({2: 1.0, 1: 1.8}).run(tuner, 2 + 4 + 2 + 8 + 2 + 8 + 2 + 4)
+    probes = [i for i, c in enumerate(counts) if c == 1]
+    assert probes == [1, 7, 17, 27] and tuner.gap == 8 and tuner.choice == 2
+    # the load arrives: the slowed choice probes at once, finds one thread and starts
+    # again from the shortest gap
+    counts = FakeTimes({2: 4.0, 1: 2.0}).run(tuner, 1 + 2 + 2)
+    assert counts == [2, 2, 1, 1, 1] and tuner.choice == 1 and tuner.gap == 2
+
+
 def test_tuner_config(keep_threads):
     cpu = torch.device("cpu")
     assert ThreadTuner.for_config(_cfg(threads=3), cpu).candidates == [3]
@@ -143,7 +158,7 @@ def test_tuner_config(keep_threads):
 
 
 def test_tuner_probes_again_as_soon_as_the_chosen_count_slows_down(keep_threads):
-    tuner = ThreadTuner(2, probe=2, period=50)
+    tuner = ThreadTuner(2, probe=2, period=50, warmup=0)
     counts = FakeTimes({2: 1.0, 1: 1.6}).run(tuner, 4 + 5)
     assert counts == [2, 2, 1, 1] + [2] * 5 and tuner.choice == 2
     # another process starts spinning on the cores: two threads become 4x slower

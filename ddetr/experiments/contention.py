@@ -55,8 +55,7 @@ def _child(overrides, iters, warmup):
 
     overrides = dict(overrides)
     data_only = overrides.pop("data_only", False)
-    cfg = get_config("cpu", {"output_dir": "runs/contention", **overrides,
-                             "iters_per_epoch": warmup})
+    cfg = get_config("cpu", {"output_dir": "runs/contention", **overrides})
     device = torch.device("cpu")
     seed_everything(cfg.seed)
     model, criterion, _ = build_model(cfg)
@@ -64,6 +63,8 @@ def _child(overrides, iters, warmup):
     optimizer = build_optimizer(model, cfg)
     _, loader, _, _ = build_loaders(cfg)
     tuner = ThreadTuner.for_config(cfg, device)    # on a CPU: never None
+    # measured from the tuner's first choice on: its warm-up and first probes come first
+    cfg.iters_per_epoch = max(warmup, tuner.settle_iterations)
     if data_only:
         t0, n = time.perf_counter(), 0
         for i, (imgs, _, _) in enumerate(loader):
@@ -146,7 +147,8 @@ def contention_table(result):
              f"Commit {result['commit'][:7] if result['commit'] else 'unknown'}; {m['cpu']}, "
              f"{m['cpu_cores']} cores, torch {m['torch']}; load average before "
              f"{result['load_average_before']}. {result['iters']} timed iterations of "
-             f"batch {result['batch_size']} after {result['warmup']} warm-up ones, each "
+             f"batch {result['batch_size']} after {result['warmup']} warm-up ones (tuned "
+             f"settings: at least until the tuner's first choice), each "
              f"setting in its own process. Data loading alone (main process): "
              f"{result['data_loading_images_per_s']} images/s.", "",
              "| setting | images/s | of 'alone, all threads' | CPU time / wall time | "
