@@ -105,6 +105,8 @@ class Config:
     batch_size: int = 2                    # per process
     epochs: int = 50
     lr_drop: int = 40
+    lr_warmup_iters: int = 0               # the rates rise linearly over this many first
+                                           # iterations (Goyal et al. 2017); 0: none
     clip_max_norm: float = 0.1
     amp: bool = False                      # mixed precision: CUDA, or CPUs with native bf16
     seed: int = 42
@@ -310,6 +312,7 @@ RANGES.update({k: (">= 1", lambda v: v >= 1) for k in (
     "h_detr_queries", "h_detr_k")})
 RANGES.update({k: (">= 0", lambda v: v >= 0) for k in (
     "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm", "num_workers",
+    "lr_warmup_iters",
     "threads", "eval_every", "iters_per_epoch", "time_limit_min", "synthetic_seed", "set_cost_class",
     "set_cost_bbox", "set_cost_giou", "cls_loss_coef", "bbox_loss_coef",
     "giou_loss_coef")})
@@ -424,4 +427,5 @@ MODEL_KEYS = ("architecture", "backbone", "backbone_norm", "dilation", "num_feat
 RESUMABLE_KEYS = ("epochs", "time_limit_min", "eval_every", "iters_per_epoch", "tensorboard",
                   "num_workers", "threads", "device", "attention_backend", "find_unused_parameters",
                   "output_dir", "backbone_weights", "lr", "lr_backbone",
-                  "lr_linear_proj_mult", "weight_decay", "lr_drop", "clip_max_norm")
+                  "lr_linear_proj_mult", "weight_decay", "lr_drop", "lr_warmup_iters",
+                  "clip_max_norm")

@@ -46,6 +46,29 @@ def test_without_a_time_limit_the_rates_follow_torch_step_lr():
         step_lr.step()
 
 
+def test_the_warm_up_rises_linearly_across_epochs_and_resumes_where_it_was():
+    """cfg.lr_warmup_iters = 6 with 4 iterations an epoch: the rates of the first six
+    iterations are 1/6 .. 6/6 of the base, then the step drop alone (torch's LinearLR
+    times StepLR, stepped per iteration and per epoch, is the independent check)."""
+    cfg, n = _cfg(lr_warmup_iters=6, epochs=3, lr_drop=2), 4
+    ours, theirs = _optimizer(), _optimizer()
+    warm = torch.optim.lr_scheduler.LinearLR(theirs, 1 / 6, 1.0, total_iters=5)
+    schedule, expected, got = Schedule(cfg), [], []
+    for epoch in range(cfg.epochs):
+        if epoch == 1:                               # a resume after epoch 1
+            schedule = Schedule(cfg, [{"time_s": 1.0, "train_iterations": n}])
+        schedule.start_epoch(epoch, n)
+        for it in range(n):
+            schedule.step(ours, it)
+            got.append(ours.param_groups[1]["lr"])
+            expected.append(theirs.param_groups[1]["lr"] * 0.1 ** (epoch // cfg.lr_drop))
+            theirs.step()
+            warm.step()
+        schedule.end_epoch(1.0)
+    assert got == pytest.approx(expected)
+    assert got[:6] == pytest.approx([0.1 * k / 6 for k in range(1, 7)])
+
+
 def test_a_slow_machine_drops_at_the_same_fraction_of_its_time_and_stops_at_the_end(
         monkeypatch):
     clock = Clock()

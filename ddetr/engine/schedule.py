@@ -7,7 +7,10 @@ limit. Progress is measured in epochs, as the larger of
     time spent       = seconds spent / time budget * cfg.epochs
 
 and the rates are divided by 10 every cfg.lr_drop epochs of progress (the step drop of
-the paper, StepLR's rule). Without a time limit this is exactly the epoch schedule. With
+the paper, StepLR's rule). With cfg.lr_warmup_iters = W > 0 they also rise linearly over
+the run's first W iterations, from 1/W of their value (the gradual warm-up of Goyal et
+al. 2017, which lets a rate scaled up with the batch start without derailing the first
+steps). Without a time limit this is exactly the epoch schedule. With
 one, a machine too slow to train cfg.epochs within the limit drops the rate at the same
 fraction of its time (lr_drop / epochs of it) and so still anneals before it stops,
 instead of stopping before the drop.
@@ -34,6 +37,9 @@ class Schedule:
 
     def __init__(self, cfg, history=()):
         self.epochs, self.lr_drop = cfg.epochs, cfg.lr_drop
+        self.warmup = cfg.lr_warmup_iters
+        # iterations of the epochs already logged (the warm-up counts every iteration run)
+        self.iterations_before = sum(r.get("train_iterations", 0) for r in history)
         self.budget_s = cfg.time_limit_min * 60 if cfg.time_limit_min > 0 else None
         self.spent_s = sum(r["time_s"] for r in history)
         self.epoch, self.n_iters, self.t0 = len(history), 1, time.perf_counter()
@@ -49,6 +55,7 @@ class Schedule:
     def end_epoch(self, time_s):
         """Call when an epoch is logged with its "time_s"."""
         self.spent_s += time_s
+        self.iterations_before += len(self.rates)
 
     def _tick(self):
         """Seconds spent in the whole run now, the same number on every process."""
@@ -70,11 +77,14 @@ class Schedule:
     def step(self, optimizer, it):
         """Before iteration it: False when the time budget is spent (stop; never before
         an epoch's first iteration), else set every group's lr to its base rate
-        ("initial_lr") times 0.1 ** (drops so far) and return True."""
+        ("initial_lr") times 0.1 ** (drops so far), times the warm-up's share, and
+        return True."""
         progress = self.progress(it)
         if self.budget_s is not None and it > 0 and self.seconds >= self.budget_s:
             return False
         factor = 0.1 ** math.floor(progress / self.lr_drop + 1e-9)
+        if self.iterations_before + it < self.warmup:
+            factor *= (self.iterations_before + it + 1) / self.warmup
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         self.iteration = it
