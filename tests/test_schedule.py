@@ -28,7 +28,7 @@ def _optimizer(lr=1.0):
 
 
 def _cfg(**kw):
-    return get_config("cpu", {"epochs": 11, "lr_drop": 4, **kw})
+    return get_config("cpu", {"epochs": 11, "lr_drop": 4, "lr_warmup_iters": 0, **kw})
 
 
 def test_without_a_time_limit_the_rates_follow_torch_step_lr():

@@ -24,7 +24,7 @@ TINY = {"d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1,
         "attention_backend": "reference", "synthetic_train_images": 8,
         "synthetic_val_images": 4, "synthetic_image_size": 128, "train_scales": [96, 128],
         "max_size": 128, "val_scale": 128, "batch_size": 2, "iters_per_epoch": 2,
-        "eval_every": 1, "lr_drop": 1, "device": "cpu",
+        "eval_every": 1, "lr_drop": 1, "lr_warmup_iters": 0, "device": "cpu",
         "threads": 1}      # a fixed thread count: runs reproducible to the bit
 
 

@@ -40,6 +40,17 @@ def test_summarise_counts_epochs_images_threads_and_the_drop():
     assert s["coco"]["AP"] == 0.2 and [e["epoch"] for e in s["evals"]] == [2.0, 2.6]
 
 
+def test_a_warm_up_is_not_a_drop():
+    """The rates rise through a warm-up (epoch 1: the first rate a fraction of the last);
+    the drop is where they fall: at the start of epoch 3, or in its middle."""
+    history = _history()
+    history[0] = {**history[0], "lr": 1e-5, "lr_last": 1e-3, "lr_changed_at": 1}
+    assert summarise(history, 4, 10)["lr_drop_epoch"] == 2.5
+    history[2] = {**history[2], "lr": 1e-4}
+    del history[2]["lr_last"], history[2]["lr_changed_at"]
+    assert summarise(history, 4, 10)["lr_drop_epoch"] == 2.0
+
+
 def test_compare_says_why_a_run_fell_short():
     mine = summarise(_history(), 4, 10)
     reference = {**mine, "epochs": 10.0, "images_per_s": 9.0, "lr_drop_epoch": 8.2,

@@ -68,14 +68,16 @@ def summarise(history, batch_size, per_epoch):
     "lr_drop_approx": the log gave the epoch of the drop, not its iteration),
     "time_limited", "coco" (the last evaluation), "evals" ([{"epoch", "AP", ...}])}."""
     iterations = images_time = 0
-    epochs, threads, drop, evals, approx = 0.0, {}, None, [], False
+    epochs, threads, drop, evals, approx, peak = 0.0, {}, None, [], False, 0.0
     for r in history:
-        n = r["train_iterations"]
-        if drop is None and r["lr"] < history[0]["lr"] * 0.5:     # from the epoch's start
+        n, first = r["train_iterations"], r["lr"]
+        last = r.get("lr_last", first)    # a warm-up's rates rise: only a fall is a drop
+        if drop is None and first < peak * 0.5:                    # from the epoch's start
             drop = epochs
-        elif drop is None and "lr_last" in r:                      # within the epoch
+        elif drop is None and last < first * 0.5:                  # within the epoch
             approx = "lr_changed_at" not in r      # logs before it: the epoch's middle
             drop = epochs + r.get("lr_changed_at", n / 2) / per_epoch
+        peak = max(peak, first, last)
         iterations += n
         epochs += n / per_epoch
         images_time += r["train_time_s"]
