@@ -183,6 +183,9 @@ def test_the_pictures_draw_what_they_say():
     assert len(ax.lines) == 4 and list(ax.lines[1].get_xdata()) == [50.0, 100.0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["preset", "dn_detr",
                                                                   "seed 0", "seed 1"]
+    many = [{**runs[0], "recipe": f"r{i}"} for i in range(12)]   # more than tab10 holds
+    colours = {tuple(line.get_color()) for line in plot_recipe_runs(many).lines}
+    assert len(colours) == 12
     plt.close("all")
 
 

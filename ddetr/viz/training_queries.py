@@ -58,7 +58,8 @@ def plot_recipe_runs(rows, metric="AP", ax=None):
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 3.4))
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))       # in recorded order
-    colours = dict(zip(recipes, plt.get_cmap("tab10")(np.arange(len(recipes)))))
+    palette = plt.get_cmap("tab10" if len(recipes) <= 10 else "tab20")   # one colour each
+    colours = dict(zip(recipes, palette(np.arange(len(recipes)))))
     seeds = sorted({r["seed"] for r in rows})
     styles = dict(zip(seeds, ["-", "--", ":", "-."] * len(seeds)))
     for r in rows:
