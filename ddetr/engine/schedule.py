@@ -8,9 +8,9 @@ limit. Progress is measured in epochs, as the larger of
 
 and the rates are divided by 10 every cfg.lr_drop epochs of progress (the step drop of
 the paper, StepLR's rule). With cfg.lr_warmup_iters = W > 0 they also rise linearly over
-the run's first W iterations, from 1/W of their value (the gradual warm-up of Goyal et
-al. 2017, which lets a rate scaled up with the batch start without derailing the first
-steps). Without a time limit this is exactly the epoch schedule. With
+the run's first W iterations, from 1/W of their value (the gradual warm-up that Goyal et
+al. 2017 give rates scaled up with the batch; benchmarks/train_cpu.md records what it
+did for the cpu preset: nothing). Without a time limit this is exactly the epoch schedule. With
 one, a machine too slow to train cfg.epochs within the limit drops the rate at the same
 fraction of its time (lr_drop / epochs of it) and so still anneals before it stops,
 instead of stopping before the drop.
