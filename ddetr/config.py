@@ -73,6 +73,9 @@ class Config:
                                            # hybrid_matching); needs two_stage
     h_detr_queries: int = 150              # one-to-many queries (more proposals)
     h_detr_k: int = 6                      # each object repeated k times for them
+    rt_detr_vfl: bool = False              # RT-DETR's IoU-aware classification: the
+                                           # varifocal loss towards the matched box's
+                                           # IoU (ddetr.models.iou_aware)
     attention: str = "deformable"          # "dense": DETR's attention in the encoder and
                                            # the decoder's cross-attention, all else kept
                                            # (the baseline that differs in attention only)
@@ -413,7 +416,8 @@ MODEL_KEYS = ("architecture", "backbone", "backbone_norm", "dilation", "num_feat
               "d_model", "n_heads", "enc_layers", "dec_layers", "dim_feedforward",
               "enc_n_points", "dec_n_points", "num_queries", "num_classes",
               "with_box_refine", "two_stage", "query_anchors", "attention", "dn_detr")
-# (the other training-only switches, dino_look_forward_twice and h_detr, add no weights)
+# (the other training-only switches, dino_look_forward_twice, h_detr and rt_detr_vfl,
+# add no weights)
 
 # Keys that ``train(cfg, resume=...)`` applies when they differ from the checkpoint's:
 # the run's length and budget, evaluation and logging, the machine (workers, device,

@@ -95,7 +95,8 @@ BASE = {"backbone": "regnet_x_400mf", "backbone_norm": "batch_norm", "d_model": 
         "lr_backbone": 5e-4, "lr_linear_proj_mult": 0.1, "weight_decay": 1e-4,
         "clip_max_norm": 0.1, "amp": True, "train_scales": [224, 256], "max_size": 256,
         "val_scale": 256, "with_box_refine": False, "two_stage": False,
-        "dn_detr": False, "dino_look_forward_twice": False, "h_detr": False}
+        "dn_detr": False, "dino_look_forward_twice": False, "h_detr": False,
+        "rt_detr_vfl": False}
 
 # the models that get every seed; the others (the costlier extensions) get late_seeds
 CORE = ("detr", "deformable_single_scale", "deformable_multi_scale")

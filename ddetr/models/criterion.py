@@ -6,7 +6,8 @@ encoder proposals when two-stage):
 1. match queries to objects with the Hungarian matcher (its own matching per output);
 2. classification: sigmoid focal loss over all Lq x num_classes scores; the target is
    1 for the matched query's object class and 0 everywhere else (unmatched queries
-   learn "no object" by being 0 for every class);
+   learn "no object" by being 0 for every class); with ``rt_detr_vfl`` the varifocal
+   loss, whose target there is the matched box's IoU (``iou_aware``);
 3. boxes, matched pairs only: L1 on (cx, cy, w, h) and 1 - generalised IoU.
 
 Every loss is a sum divided by the number of objects in the batch (averaged across
@@ -28,6 +29,7 @@ from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from .hybrid_matching import repeat_targets
+from .iou_aware import matched_iou, varifocal_loss
 from .matcher import build_matcher
 
 
@@ -61,11 +63,14 @@ class SetCriterion(nn.Module):
         weight_dict: loss name -> weight (used by the engine, not here).
         focal_alpha, focal_gamma: of the classification loss.
         one_to_many_k: how often H-DETR's one-to-many queries see each object.
+        iou_aware: classify with RT-DETR's varifocal loss towards the matched box's IoU
+            (ddetr.models.iou_aware) instead of the focal loss towards 1.
     """
 
     def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0,
-                 one_to_many_k=6):
+                 one_to_many_k=6, iou_aware=False):
         super().__init__()
+        self.iou_aware = iou_aware
         self.one_to_many_k = one_to_many_k
         self.num_classes = num_classes
         self.matcher = matcher
@@ -84,10 +89,16 @@ class SetCriterion(nn.Module):
         batch, query = self.matched_queries(indices)
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         labels = labels.to(logits.device)
-        onehot = torch.zeros_like(logits)
-        onehot[batch, query, labels] = onehot.new_ones(())  # a Python 1 would be copied
-        loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha,
-                                  gamma=self.focal_gamma, reduction="sum")
+        if self.iou_aware:  # RT-DETR's IoU-aware classification (ddetr.models.iou_aware)
+            target = torch.zeros(logits.shape, device=logits.device)
+            target[batch, query, labels] = matched_iou(*self.matched_boxes(
+                outputs, targets, indices))
+            loss = varifocal_loss(logits, target)
+        else:
+            onehot = torch.zeros_like(logits)
+            onehot[batch, query, labels] = onehot.new_ones(())  # a Python 1 would be copied
+            loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha,
+                                      gamma=self.focal_gamma, reduction="sum")
         losses = {"loss_ce": loss / num_boxes}
         if log:
             with torch.no_grad():
@@ -107,10 +118,15 @@ class SetCriterion(nn.Module):
                                for t in targets])  # filled there: no copy from the host
         return {"cardinality_error": F.l1_loss(predicted, lengths)}
 
-    def loss_boxes(self, outputs, targets, indices, num_boxes):
+    def matched_boxes(self, outputs, targets, indices):
+        """(predicted, target) boxes of the matched pairs, each (P, 4) cxcywh."""
         batch, query = self.matched_queries(indices)
-        src = outputs["pred_boxes"][batch, query]  # (P, 4)
+        src = outputs["pred_boxes"][batch, query]
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src)
+        return src, tgt
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes):
+        src, tgt = self.matched_boxes(outputs, targets, indices)  # (P, 4) each
         loss_bbox = F.l1_loss(src, tgt, reduction="sum")
         giou = torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"),
                                               box_convert(tgt, "cxcywh", "xyxy")))
@@ -222,4 +238,5 @@ def build_weight_dict(cfg):
 
 def build_criterion(cfg):
     return SetCriterion(cfg.num_classes, build_matcher(cfg), build_weight_dict(cfg),
-                        focal_alpha=cfg.focal_alpha, one_to_many_k=cfg.h_detr_k)
+                        focal_alpha=cfg.focal_alpha, one_to_many_k=cfg.h_detr_k,
+                        iou_aware=cfg.rt_detr_vfl)
