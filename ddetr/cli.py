@@ -129,7 +129,8 @@ def _add_bench(sub):
     p = sub.add_parser("bench", help="build the fused operator, run benchmarks")
     targets = p.add_subparsers(dest="target", required=True)
     for add in (_add_bench_build, _add_bench_kernels, _add_bench_cost, _add_bench_contention,
-                _add_bench_onnx, _add_bench_train, _add_bench_profile, _add_bench_speedup):
+                _add_bench_onnx, _add_bench_train, _add_bench_profile, _add_bench_speedup,
+                _add_bench_compile):
         add(targets)
 
 
@@ -247,6 +248,20 @@ def _add_bench_speedup(targets):
     ab.add_argument("--out", default="benchmarks", help="folder for step_speedup.json")
     _overrides_arg(ab, "batch_size=2")
     ab.set_defaults(func=run_bench_speedup)
+
+
+def _add_bench_compile(targets):
+    """bench compile"""
+    comp = targets.add_parser("compile", help="torch.compile against the eager CPU training "
+                                              "step: compile time and what a budget trains")
+    comp.add_argument("--config", default="cpu", help="preset or YAML file (default cpu)")
+    comp.add_argument("--batches", type=int, default=12,
+                      help="batches of the preset's loader, each way (default 12)")
+    comp.add_argument("--budget-min", type=float, default=15.0,
+                      help="the time budget the images are counted in (default 15)")
+    comp.add_argument("--out", default="benchmarks", help="folder for compile_cost.json")
+    _overrides_arg(comp, "batch_size=2")
+    comp.set_defaults(func=run_bench_compile)
 
 
 def _add_experiment(sub):
@@ -510,6 +525,14 @@ def run_bench_speedup(args):
     bench_step_speedup(args.out, args.config, parse_size(args.size), args.rounds, args.steps,
                        overrides=args.overrides,
                        command="python -m ddetr " + " ".join(sys.argv[1:]))
+    return 0
+
+
+def run_bench_compile(args):
+    from .experiments.compile_cost import bench_compile
+    bench_compile(args.out, args.config, args.batches, args.budget_min,
+                  overrides=args.overrides,
+                  command="python -m ddetr " + " ".join(sys.argv[1:]))
     return 0
 
 
