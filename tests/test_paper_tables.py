@@ -72,7 +72,7 @@ def test_followups_table_names_every_paper_its_sources_and_real_switches():
                                              followups_markdown)
     names = [r["name"] for r in FOLLOWUPS]
     assert names == ["SMCA", "Conditional DETR", "Anchor DETR", "DAB-DETR", "SAM-DETR",
-                     "DN-DETR", "DINO", "H-DETR"]
+                     "DN-DETR", "DINO", "H-DETR", "RT-DETR"]
     for record in [DEFORMABLE_DETR, *FOLLOWUPS]:
         assert record["why"][0] and record["why"][1] and record["changes"]
         for result in record["results"]:

@@ -121,7 +121,8 @@ FOLLOWUPS = [
          {"setting": "multi-scale (DN-Deformable-DETR)", "epochs": 50, "AP": 48.6,
           "source": "Table 3, row DN-Deformable-DETR-R50"},
      ],
-     "switch": None},
+     "switch": "`dn_detr=True` on two-stage (`with_box_refine=True`, `two_stage=True`; "
+               "the cpu preset uses it): denoising groups, training only"},
     {"name": "DINO", "cite": "Zhang et al., ICLR 2023",
      "changes": "training: contrastive denoising (positive and negative noised boxes); "
                 "query: mixed query selection (positions from the encoder's top proposals, "
@@ -135,7 +136,8 @@ FOLLOWUPS = [
          {"setting": "multi-scale (4 levels), 900 queries", "epochs": 36, "AP": 50.9,
           "source": "Table 2, row DINO-4scale (36 epochs)"},
      ],
-     "switch": None},
+     "switch": "`dino_look_forward_twice=True` with `with_box_refine=True` (look forward "
+               "twice only, training only)"},
     {"name": "H-DETR", "cite": "Jia et al., CVPR 2023",
      "changes": "matching: an extra group of queries trained one-to-many (each object "
                 "repeated K times) next to the one-to-one group; only the one-to-one group "
@@ -148,7 +150,21 @@ FOLLOWUPS = [
          {"setting": "multi-scale (H-Deformable-DETR)", "epochs": 36, "AP": 50.0,
           "source": "Table 1, row H-Deformable-DETR R50, 3x schedule"},
      ],
-     "switch": None},
+     "switch": "`h_detr=True` on two-stage (`with_box_refine=True`, `two_stage=True`): "
+               "the one-to-many queries are more of the encoder's top proposals"},
+    {"name": "RT-DETR", "cite": "Lv et al., arXiv 2304.08069; CVPR 2024",
+     "changes": "encoder: a hybrid of attention within the smallest map and convolutional "
+                "fusion across scales; training: IoU-aware query selection (the class "
+                "scores of proposals and queries learn their box's IoU, with VarifocalNet's "
+                "loss), so the top-scoring proposals are the well-placed ones",
+     "why": ("\"IoU-aware query selection to further improve performance by providing "
+             "higher quality initial object queries to the decoder\"", "abstract (v2)"),
+     "results": [
+         {"setting": "multi-scale (hybrid encoder), 300 queries", "epochs": 72, "AP": 53.1,
+          "source": "abstract, RT-DETR-R50 (its 72 epochs from the authors' release notes)"},
+     ],
+     "switch": "`rt_detr_vfl=True` (the IoU-aware classification loss only, training "
+               "only; Deformable DETR's encoder stays)"},
 ]
 
 

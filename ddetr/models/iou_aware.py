@@ -4,9 +4,9 @@ Deformable DETR's focal loss (``criterion.SetCriterion.loss_labels``) trains eve
 matched query's score towards 1, however well its box fits the object, so the scores
 that rank the detections do not know which boxes are good. The varifocal loss
 (VarifocalNet, Zhang et al., CVPR 2021, Sec. 3.2, Eq. 2) trains that score towards the
-IoU of the query's box with its object instead; RT-DETR (Zhao et al., "DETRs Beat YOLOs
-on Real-time Object Detection", arXiv 2304.08069v1, Sec. 4.3, "IoU-aware query
-selection") trains the encoder proposals and the decoder queries of a two-stage DETR
+IoU of the query's box with its object instead; RT-DETR (Lv et al., "DETRs Beat YOLOs
+on Real-time Object Detection", arXiv 2304.08069v2, Sec. 4.3, "IoU-aware query
+selection"; CVPR 2024) trains the encoder proposals and the decoder queries of a two-stage DETR
 with it, so that the proposals chosen by score are the ones that fit well. Switch:
 ``rt_detr_vfl``. It changes the loss only; the model and its inference are Deformable
 DETR's.
