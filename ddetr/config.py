@@ -145,12 +145,13 @@ PRESETS = {
     # trains), 2 encoder and 4 decoder layers of width 128, iterative refinement and
     # two-stage proposals, no dropout, one rate for the whole network, bfloat16 mixed
     # precision where the CPU has it natively (float32 elsewhere), DN-DETR's denoising
-    # queries in training (turning two_stage off needs dn_detr=false too), and batches
-    # of 4 at 5x the paper's rate: the rate that served batches of 2 (3.5x) times the
-    # square root of 2, the scaling rule for Adam-like optimizers (Malladi et al.,
-    # NeurIPS 2022). benchmarks/train_cpu.md, "recipe runs" and "budget runs": at 7,500
-    # images it did better on both seeds than twice the rate (the linear rule), and
-    # batches of 4 train more images a second than batches of 2.
+    # queries and RT-DETR's IoU-aware classification in training (turning two_stage
+    # off needs dn_detr=false too), and batches of 4 at 5x the paper's rate: the rate
+    # that served batches of 2 (3.5x) times the square root of 2, the scaling rule for
+    # Adam-like optimizers (Malladi et al., NeurIPS 2022). benchmarks/train_cpu.md,
+    # "recipe runs" and "budget runs": at 7,500 images that rate did better on both
+    # seeds than twice the rate (the linear rule), the IoU-aware loss brought both
+    # seeds above AP 0.5, and batches of 4 train more images a second than batches of 2.
     "cpu": {"backbone": "regnet_x_400mf", "backbone_norm": "batch_norm",
             "d_model": 128, "n_heads": 8, "enc_layers": 2,
             "dec_layers": 4, "dim_feedforward": 256, "dropout": 0.0, "num_queries": 50,
@@ -160,7 +161,7 @@ PRESETS = {
             "train_scales": [224, 256], "max_size": 256, "val_scale": 256,
             "num_workers": 0, "batch_size": 4, "epochs": 11, "lr_drop": 9,
             "lr": 1e-3, "lr_backbone": 1e-3, "eval_every": 4, "amp": True,
-            "dn_detr": True,
+            "dn_detr": True, "rt_detr_vfl": True,
             "output_dir": "runs/cpu"},
 }
 
