@@ -229,10 +229,18 @@ def test_ctrl_c_during_training_says_where_it_stopped_and_what_is_kept(tmp_path)
     args = [*TINY, "epochs=50", "eval_every=0", "synthetic_train_images=4",
             "synthetic_val_images=2", "synthetic_image_size=64",
             f"data_path={tmp_path / 'data'}", f"output_dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "ddetr", "train", "--no-progress", *args],
-                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # A shell ignores SIGINT in the jobs it starts in the background (`make test &`), and
+    # Python then installs no Ctrl-C handler in children: give this child the default
+    # disposition (a caught signal is reset to it at exec), as a terminal's process has.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "ddetr", "train", "--no-progress",
+                                 *args], cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
     try:
         deadline = time.monotonic() + 120
         while (not (run_dir / "checkpoint.pth").exists() and proc.poll() is None
